@@ -1,0 +1,43 @@
+# The two commands of README: `make run` and `make test`. Everything else is a helper of those.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+MODEL  ?= models/efficientdet_lite0.tflite
+
+.PHONY: run test model testdata bench clean
+
+# A stamp per requirements file, so pip runs only when the pins change.
+$(VENV)/.run-deps: requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+$(VENV)/.dev-deps: requirements.txt requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements-dev.txt
+	touch $@ $(VENV)/.run-deps
+
+## make run: install, fetch the default model if it is missing (carry on without it offline), serve.
+run: $(VENV)/.run-deps
+	@test -f "$(MODEL)" || $(PY) detect.py --fetch efficientdet_lite0 || \
+	  echo "make: could not fetch the model; the server starts and detection answers 503 until it is present"
+	$(PY) server.py
+
+## make test: the whole pytest suite. Set TESTDATA_DIR and DETECT_MODEL, or run `make testdata` first.
+test: $(VENV)/.dev-deps
+	$(PY) -m pytest -q
+
+## make model: download the default model (sha256 checked) into models/.
+model: $(VENV)/.run-deps
+	$(PY) detect.py --fetch efficientdet_lite0
+
+## make testdata: download the test photos and the SSD test model into testdata/ (needs internet).
+testdata: $(VENV)/.run-deps
+	$(PY) tests/testdata.py testdata
+
+## make bench: the benchmarks of bench/, printing the numbers README quotes.
+bench: $(VENV)/.dev-deps
+	$(PY) bench/detect.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache
