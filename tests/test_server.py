@@ -1,0 +1,202 @@
+"""server.py: the app factory, /health, the one error shape, the real process on a real socket."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+import webtest
+
+import detect
+import server
+import settings
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROBLEM_KEYS = {"type", "title", "status", "detail"}
+
+
+def make(model: str, **overrides) -> webtest.TestApp:
+    s = settings.load([], {}, model=model, **overrides)
+    d = detect.Detector(s.model, threads=1, pool=1)
+    return webtest.TestApp(server.make_app(s, detector=d))
+
+
+@pytest.fixture
+def app(model_path):
+    return make(model_path)
+
+
+def assert_problem(res, status):
+    assert res.status_int == status
+    assert res.content_type == "application/problem+json"
+    body = res.json
+    assert set(body) == PROBLEM_KEYS
+    assert body["status"] == status and body["type"] == "about:blank" and body["detail"]
+    assert "Traceback" not in res.text
+    return body
+
+
+def test_health_with_a_model(app, model_path):
+    body = app.get("/health").json
+    assert body["status"] == "ok" and body["version"] == server.__version__
+    det = body["detector"]
+    assert det["ready"] is True and det["model"] == model_path
+    assert det["runtime"].startswith("ai-edge-litert ") and det["input_size"] == [300, 300]
+
+
+def test_health_without_a_model_says_how_to_fix_it(tmp_path):
+    body = make(str(tmp_path / "missing.tflite")).get("/health").json
+    assert body["status"] == "ok"
+    assert body["detector"]["ready"] is False and "make model" in body["detector"]["error"]
+
+
+def test_unknown_route_is_problem_json(app):
+    assert_problem(app.get("/nope", status=404), 404)
+
+
+def test_wrong_method_is_problem_json(app):
+    body = assert_problem(app.post("/health", status=405), 405)
+    assert "GET" in body["detail"]
+
+
+def test_unexpected_error_is_a_500_without_traceback_and_is_logged(model_path, caplog):
+    s = settings.load([], {}, model=model_path)
+    wsgi = server.make_app(s, detector=detect.Detector(model_path, threads=1, pool=1))
+
+    @wsgi.get("/boom")
+    def boom():
+        raise RuntimeError("secret internals")
+
+    res = webtest.TestApp(wsgi).get("/boom", status=500)
+    body = assert_problem(res, 500)
+    assert "secret" not in res.text and "log" in body["detail"]
+    assert any(r.exc_info and "secret internals" in str(r.exc_info[1]) for r in caplog.records)
+
+
+def test_domain_errors_map_to_their_status(model_path):
+    s = settings.load([], {}, model=model_path)
+    wsgi = server.make_app(s, detector=detect.Detector(model_path, threads=1, pool=1))
+    errors = {
+        "/bomb": (detect.TooManyPixels("too big"), 413),
+        "/junk": (detect.UnsupportedFormat("tiff"), 422),
+        "/nomodel": (detect.ModelMissing("run make model"), 503),
+    }
+    for path, (error, _) in errors.items():
+        wsgi.route(path, callback=lambda e=error: (_ for _ in ()).throw(e))
+    client = webtest.TestApp(wsgi)
+    for path, (error, status) in errors.items():
+        assert assert_problem(client.get(path, status=status), status)["detail"] == str(error)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Settings
+# --------------------------------------------------------------------------------------------------------
+
+
+def test_flags_win_over_environment_over_defaults():
+    env = {"PORT": "9000", "HOST": "0.0.0.0", "DETECT_THRESHOLD": "0.3", "ALLOW_PRIVATE_URLS": "1"}
+    s = settings.load(["--port", "9100"], env)
+    assert (s.port, s.host, s.detect_threshold, s.allow_private_urls) == (9100, "0.0.0.0", 0.3, True)
+    d = settings.load([], {})
+    assert (d.port, d.host, d.db, d.model) == (8080, "127.0.0.1", "data/images.db", "models/efficientdet_lite0.tflite")
+    assert d.detect_threads == len(os.sched_getaffinity(0)) and d.max_image_bytes == 20971520
+    assert d.upload_workers == 4 and d.imgur_api_url == "https://api.imgur.com" and d.allow_private_urls is False
+
+
+@pytest.mark.parametrize("env", [{"PORT": "eighty"}, {"DETECT_THRESHOLD": "1.5"}, {"UPLOAD_WORKERS": "-1"}, {"ALLOW_PRIVATE_URLS": "maybe"}])
+def test_bad_settings_name_the_variable(env):
+    with pytest.raises(settings.SettingError, match=next(iter(env))):
+        settings.load([], env)
+
+
+def test_secrets_are_not_shown():
+    s = settings.load([], {"IMGUR_CLIENT_ID": "abc123", "IMGUR_CLIENT_SECRET": "shh"})
+    assert "abc123" not in repr(s) and "shh" not in repr(s)
+    assert s.public()["imgur_client_id"] is True and s.public()["imgur_refresh_token"] is False
+
+
+def test_help_lists_every_setting():
+    out = subprocess.run([sys.executable, "server.py", "--help"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    for s in settings.SETTINGS:
+        assert s.env in out
+        if s.flag:
+            assert s.flag in out
+
+
+def test_readme_documents_every_setting_route_and_command():
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    for s in settings.SETTINGS:
+        assert f"`{s.env}`" in readme, s.env
+    s = settings.load([], {}, model="x")
+    wsgi = server.make_app(s, detector=detect.Detector("x"))
+    for route in wsgi.routes:
+        rule = re.sub(r"<(\w+)(:[^>]*)?>", r"{\1}", route.rule)
+        assert f"{route.method} {rule}" in readme, (route.method, rule)
+    for command in ("make run", "make test", "make model", "make testdata", "make bench"):
+        assert command in readme
+
+
+# --------------------------------------------------------------------------------------------------------
+# The real process
+# --------------------------------------------------------------------------------------------------------
+
+
+def start_server(tmp_path, *args, env=None):
+    """Start `python server.py` on a free port; return (process, base URL)."""
+    proc = subprocess.Popen(
+        [sys.executable, "server.py", "--port", "0", "--db", str(tmp_path / "images.db"), *args],
+        cwd=ROOT, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})},
+    )
+    deadline = time.monotonic() + 30
+    lines = []
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if not line:
+            break
+        lines.append(line)
+        m = re.search(r"listening on (http://\S+)", line)
+        if m:
+            return proc, m.group(1), lines
+    proc.kill()
+    raise AssertionError("server did not start:\n" + "".join(lines))
+
+
+def stop_server(proc) -> str:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        _, err = proc.communicate(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    return err
+
+
+def test_smoke_real_process_real_socket(tmp_path, model_path):
+    proc, base, _ = start_server(tmp_path, "--model", model_path)
+    try:
+        with urllib.request.urlopen(base + "/health", timeout=10) as res:
+            assert res.status == 200 and json.load(res)["detector"]["ready"] is True
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(base + "/nope", timeout=10)
+        assert e.value.code == 404 and e.value.headers["Content-Type"] == "application/problem+json"
+    finally:
+        err = stop_server(proc)
+    assert proc.returncode == 0
+    assert "stopping on SIGTERM" in err
+
+
+def test_server_starts_without_a_model_and_says_so_once(tmp_path):
+    proc, base, lines = start_server(tmp_path, "--model", str(tmp_path / "none.tflite"))
+    try:
+        for _ in range(3):
+            with urllib.request.urlopen(base + "/health", timeout=10) as res:
+                assert json.load(res)["detector"]["ready"] is False
+    finally:
+        err = "".join(lines) + stop_server(proc)
+    assert err.count("object detection is unavailable") == 1 and "make model" in err
