@@ -493,8 +493,9 @@ class Detector:
         self.threshold = threshold
         cores = os.cpu_count() or 1
         self.threads = threads or cores
-        # Measured (bench/detect.py, README): one interpreter per thread beats one interpreter with N
-        # threads behind a lock for concurrent callers, and a lone caller still wants all the threads.
+        # Measured (bench/detect.py, README table): one N-thread interpreter behind a lock serialises
+        # concurrent callers; N one-thread interpreters leave a lone caller at half speed. N interpreters of
+        # N threads each are as fast as the best of both for one caller and for two.
         self.pool = pool or self.threads
         self.max_pixels = max_pixels
         if interpreter_class is None:

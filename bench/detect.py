@@ -1,0 +1,127 @@
+"""Benchmark of detect.py: where the time of one detection goes, and how two callers share two cores.
+
+    python bench/detect.py [--runs N]        (`make bench`; DETECT_MODEL and TESTDATA_DIR as for the tests)
+
+Prints medians (ms) of preprocess (decode + resize), invoke, postprocess and end-to-end `detect()` for
+cat_1080p.jpg and a 4000x3000 JPEG made here, for three ways to spend the cores: one interpreter with
+all threads, a pool of one-thread interpreters, a pool of interpreters with all threads each. Then
+images per second with two concurrent callers against the target of issue 2. It reports; it asserts
+nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import statistics
+import sys
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from PIL import Image  # noqa: E402
+
+import detect  # noqa: E402
+
+SSD = "coco_ssd_mobilenet_v1_1.0_quant_2018_06_29.tflite"
+
+
+def median_ms(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def photos(images_dir: str) -> dict[str, bytes]:
+    with open(os.path.join(images_dir, "cat_1080p.jpg"), "rb") as f:
+        cat = f.read()
+    big = Image.open(io.BytesIO(cat)).convert("RGB").resize((4000, 3000), Image.Resampling.BICUBIC)
+    buf = io.BytesIO()
+    big.save(buf, "JPEG", quality=90)
+    return {"cat_1080p.jpg": cat, "4000x3000.jpg": buf.getvalue()}
+
+
+def one_caller(det: detect.Detector, data: bytes, runs: int) -> dict[str, float]:
+    for _ in range(3):
+        det.detect(data)  # warm up caches and the interpreter
+    rows: dict[str, list[float]] = {"preprocess": [], "invoke": [], "postprocess": [], "end_to_end": []}
+    for _ in range(runs):
+        t = time.perf_counter()
+        result = det.detect(data)
+        rows["end_to_end"].append((time.perf_counter() - t) * 1000)
+        for k in ("preprocess", "invoke", "postprocess"):
+            rows[k].append(result.timings[k])
+    return {k: median_ms(v) for k, v in rows.items()}
+
+
+def callers(det: detect.Detector, data: bytes, n_callers: int, per_caller: int) -> float:
+    """Images per second with `n_callers` threads calling detect() back to back."""
+    barrier = threading.Barrier(n_callers + 1)
+
+    def work():
+        barrier.wait()
+        for _ in range(per_caller):
+            det.detect(data)
+
+    threads = [threading.Thread(target=work) for _ in range(n_callers)]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    start = time.perf_counter()
+    for t in threads:
+        t.join()
+    return n_callers * per_caller / (time.perf_counter() - start)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=40, help="timed calls per measurement (default 40)")
+    args = parser.parse_args()
+    testdata = os.path.abspath(os.environ.get("TESTDATA_DIR") or os.path.join(ROOT, "testdata"))
+    model = os.path.abspath(os.environ.get("DETECT_MODEL") or os.path.join(testdata, "..", "testdata", "models", SSD))
+    cores = os.cpu_count() or 1
+    images = photos(os.path.join(testdata, "images"))
+    print(f"model: {model}\ncores: {cores}, runs: {args.runs} per median\n")
+
+    configs = [
+        (f"1 interpreter x {cores} threads", 1, cores),
+        (f"{cores} interpreters x 1 thread", cores, 1),
+        (f"{cores} interpreters x {cores} threads", cores, cores),
+    ]
+    baseline = detect.Detector(model, threads=1, pool=1)  # "one-thread preprocess + invoke"
+    base = {name: one_caller(baseline, data, args.runs) for name, data in images.items()}
+
+    print("| configuration | photo | preprocess | invoke | postprocess | end-to-end | e2e / (pre+inv) | 2 callers img/s | target img/s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    results = {}
+    for label, pool, threads in [("1 interpreter x 1 thread", 1, 1)] + configs:
+        det = baseline if (pool, threads) == (1, 1) else detect.Detector(model, threads=threads, pool=pool)
+        for name, data in images.items():
+            one = base[name] if det is baseline else one_caller(det, data, args.runs)
+            ratio = one["end_to_end"] / (one["preprocess"] + one["invoke"])
+            rate = callers(det, data, 2, args.runs)
+            target = 0.8 * 2 / ((base[name]["preprocess"] + base[name]["invoke"]) / 1000)
+            results[(label, name)] = (one, ratio, rate, target)
+            print(
+                f"| {label} | {name} | {one['preprocess']:.1f} | {one['invoke']:.1f} | {one['postprocess']:.2f} "
+                f"| {one['end_to_end']:.1f} | {ratio:.2f} | {rate:.0f} | {target:.0f} |"
+            )
+
+    default = f"{cores} interpreters x {cores} threads"
+    d_one, d_ratio, d_rate, d_target = results[(default, "cat_1080p.jpg")]
+    big = results[(default, "4000x3000.jpg")][0]
+    print(f"\nTargets (issue 2), default configuration '{default}', cat_1080p.jpg unless named:")
+    checks = [
+        ("invoke median, one caller", f"{d_one['invoke']:.1f} ms", "<= 10 ms", d_one["invoke"] <= 10),
+        ("end-to-end / (preprocess + invoke)", f"{d_ratio:.2f}", "<= 1.2", d_ratio <= 1.2),
+        ("4000x3000 JPEG preprocess", f"{big['preprocess']:.1f} ms", "<= 25 ms", big["preprocess"] <= 25),
+        ("two callers, images/s", f"{d_rate:.0f}", f">= {d_target:.0f}", d_rate >= d_target),
+    ]
+    for what, got, want, ok in checks:
+        print(f"- {what}: {got} (target {want}) {'ok' if ok else 'MISSED'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
