@@ -1,0 +1,765 @@
+"""Tests for fetch.py against loopback servers started here (no internet needed)."""
+
+from __future__ import annotations
+
+import gzip
+import ipaddress
+import json
+import pickle
+import shutil
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from struct import pack
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import fetch  # noqa: E402
+from fetch import (  # noqa: E402
+    BlockedAddress,
+    DownloadTimeout,
+    Fetcher,
+    InvalidURL,
+    NotAnImage,
+    TooLarge,
+    TooManyRedirects,
+    Unreachable,
+    UpstreamStatus,
+    blocked_reason,
+    check_url,
+)
+
+PUBLIC_IP = "93.184.216.34"
+
+
+def _png() -> bytes:
+    """A valid 1x1 PNG built by hand, so the tests need no image library."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return pack(">I", len(body)) + kind + body + pack(">I", zlib.crc32(kind + body))
+
+    header = pack(">IIBBBBB", 1, 1, 8, 2, 0, 0, 0)
+    pixels = zlib.compress(b"\x00\xff\x00\x00")
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+
+
+PNG = _png()
+
+
+# --------------------------------------------------------------------------
+# Loopback test server
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    timeout = 5  # a silent client can never pin a handler thread for long
+
+    def log_message(self, *args):
+        pass
+
+    def _send(self, status, body=b"", content_type="image/png", headers=()):
+        self.send_response(status)
+        if content_type:
+            self.send_header("Content-Type", content_type)
+        for name, value in headers:
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _redirect(self, location, status=302):
+        self._send(status, b"", None, [("Location", location)])
+
+    def do_GET(self):
+        srv = self.server
+        srv.hits.append(self.path)
+        self.close_connection = True
+        path = self.path
+        try:
+            if path == "/img":
+                self._send(200, PNG)
+            elif path == "/img-ct":
+                self._send(200, PNG, "IMAGE/PNG ; charset=binary")
+            elif path == "/no-ct":
+                self._send(200, PNG, None)
+            elif path.startswith("/echo"):
+                body = json.dumps({"path": path, "headers": dict(self.headers.items())}).encode()
+                self._send(200, body, "image/x-test")
+            elif path == "/404":
+                self._send(404, b"not here", "text/plain")
+            elif path == "/500":
+                self._send(500, b"oops", "text/plain")
+            elif path == "/html":
+                self._send(200, b"<html><body>hi</body></html>", "text/html; charset=utf-8")
+            elif path == "/json":
+                self._send(200, b"{}", "application/problem+json")
+            elif path == "/svg":
+                self._send(200, b"<svg xmlns='http://www.w3.org/2000/svg'/>", "image/svg+xml")
+            elif path.startswith("/chain/"):
+                n = int(path.rsplit("/", 1)[1])
+                if n == 0:
+                    self._send(200, PNG)
+                else:
+                    code = (301, 302, 303, 307, 308)[n % 5]
+                    self._redirect(f"/chain/{n - 1}", code)  # relative on purpose
+            elif path == "/abs-redirect":
+                self._redirect(f"http://127.0.0.1:{srv.port}/img", 301)
+            elif path == "/loop/a":
+                self._redirect("/loop/b")
+            elif path == "/loop/b":
+                self._redirect(f"http://127.0.0.1:{srv.port}/loop/a")
+            elif path == "/no-location":
+                self._send(302, b"", None)
+            elif path == "/to-file":
+                self._redirect("file:///etc/passwd")
+            elif path == "/to-loopback":
+                self._redirect(f"http://127.0.0.1:{srv.port}/img")
+            elif path == "/huge":
+                self._huge()
+            elif path == "/endless":
+                self._endless()
+            elif path == "/drip":
+                self._drip()
+            elif path == "/drip-headers":
+                self._drip_headers()
+            elif path == "/gzip":
+                self._send(200, gzip.compress(PNG), "image/png", [("Content-Encoding", "gzip")])
+            elif path == "/dropped":
+                self.send_response(200)
+                self.send_header("Content-Type", "image/png")
+                self.send_header("Content-Length", "1000")
+                self.end_headers()
+                self.wfile.write(PNG[:10])
+            elif path == "/garbage":
+                self.wfile.write(b"THIS IS NOT HTTP\r\n\r\n")
+            else:
+                self._send(404, b"", "text/plain")
+        except OSError:
+            pass  # the client hung up, which several tests do on purpose
+
+    def _huge(self):
+        self.send_response(200)
+        self.send_header("Content-Type", "image/png")
+        self.send_header("Content-Length", str(1_000_000_000))
+        self.end_headers()
+        self.wfile.write(b"x" * 10)
+        # Never send the rest: a client that tried to read it would time out.
+        self.server.stopping.wait(10)
+
+    def _endless(self):
+        self.send_response(200)
+        self.send_header("Content-Type", "image/png")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        piece = b"x" * 16384
+        while not self.server.stopping.is_set():
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+
+    def _drip(self):
+        self.send_response(200)
+        self.send_header("Content-Type", "image/png")
+        self.send_header("Content-Length", "100")
+        self.end_headers()
+        for _ in range(100):
+            if self.server.stopping.wait(0.2):
+                return
+            self.wfile.write(b"x")
+
+    def _drip_headers(self):
+        self.wfile.write(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+        for _ in range(1000):
+            if self.server.stopping.wait(0.2):
+                return
+            self.wfile.write(b"a")
+
+
+class _Server(ThreadingHTTPServer):
+    # Non-daemon handler threads are joined by server_close(), so no test can
+    # leave one running; handlers watch `stopping` to end promptly.
+    daemon_threads = False
+    block_on_close = True
+
+    def __init__(self):
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.port = self.server_address[1]
+        self.hits: list[str] = []
+        self.stopping = threading.Event()
+
+    def handle_error(self, request, client_address):
+        pass  # e.g. TLS clients that reject our certificate
+
+
+def _start(server: _Server):
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    return thread
+
+
+def _stop(server: _Server, thread: threading.Thread):
+    server.stopping.set()
+    server.shutdown()
+    server.server_close()
+    thread.join(5)
+    assert not thread.is_alive()
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_threads():
+    before = set(threading.enumerate())
+    yield
+    leftovers = [t for t in threading.enumerate() if t not in before]
+    for t in leftovers:
+        t.join(2)
+    assert not [t for t in leftovers if t.is_alive()], "a test left a thread running"
+
+
+@pytest.fixture
+def server():
+    srv = _Server()
+    thread = _start(srv)
+    try:
+        yield srv
+    finally:
+        _stop(srv, thread)
+
+
+def base(srv) -> str:
+    return f"http://127.0.0.1:{srv.port}"
+
+
+def make(**kwargs) -> Fetcher:
+    kwargs.setdefault("max_bytes", 1 << 20)
+    kwargs.setdefault("timeout", 5.0)
+    return Fetcher(**kwargs)
+
+
+def never_connect(calls):
+    def connect(address, timeout):
+        calls.append(address)
+        raise AssertionError(f"connect must not be called, got {address}")
+
+    return connect
+
+
+def fake_resolver(mapping, calls):
+    """Names in `mapping` resolve as given (a list, or a list of lists per call); others go to the real resolver."""
+    per_name_calls: dict[str, int] = {}
+
+    def resolve(host, port):
+        calls.append(host)
+        if host not in mapping:
+            return fetch.default_resolve(host, port)
+        answer = mapping[host]
+        if answer and isinstance(answer[0], list):
+            n = per_name_calls.get(host, 0)
+            per_name_calls[host] = n + 1
+            return answer[min(n, len(answer) - 1)]
+        return answer
+
+    return resolve
+
+
+def routed_connect(srv, record):
+    """Send connections aimed at PUBLIC_IP to the loopback server; refuse anything else."""
+
+    def connect(address, timeout):
+        record.append(address)
+        host, port = address
+        assert host == PUBLIC_IP, f"unexpected connection to {address}"
+        return socket.create_connection(("127.0.0.1", srv.port), timeout=timeout)
+
+    return connect
+
+
+# --------------------------------------------------------------------------
+# Plain fetching (guard off so the loopback server is reachable)
+
+def test_good_fetch(server):
+    d = make(allow_private=True).fetch(base(server) + "/img")
+    assert d.data == PNG
+    assert d.content_type == "image/png"
+    assert d.url == d.final_url == base(server) + "/img"
+
+
+def test_content_type_is_normalised_or_none(server):
+    f = make(allow_private=True)
+    assert f.fetch(base(server) + "/img-ct").content_type == "image/png"
+    assert f.fetch(base(server) + "/no-ct").content_type is None
+    assert f.fetch(base(server) + "/svg").content_type == "image/svg+xml"
+
+
+def test_request_headers_and_path_encoding(server):
+    d = make(allow_private=True).fetch(base(server) + "/echo/ü?q=a%20b#frag")
+    seen = json.loads(d.data)
+    assert seen["path"] == "/echo/%C3%BC?q=a%20b"
+    headers = seen["headers"]
+    assert headers["Host"] == f"127.0.0.1:{server.port}"
+    assert headers["Accept"] == "image/*"
+    assert headers["Accept-Encoding"] == "identity"
+    assert headers["User-Agent"] == "imgsvc-fetch/1"
+
+
+def test_environment_proxies_are_ignored(server, monkeypatch):
+    for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy"):
+        monkeypatch.setenv(name, "http://192.0.2.1:3128")
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    assert make(allow_private=True).fetch(base(server) + "/img").data == PNG
+
+
+def test_redirect_chain_is_followed(server):
+    d = make(allow_private=True).fetch(base(server) + "/chain/2")
+    assert d.data == PNG
+    assert d.url == base(server) + "/chain/2"
+    assert d.final_url == base(server) + "/chain/0"
+    assert server.hits == ["/chain/2", "/chain/1", "/chain/0"]
+
+
+def test_absolute_redirect(server):
+    d = make(allow_private=True).fetch(base(server) + "/abs-redirect")
+    assert d.final_url == base(server) + "/img"
+
+
+def test_too_many_redirects(server):
+    with pytest.raises(TooManyRedirects):
+        make(allow_private=True).fetch(base(server) + "/chain/4")
+    assert "/chain/0" not in server.hits
+    # The limit is configurable.
+    assert make(allow_private=True, max_redirects=4).fetch(base(server) + "/chain/4").data == PNG
+
+
+def test_redirect_loop(server):
+    with pytest.raises(TooManyRedirects, match="loop"):
+        make(allow_private=True, max_redirects=10).fetch(base(server) + "/loop/a")
+    assert server.hits == ["/loop/a", "/loop/b"]
+
+
+@pytest.mark.parametrize("path", ["/no-location", "/to-file"])
+def test_redirect_without_usable_location(server, path):
+    with pytest.raises(TooManyRedirects):
+        make(allow_private=True).fetch(base(server) + path)
+
+
+@pytest.mark.parametrize("status", [404, 500])
+def test_upstream_status(server, status):
+    with pytest.raises(UpstreamStatus) as info:
+        make(allow_private=True).fetch(base(server) + f"/{status}")
+    assert info.value.status == status
+    assert str(status) in str(info.value)
+
+
+def test_upstream_status_pickles():
+    err = pickle.loads(pickle.dumps(UpstreamStatus(418, "teapot")))
+    assert err.status == 418 and str(err) == "teapot"
+
+
+@pytest.mark.parametrize("path", ["/html", "/json"])
+def test_not_an_image(server, path):
+    with pytest.raises(NotAnImage):
+        make(allow_private=True).fetch(base(server) + path)
+
+
+def test_content_length_over_cap_is_refused_before_reading(server):
+    start = time.monotonic()
+    with pytest.raises(TooLarge):
+        make(allow_private=True, timeout=5.0).fetch(base(server) + "/huge")
+    # The server never sends the body; reading it would have run into the timeout.
+    assert time.monotonic() - start < 1.0
+
+
+def test_streamed_body_over_cap(server):
+    with pytest.raises(TooLarge):
+        make(allow_private=True, max_bytes=100_000).fetch(base(server) + "/endless")
+
+
+def test_small_cap_applies_to_known_length(server):
+    with pytest.raises(TooLarge):
+        make(allow_private=True, max_bytes=len(PNG) - 1).fetch(base(server) + "/img")
+    assert make(allow_private=True, max_bytes=len(PNG)).fetch(base(server) + "/img").data == PNG
+
+
+@pytest.mark.parametrize("path", ["/drip", "/drip-headers"])
+def test_slow_drip_hits_total_deadline(server, path):
+    start = time.monotonic()
+    with pytest.raises(DownloadTimeout):
+        make(allow_private=True, timeout=1.0).fetch(base(server) + path)
+    elapsed = time.monotonic() - start
+    assert 0.9 <= elapsed < 1.5
+
+
+def test_deadline_uses_injected_clock():
+    ticks = iter([0.0, 100.0, 200.0, 300.0, 400.0])
+    calls = []
+    f = make(allow_private=True, now=lambda: next(ticks), connect=never_connect(calls))
+    with pytest.raises(DownloadTimeout):
+        f.fetch("http://127.0.0.1:9/img")
+    assert calls == []
+
+
+def test_dropped_connection(server):
+    with pytest.raises(Unreachable):
+        make(allow_private=True).fetch(base(server) + "/dropped")
+
+
+def test_malformed_response(server):
+    with pytest.raises(Unreachable):
+        make(allow_private=True).fetch(base(server) + "/garbage")
+
+
+def test_refused_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    with pytest.raises(Unreachable):
+        make(allow_private=True).fetch(f"http://127.0.0.1:{port}/img")
+
+
+def test_dns_failure_is_unreachable():
+    def resolve(host, port):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    with pytest.raises(Unreachable, match="nowhere.test"):
+        make(resolve=resolve).fetch("http://nowhere.test/img")
+
+
+def test_gzip_is_refused(server):
+    with pytest.raises(Unreachable, match="Content-Encoding"):
+        make(allow_private=True).fetch(base(server) + "/gzip")
+
+
+# --------------------------------------------------------------------------
+# Guard on: nothing below may ever connect
+
+GUARDED = [
+    ("http://127.0.0.1:{port}/", BlockedAddress),
+    ("http://localhost/", BlockedAddress),
+    ("http://LOCALHOST./", BlockedAddress),
+    ("http://foo.localhost/", BlockedAddress),
+    ("http://2130706433/", BlockedAddress),
+    ("http://0x7f.1/", BlockedAddress),
+    ("http://0177.0.0.1/", BlockedAddress),
+    ("http://127.1/", BlockedAddress),
+    ("http://0.0.0.0/", BlockedAddress),
+    ("http://0/", BlockedAddress),
+    ("http://[::1]/", BlockedAddress),
+    ("http://[::]/", BlockedAddress),
+    ("http://[::ffff:127.0.0.1]/", BlockedAddress),
+    ("http://169.254.169.254/latest/meta-data/", BlockedAddress),
+    ("http://10.0.0.1/", BlockedAddress),
+    ("http://172.31.0.1/", BlockedAddress),
+    ("http://192.168.1.1/", BlockedAddress),
+    ("http://100.64.0.1/", BlockedAddress),
+    ("http://[fd00::1]/", BlockedAddress),
+    ("http://[fe80::1]/", BlockedAddress),
+    ("http://[64:ff9b::7f00:1]/", BlockedAddress),
+    ("http://[2002:7f00:1::]/", BlockedAddress),
+    ("http://224.0.0.1/", BlockedAddress),
+    ("http://255.255.255.255/", BlockedAddress),
+    ("https://127.0.0.1/", BlockedAddress),
+    ("file:///etc/passwd", InvalidURL),
+    ("ftp://example.com/x.png", InvalidURL),
+    ("gopher://example.com/", InvalidURL),
+    ("data:image/png;base64,AAAA", InvalidURL),
+    ("http://user:pass@example.com/", InvalidURL),
+    ("http://127.0.0.1:80\\@evil.example/", InvalidURL),
+]
+
+
+@pytest.mark.parametrize("url,expected", GUARDED)
+def test_guard_blocks_without_connecting(server, url, expected):
+    calls = []
+    with pytest.raises(expected) as info:
+        make(connect=never_connect(calls)).fetch(url.format(port=server.port))
+    assert calls == []
+    assert server.hits == []
+    assert str(info.value)  # a readable sentence, never empty
+
+
+def test_blocked_message_names_host_address_and_reason(caplog):
+    calls = []
+    with caplog.at_level("INFO", logger="fetch"):
+        with pytest.raises(BlockedAddress) as info:
+            make(connect=never_connect(calls)).fetch("http://localhost/")
+    message = str(info.value)
+    assert "localhost" in message and "127.0.0.1" in message and "loopback" in message
+    assert any("loopback" in r.getMessage() for r in caplog.records if r.levelname == "INFO")
+
+
+@pytest.mark.parametrize("host", ["2130706433", "0x7f.1", "0177.0.0.1", "127.1", "127.0.0.1", "0x7f.1."])
+def test_default_resolver_normalises_numeric_hosts(host):
+    assert fetch.default_resolve(host, 80) == ["127.0.0.1"]
+
+
+def test_default_resolver_other_literals():
+    assert fetch.default_resolve("0", 80) == ["0.0.0.0"]
+    assert fetch.default_resolve("::ffff:127.0.0.1", 80) == ["::ffff:7f00:1"]
+    assert "127.0.0.1" in fetch.default_resolve("LOCALHOST.", 80)
+
+
+# --------------------------------------------------------------------------
+# Resolver and connect seams
+
+def test_name_resolving_to_loopback_is_blocked():
+    calls, resolved = [], []
+    f = make(resolve=fake_resolver({"evil.test": ["127.0.0.1"]}, resolved), connect=never_connect(calls))
+    with pytest.raises(BlockedAddress, match="evil.test"):
+        f.fetch("http://evil.test/img.png")
+    assert calls == []
+
+
+def test_any_private_answer_blocks_the_host():
+    calls, resolved = [], []
+    resolve = fake_resolver({"mixed.test": [PUBLIC_IP, "10.1.2.3"]}, resolved)
+    with pytest.raises(BlockedAddress) as info:
+        make(resolve=resolve, connect=never_connect(calls)).fetch("http://mixed.test/img.png")
+    assert "10.1.2.3" in str(info.value) and "private" in str(info.value)
+    assert calls == []
+
+
+def test_resolved_once_per_hop_and_connects_only_to_checked_address(server):
+    resolved, connected = [], []
+    resolve = fake_resolver({"rebind.test": [[PUBLIC_IP], ["127.0.0.1"]]}, resolved)
+    f = make(resolve=resolve, connect=routed_connect(server, connected))
+    d = f.fetch(f"http://rebind.test:{server.port}/echo")
+    assert resolved == ["rebind.test"]
+    assert connected == [(PUBLIC_IP, server.port)]
+    # The Host header keeps the name from the URL, not the address.
+    assert json.loads(d.data)["headers"]["Host"] == f"rebind.test:{server.port}"
+
+
+def test_every_hop_is_resolved_and_checked(server):
+    resolved, connected = [], []
+    resolve = fake_resolver({"public.test": [PUBLIC_IP]}, resolved)
+    d = make(resolve=resolve, connect=routed_connect(server, connected)).fetch(
+        f"http://public.test:{server.port}/chain/2"
+    )
+    assert d.data == PNG
+    assert resolved == ["public.test"] * 3
+    assert connected == [(PUBLIC_IP, server.port)] * 3
+
+
+def test_connect_tries_checked_addresses_in_order(server):
+    resolved, connected = [], []
+    other = "93.184.216.35"
+
+    def connect(address, timeout):
+        connected.append(address)
+        if address[0] == other:
+            raise ConnectionRefusedError(111, "Connection refused")
+        return socket.create_connection(("127.0.0.1", server.port), timeout=timeout)
+
+    resolve = fake_resolver({"two.test": [other, PUBLIC_IP]}, resolved)
+    assert make(resolve=resolve, connect=connect).fetch(f"http://two.test:{server.port}/img").data == PNG
+    assert connected == [(other, server.port), (PUBLIC_IP, server.port)]
+
+
+def test_public_url_redirecting_to_loopback_is_blocked(server):
+    resolved, connected = [], []
+    resolve = fake_resolver({"public.test": [PUBLIC_IP]}, resolved)
+    f = make(resolve=resolve, connect=routed_connect(server, connected))
+    with pytest.raises(BlockedAddress):
+        f.fetch(f"http://public.test:{server.port}/to-loopback")
+    assert server.hits == ["/to-loopback"]
+    assert connected == [(PUBLIC_IP, server.port)]
+
+
+# --------------------------------------------------------------------------
+# allow_private lifts only the address check
+
+@pytest.mark.parametrize(
+    "url", ["file:///etc/passwd", "http://user:pass@127.0.0.1/", "gopher://127.0.0.1/", "http://127.0.0.1:0/"]
+)
+def test_allow_private_still_checks_syntax(url):
+    calls = []
+    with pytest.raises(InvalidURL):
+        make(allow_private=True, connect=never_connect(calls)).fetch(url)
+    assert calls == []
+
+
+def test_allow_private_still_limits_size_and_redirects(server):
+    f = make(allow_private=True, max_bytes=10)
+    with pytest.raises(TooLarge):
+        f.fetch(base(server) + "/img")
+    with pytest.raises(TooLarge):
+        f.fetch(base(server) + "/huge")
+    with pytest.raises(TooManyRedirects):
+        make(allow_private=True, max_redirects=1).fetch(base(server) + "/chain/2")
+
+
+# --------------------------------------------------------------------------
+# check_url and blocked_reason
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://example.com/a.png",
+        "HTTPS://Example.COM:8443/a.png?x=1#y",
+        "http://[2606:4700:4700::1111]/",
+        "http://example.com./x",
+        "http://example.com:/x",
+        "http://example.com/ü.png",
+    ],
+)
+def test_check_url_accepts(url):
+    parts = check_url(url)
+    assert parts.scheme in ("http", "https")
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "",
+        "example.com/a.png",
+        "http:///x",
+        "http://:80/",
+        "http://example.com:0/",
+        "http://example.com:65536/",
+        "http://example.com:8a/",
+        "http://example.com:+80/",
+        "http://exa mple.com/",
+        "http://example.com/a b",
+        "http://example.com/\t",
+        "http://example.com/\n",
+        "http://example.com/\x00",
+        " http://example.com/",
+        "http://example.com/\u202e",
+        "http://example.com\\@127.0.0.1/",
+        "http://@example.com/",
+        "http://[::1/",
+        "http://[evil.com]/",
+        "http://::1/",
+        "http://ex%61mple.com/",
+        "http://bücher.example/",
+        "javascript:alert(1)",
+        "http://example.com/" + "a" * 2048,
+    ],
+)
+def test_check_url_rejects(url):
+    with pytest.raises(InvalidURL) as info:
+        check_url(url)
+    assert str(info.value)
+
+
+@pytest.mark.parametrize(
+    "address,reason",
+    [
+        ("127.0.0.1", "loopback"),
+        ("127.255.0.9", "loopback"),
+        ("10.0.0.1", "private"),
+        ("172.16.0.1", "private"),
+        ("192.168.0.1", "private"),
+        ("169.254.169.254", "link-local"),
+        ("100.64.0.1", "CGNAT"),
+        ("0.0.0.0", "unspecified"),
+        ("0.1.2.3", "this-network"),
+        ("255.255.255.255", "broadcast"),
+        ("240.0.0.1", "reserved"),
+        ("224.0.0.1", "multicast"),
+        ("192.0.2.1", "documentation"),
+        ("198.51.100.7", "documentation"),
+        ("203.0.113.7", "documentation"),
+        ("198.18.0.1", "benchmarking"),
+        ("::", "unspecified"),
+        ("::1", "loopback"),
+        ("::ffff:8.8.8.8", "IPv4-mapped"),
+        ("::8.8.8.8", "IPv4-compatible"),
+        ("64:ff9b::808:808", "NAT64"),
+        ("64:ff9b:1::1", "NAT64"),
+        ("2002:808:808::1", "6to4"),
+        ("2001::1", "Teredo"),
+        ("2001:db8::1", "documentation"),
+        ("fd00::1", "unique-local"),
+        ("fe80::1", "link-local"),
+        ("fe80::1%eth0", "link-local"),
+        ("ff02::1", "multicast"),
+        ("4000::1", "not global unicast"),
+    ],
+)
+def test_blocked_reason(address, reason):
+    got = blocked_reason(ipaddress.ip_address(address))
+    assert got is not None and reason in got
+
+
+@pytest.mark.parametrize("address", ["8.8.8.8", "1.1.1.1", PUBLIC_IP, "2606:4700:4700::1111", "2a00:1450:4001:80b::200e"])
+def test_blocked_reason_allows_public(address):
+    assert blocked_reason(ipaddress.ip_address(address)) is None
+
+
+def test_fetch_module_does_not_import_bottle():
+    source = Path(fetch.__file__).read_text()
+    assert "bottle" not in source
+
+
+# --------------------------------------------------------------------------
+# HTTPS: certificate checked against the URL's host, not the address
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory):
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl command not available to make a test certificate")
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    result = subprocess.run(
+        [
+            openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+            "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2",
+            "-subj", "/CN=public.test", "-addext", "subjectAltName=DNS:public.test",
+        ],
+        capture_output=True,
+        timeout=30,
+    )
+    if result.returncode != 0:
+        pytest.skip(f"openssl could not make a certificate: {result.stderr.decode(errors='replace')}")
+    return cert, key
+
+
+@pytest.fixture
+def tls_server(certificate):
+    cert, key = certificate
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    srv = _Server()
+    # Handshake lazily in the handler thread so a stuck client cannot block accept().
+    srv.socket = context.wrap_socket(srv.socket, server_side=True, do_handshake_on_connect=False)
+    thread = _start(srv)
+    try:
+        yield srv
+    finally:
+        _stop(srv, thread)
+
+
+def _tls_fetcher(srv, connected, context=None):
+    resolve = fake_resolver({"public.test": [PUBLIC_IP], "other.test": [PUBLIC_IP]}, [])
+    kwargs = {"ssl_context": context} if context is not None else {}
+    return make(resolve=resolve, connect=routed_connect(srv, connected), **kwargs)
+
+
+def test_https_fetch_verifies_against_url_host(tls_server, certificate):
+    connected = []
+    context = ssl.create_default_context(cafile=str(certificate[0]))
+    d = _tls_fetcher(tls_server, connected, context).fetch(f"https://public.test:{tls_server.port}/echo")
+    assert json.loads(d.data)["headers"]["Host"] == f"public.test:{tls_server.port}"
+    assert connected == [(PUBLIC_IP, tls_server.port)]
+
+
+def test_https_wrong_host_name_is_unreachable(tls_server, certificate):
+    context = ssl.create_default_context(cafile=str(certificate[0]))
+    with pytest.raises(Unreachable, match="TLS"):
+        _tls_fetcher(tls_server, [], context).fetch(f"https://other.test:{tls_server.port}/img")
+    assert tls_server.hits == []
+
+
+def test_https_untrusted_certificate_is_unreachable(tls_server):
+    with pytest.raises(Unreachable, match="TLS"):
+        _tls_fetcher(tls_server, []).fetch(f"https://public.test:{tls_server.port}/img")
+    assert tls_server.hits == []
