@@ -335,6 +335,14 @@ def orientation_of(img: Image.Image) -> int:
     return value if value in _ORIENTATION else 1
 
 
+def inspect(data: bytes, max_pixels: int = MAX_PIXELS) -> Decoded:
+    """Check that `data` decodes completely, without running a model; `pixels` is a tiny thumbnail.
+
+    For images stored without detection: a truncated or corrupt file is refused all the same.
+    """
+    return preprocess(data, (8, 8), max_pixels)
+
+
 def preprocess(data: bytes, size: tuple[int, int], max_pixels: int = MAX_PIXELS) -> Decoded:
     """Decode `data` and produce the model input: upright, RGB, plain resize to `size` (width, height)."""
     img = open_image(data, max_pixels)
@@ -435,6 +443,8 @@ class _Model:
     def __init__(self, path: str, interpreter_class: Any, pool: int, threads: int):
         self.path = path
         self.labels = load_labels(path)
+        with open(path, "rb") as f:
+            self.sha256 = hashlib.file_digest(f, "sha256").hexdigest()
         self.interpreters: queue.SimpleQueue = queue.SimpleQueue()
         first = None
         for _ in range(pool):
@@ -549,6 +559,11 @@ class Detector:
             )
             return self._model
 
+    def fingerprint(self, threshold: float | None = None) -> str:
+        """What identifies a detection result: the model file's digest and the threshold."""
+        model = self.load()
+        return f"{model.sha256[:16]}@{self.threshold if threshold is None else threshold:g}"
+
     @property
     def ready(self) -> bool:
         try:
@@ -567,19 +582,20 @@ class Detector:
         return None
 
     def info(self) -> dict[str, Any]:
-        ready = self.ready
         out: dict[str, Any] = {
-            "ready": ready,
+            "ready": True,
             "model": self.model_path,
             "runtime": self.runtime,
             "threshold": self.threshold,
             "interpreters": self.pool,
             "threads": self.threads,
         }
-        if ready:
-            out["input_size"] = list(self._model.size)
+        try:
+            model = self.load()
+        except ModelError as e:
+            out.update(ready=False, error=str(e))
         else:
-            out["error"] = self.error
+            out["input_size"] = list(model.size)
         return out
 
     # -- detection ---------------------------------------------------------------------------------------

@@ -8,18 +8,27 @@ one table, `ERROR_STATUS`.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import functools
+import hashlib
 import json
 import logging
+import os
+import re
 import signal
 import sys
+import urllib.parse
+from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
 
 import bottle
 
 import detect
+import fetch
 import settings as settings_mod
+import store
 
 __version__ = "0.1.0"
 
@@ -30,6 +39,17 @@ ERROR_STATUS: dict[type[BaseException], int] = {
     detect.TooManyPixels: 413,
     detect.NotAnImage: 422,  # UnsupportedFormat included
     detect.ModelError: 503,  # ModelMissing, ModelInvalid
+    fetch.InvalidURL: 400,
+    fetch.BlockedAddress: 400,
+    fetch.TooLarge: 413,
+    fetch.UpstreamStatus: 422,
+    fetch.NotAnImage: 422,
+    fetch.Unreachable: 502,
+    fetch.TooManyRedirects: 502,
+    fetch.DownloadTimeout: 504,
+    store.NotFound: 404,
+    store.StoreFull: 507,
+    store.StoreUnavailable: 503,
 }
 
 PROBLEM_JSON = "application/problem+json"
@@ -107,7 +127,221 @@ def body_limit(settings: Any) -> int:
     return settings.max_image_bytes * 4 // 3 + 64 * 1024
 
 
-def make_app(settings: Any, *, detector: detect.Detector) -> bottle.Bottle:
+# ---------------------------------------------------------------------------------------------------------
+# Reading requests
+# ---------------------------------------------------------------------------------------------------------
+
+_TRUE = {"true", "1", "on", "yes"}
+_FALSE = {"false", "0", "off", "no", ""}
+_DATA_URI = re.compile(r"^data:([\w.+-]+/[\w.+-]+)?((?:;[\w-]+=[^;,]*)*)(;base64)?,", re.I)
+
+
+@dataclass
+class NewImageRequest:
+    """POST /images, whichever way it came: exactly one of `data` and `url`."""
+
+    data: bytes | None
+    url: str | None
+    label: str | None
+    detect: bool
+    name: str | None  # file name or URL, for a generated label
+
+
+def _media_type() -> str:
+    return (bottle.request.content_type or "").split(";", 1)[0].strip().lower()
+
+
+def _decode_base64(text: str, max_bytes: int) -> bytes:
+    m = _DATA_URI.match(text)
+    if m:
+        if not m.group(3):
+            raise ClientError(400, "`image` is a data: URI without ;base64; send the bytes base64-encoded")
+        text = text[m.end():]
+    text = "".join(text.split())  # line breaks from base64 tools
+    if len(text) * 3 // 4 > max_bytes + 3:
+        raise ClientError(413, f"the image is larger than {max_bytes:,} bytes (MAX_IMAGE_BYTES); send a smaller one")
+    if "-" in text or "_" in text:
+        text = text.translate(str.maketrans("-_", "+/"))  # URL-safe alphabet
+    text += "=" * (-len(text) % 4)
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ClientError(400, "`image` is not valid base64; send the file's bytes base64-encoded (or a data: URI)") from None
+    if not data:
+        raise ClientError(400, "`image` is empty; send the file's bytes base64-encoded")
+    if len(data) > max_bytes:
+        raise ClientError(413, f"the image is larger than {max_bytes:,} bytes (MAX_IMAGE_BYTES); send a smaller one")
+    return data
+
+
+def _check_label(label: Any) -> str | None:
+    if label is None:
+        return None
+    if not isinstance(label, str):
+        raise ClientError(400, "`label` must be a string (or left out to have one generated)")
+    label = label.strip()
+    if len(label) > store.LABEL_MAX:
+        raise ClientError(400, f"`label` is {len(label)} characters long; the limit is {store.LABEL_MAX}")
+    return label or None
+
+
+def _check_url(url: Any) -> str:
+    if not isinstance(url, str) or not url.strip():
+        raise ClientError(400, "`url` must be an http(s) URL string")
+    fetch.check_url(url.strip())  # raises fetch.InvalidURL -> 400
+    return url.strip()
+
+
+def _read_new_image(max_bytes: int) -> NewImageRequest:
+    kind = _media_type()
+    if kind == "application/json" or kind.endswith("+json"):
+        try:
+            body = json.loads(bottle.request.body.read() or b"null")
+        except (ValueError, RecursionError):
+            raise ClientError(400, "the body is not valid JSON; send {\"image\": \"<base64>\"} or {\"url\": \"https://...\"}") from None
+        if not isinstance(body, dict):
+            raise ClientError(400, "the body must be a JSON object: {\"image\": \"<base64>\"} or {\"url\": \"https://...\"}")
+        unknown = sorted(set(body) - {"image", "url", "label", "detect"})
+        if unknown:
+            raise ClientError(400, f"unknown field(s) {', '.join(unknown)}; the fields are image, url, label, detect")
+        image, url = body.get("image"), body.get("url")
+        if (image is None) == (url is None):
+            raise ClientError(400, "send exactly one of `image` (base64) and `url`")
+        if image is not None and not isinstance(image, str):
+            raise ClientError(400, "`image` must be a base64 string (or a data: URI)")
+        want = body.get("detect", False)
+        if not isinstance(want, bool):
+            raise ClientError(400, "`detect` must be true or false")
+        label = _check_label(body.get("label"))
+        if url is not None:
+            url = _check_url(url)
+            return NewImageRequest(None, url, label, want, url)
+        return NewImageRequest(_decode_base64(image, max_bytes), None, label, want, None)
+    if kind in ("multipart/form-data", "application/x-www-form-urlencoded"):  # a form with only `url` is the latter
+        forms, files = bottle.request.forms, bottle.request.files
+        upload = files.get("image")
+        url = forms.getunicode("url")
+        if (upload is None) == (url is None):
+            raise ClientError(400, "send exactly one of the file part `image` and the field `url`")
+        raw = (forms.getunicode("detect") or "").strip().lower()
+        if raw not in _TRUE | _FALSE:
+            raise ClientError(400, "`detect` must be true/1/on or false/0/off")
+        label = _check_label(forms.getunicode("label"))
+        if url is not None:
+            url = _check_url(url)
+            return NewImageRequest(None, url, label, raw in _TRUE, url)
+        data = upload.file.read(max_bytes + 1)
+        if len(data) > max_bytes:
+            raise ClientError(413, f"the image is larger than {max_bytes:,} bytes (MAX_IMAGE_BYTES); send a smaller one")
+        if not data:
+            raise ClientError(400, "the file part `image` is empty")
+        return NewImageRequest(data, None, label, raw in _TRUE, upload.raw_filename)
+    raise ClientError(
+        415, f"Content-Type {kind or '(none)'} is not accepted; send application/json or multipart/form-data"
+    )
+
+
+def _int_param(name: str, low: int, high: int | None = None, default: int | None = None) -> int | None:
+    raw = bottle.request.query.get(name)
+    if raw is None:
+        return default
+    if not re.fullmatch(r"\d{1,18}", raw.strip()):
+        raise ClientError(400, f"`{name}` must be a whole number" + (f" from {low} to {high}" if high else f" >= {low}"))
+    value = int(raw)
+    if value < low or (high is not None and value > high):
+        raise ClientError(400, f"`{name}` must be from {low} to {high}" if high else f"`{name}` must be >= {low}")
+    return value
+
+
+def _objects_param() -> list[str] | None:
+    raw = bottle.request.query.getunicode("objects")
+    if raw is None:
+        return None
+    names = [n.strip().strip("\"'").strip().lower() for n in raw.strip().strip("\"'").split(",")]
+    names = [n for n in names if n]
+    if not names:
+        raise ClientError(400, "`objects` names no object; give one or more names, e.g. objects=dog,cat")
+    if len(names) > 20:
+        raise ClientError(400, "`objects` names more than 20 objects; search for fewer at once")
+    return names
+
+
+def _confidence_param() -> float | None:
+    raw = bottle.request.query.get("min_confidence")
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:  # also refuses nan
+        raise ClientError(400, "`min_confidence` must be a number from 0 to 1")
+    return value
+
+
+def _image_id(raw: str) -> int:
+    if not re.fullmatch(r"[1-9]\d{0,17}", raw):
+        raise store.NotFound(f"there is no image {raw!r}; ids are positive whole numbers")
+    return int(raw)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Writing responses
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _openapi_document() -> dict[str, Any]:
+    """openapi.json beside this file, with this version; read once per app."""
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "openapi.json"), encoding="utf-8") as f:
+        doc = json.load(f)
+    doc["info"]["version"] = __version__
+    return doc
+
+
+def image_json(rec: store.ImageRecord, data: bytes | None = None) -> dict[str, Any]:
+    out = {
+        "id": rec.id,
+        "label": rec.label,
+        "label_generated": rec.label_generated,
+        "detection_enabled": rec.detection_enabled,
+        "objects": rec.objects,
+        "detections": [d.to_dict() for d in rec.detections],
+        "width": rec.width,
+        "height": rec.height,
+        "content_type": rec.content_type,
+        "size": rec.size,
+        "sha256": rec.sha256,
+        "source_url": rec.source_url,
+        "created_at": rec.created_at,
+        "file_url": f"/images/{rec.id}/file",
+    }
+    if data is not None:
+        out["data"] = base64.b64encode(data).decode("ascii")
+    return out
+
+
+def _json(value: Any, status: int = 200, headers: dict[str, str] | None = None) -> bottle.HTTPResponse:
+    """Any JSON value (Bottle only serialises dicts by itself)."""
+    res = bottle.HTTPResponse(json.dumps(value), status=status, headers=headers)
+    res.content_type = "application/json"
+    return res
+
+
+def _etag_matches(header: str | None, etag: str) -> bool:
+    if not header:
+        return False
+    tags = [t.strip() for t in header.split(",")]
+    return "*" in tags or any(t.removeprefix("W/") == etag for t in tags)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The app
+# ---------------------------------------------------------------------------------------------------------
+
+
+def make_app(
+    settings: Any, *, detector: detect.Detector, images: store.Store, fetcher: fetch.Fetcher
+) -> bottle.Bottle:
     """Build the WSGI app from its parts. Nothing here touches the network or starts a thread."""
     app = bottle.Bottle()
     app.config["imgsvc.settings"] = settings
@@ -116,11 +350,126 @@ def make_app(settings: Any, *, detector: detect.Detector) -> bottle.Bottle:
     # Bottle refuses bodies over MEMFILE_MAX (100 KB by default) for request.json and forms; a base64
     # photo is megabytes. This is a class attribute in Bottle, so it holds for the whole process.
     bottle.BaseRequest.MEMFILE_MAX = body_limit(settings)
+    max_bytes = settings.max_image_bytes
+
+    @app.hook("before_request")
+    def _connect():
+        try:
+            images.connect()
+        except store.StoreError as e:  # hooks run outside the route plugin: map the error here
+            log.error("cannot open the database: %s", e)
+            raise problem(status_for(e) or 503, str(e)) from None
+
+    @app.hook("after_request")
+    def _close():
+        images.close()
 
     @app.get("/health")
     def health():
         info = detector.info()
         return {"status": "ok", "version": __version__, "detector": info}
+
+    @app.post("/images")
+    def create_image():
+        if (bottle.request.content_length or 0) > body_limit(settings):
+            raise ClientError(413, f"the body is larger than {body_limit(settings):,} bytes; send a smaller image")
+        req = _read_new_image(max_bytes)
+        if req.detect:
+            detector.load()  # 503 now, before any download, when there is no model
+        source_url = None
+        if req.url is not None:
+            download = fetcher.fetch(req.url)
+            data, source_url = download.data, req.url
+        else:
+            data = req.data
+        sha256 = hashlib.sha256(data).hexdigest()
+        found: tuple[store.Found, ...] = ()
+        detected_with = None
+        if req.detect:
+            detected_with = detector.fingerprint()
+            cached = images.cached_detections(sha256, detected_with)
+            if cached is None:
+                result = detector.detect(data)
+                decoded = result.decoded
+                found = tuple(
+                    store.Found(d.label, d.confidence, d.box.x_min, d.box.y_min, d.box.x_max, d.box.y_max)
+                    for d in result.detections
+                )
+            else:
+                decoded, found = detect.inspect(data), cached
+        else:
+            decoded = detect.inspect(data)
+        label, generated = store.make_label(req.label, found, req.name, sha256)
+        rec = images.add(
+            store.NewImage(
+                data=data, sha256=sha256, content_type=decoded.content_type, width=decoded.width,
+                height=decoded.height, label=label, label_generated=generated, detection_enabled=req.detect,
+                detections=found, detected_with=detected_with, source_url=source_url,
+            )
+        )
+        log.info("stored image %d (%s, %d bytes, %d objects)", rec.id, rec.content_type, rec.size, len(found))
+        include = bottle.request.query.get("include", "")
+        body = image_json(rec, data if "data" in include.split(",") else None)
+        return _json(body, headers={"Location": f"/images/{rec.id}"})
+
+    @app.get("/images")
+    def list_images():
+        limit = _int_param("limit", 1, 1000, default=100)
+        before = _int_param("before", 1)
+        names = _objects_param()
+        match = bottle.request.query.get("match", "any")
+        if match not in ("any", "all"):
+            raise ClientError(400, "`match` must be any or all")
+        min_confidence = _confidence_param()
+        if names is None and (min_confidence is not None or "match" in bottle.request.query):
+            raise ClientError(400, "`match` and `min_confidence` go with `objects`, e.g. objects=dog&match=all")
+        records, more = images.list(
+            limit=limit, before=before, objects=names or (), match_all=match == "all", min_confidence=min_confidence
+        )
+        headers = {}
+        if more and records:
+            params = {"limit": limit, "before": records[-1].id}
+            if names:
+                params["objects"] = ",".join(names)
+                params["match"] = match
+                if min_confidence is not None:
+                    params["min_confidence"] = min_confidence
+            headers["Link"] = f'</images?{urllib.parse.urlencode(params)}>; rel="next"'
+        return _json([image_json(r) for r in records], headers=headers)
+
+    @app.get("/images/<id>")
+    def get_image(id):  # noqa: A002 - the route parameter is documented as {id}
+        return image_json(images.get(_image_id(id)))
+
+    @app.get("/images/<id>/file")
+    def get_file(id):  # noqa: A002
+        data, content_type, sha256 = images.file(_image_id(id))
+        etag = f'"{sha256}"'
+        headers = {
+            "ETag": etag,
+            "Cache-Control": "public, max-age=31536000, immutable",  # the bytes of an id never change
+            "X-Content-Type-Options": "nosniff",
+        }
+        if _etag_matches(bottle.request.headers.get("If-None-Match"), etag):
+            return bottle.HTTPResponse(status=304, headers=headers)
+        res = bottle.HTTPResponse(data, headers=headers)
+        res.content_type = content_type
+        return res
+
+    @app.delete("/images/<id>")
+    def delete_image(id):  # noqa: A002
+        images.delete(_image_id(id))
+        return bottle.HTTPResponse(status=204)
+
+    @app.get("/objects")
+    def list_objects():
+        return _json([{"name": name, "images": n} for name, n in images.objects()])
+
+    openapi = _openapi_document()
+
+    @app.get("/openapi.json")
+    def openapi_json():
+        return openapi
 
     return app
 
@@ -150,7 +499,13 @@ def main(argv: list[str] | None = None) -> int:
     detector = detect.Detector(settings.model, threshold=settings.detect_threshold, threads=settings.detect_threads)
     if not detector.ready:
         log.warning("object detection is unavailable until a model is present: %s", detector.error)
-    app = make_app(settings, detector=detector)
+    try:
+        images = store.Store(settings.db)
+    except (store.StoreError, OSError) as e:
+        log.error("cannot open the database %s: %s", settings.db, e)
+        return 1
+    fetcher = fetch.Fetcher(max_bytes=settings.max_image_bytes, allow_private=settings.allow_private_urls)
+    app = make_app(settings, detector=detector, images=images, fetcher=fetcher)
     server = waitress.create_server(
         app,
         host=settings.host,

@@ -240,7 +240,7 @@ def make_label(user: str | None, found: Sequence[Found], hint: str | None, sha25
 # ---------------------------------------------------------------------------------------------------------
 
 
-_FULL = re.compile(r"database or disk is full|disk I/O error", re.I)
+_FULL = re.compile(r"database or disk is full", re.I)
 
 
 def _translate(e: pw.DatabaseError) -> StoreError:
@@ -286,7 +286,8 @@ class Store:
     # -- connections -------------------------------------------------------------------------------------
 
     def connect(self) -> None:
-        db.connect(reuse_if_open=True)
+        with _errors():
+            db.connect(reuse_if_open=True)
 
     def close(self) -> None:
         if not db.is_closed():

@@ -66,3 +66,50 @@ def photo(images_dir):
             return f.read()
 
     return read
+
+
+class Service:
+    """The app built from real parts, and those parts (for assertions on what was stored)."""
+
+    def __init__(self, settings, detector, images, fetcher):
+        import webtest
+
+        import server
+
+        self.settings, self.detector, self.store, self.fetcher = settings, detector, images, fetcher
+        self.wsgi = server.make_app(settings, detector=detector, images=images, fetcher=fetcher)
+        self.client = webtest.TestApp(self.wsgi)
+
+    def counts(self) -> tuple[int, int]:
+        with self.store.connection():
+            return self.store.count()
+
+
+@pytest.fixture
+def make_service(tmp_path, detector):
+    """make_service(detector=..., **setting overrides) -> Service on a fresh database in tmp_path.
+
+    URL downloads may reach loopback (ALLOW_PRIVATE_URLS) unless a test says otherwise.
+    """
+    import fetch
+    import settings
+    import store
+
+    made = []
+
+    def make(detector=detector, **overrides):
+        fetch_timeout = overrides.pop("fetch_timeout", 10.0)
+        overrides.setdefault("allow_private_urls", True)
+        s = settings.load([], {}, db=str(tmp_path / f"images{len(made)}.db"), model=detector.model_path, **overrides)
+        f = fetch.Fetcher(max_bytes=s.max_image_bytes, allow_private=s.allow_private_urls, timeout=fetch_timeout)
+        made.append(Service(s, detector, store.Store(s.db), f))
+        return made[-1]
+
+    yield make
+    for service in made:
+        service.store.close()
+
+
+@pytest.fixture
+def service(make_service) -> "Service":
+    return make_service()

@@ -1,5 +1,6 @@
 """server.py: the app factory, /health, the one error shape, the real process on a real socket."""
 
+import base64
 import json
 import os
 import re
@@ -11,8 +12,6 @@ import urllib.error
 import urllib.request
 
 import pytest
-import webtest
-
 import detect
 import server
 import settings
@@ -21,15 +20,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROBLEM_KEYS = {"type", "title", "status", "detail"}
 
 
-def make(model: str, **overrides) -> webtest.TestApp:
-    s = settings.load([], {}, model=model, **overrides)
-    d = detect.Detector(s.model, threads=1, pool=1)
-    return webtest.TestApp(server.make_app(s, detector=d))
-
-
 @pytest.fixture
-def app(model_path):
-    return make(model_path)
+def app(service):
+    return service.client
 
 
 def assert_problem(res, status):
@@ -50,8 +43,9 @@ def test_health_with_a_model(app, model_path):
     assert det["runtime"].startswith("ai-edge-litert ") and det["input_size"] == [300, 300]
 
 
-def test_health_without_a_model_says_how_to_fix_it(tmp_path):
-    body = make(str(tmp_path / "missing.tflite")).get("/health").json
+def test_health_without_a_model_says_how_to_fix_it(tmp_path, make_service):
+    missing = detect.Detector(str(tmp_path / "missing.tflite"), threads=1, pool=1)
+    body = make_service(detector=missing).client.get("/health").json
     assert body["status"] == "ok"
     assert body["detector"]["ready"] is False and "make model" in body["detector"]["error"]
 
@@ -65,23 +59,21 @@ def test_wrong_method_is_problem_json(app):
     assert "GET" in body["detail"]
 
 
-def test_unexpected_error_is_a_500_without_traceback_and_is_logged(model_path, caplog):
-    s = settings.load([], {}, model=model_path)
-    wsgi = server.make_app(s, detector=detect.Detector(model_path, threads=1, pool=1))
+def test_unexpected_error_is_a_500_without_traceback_and_is_logged(service, caplog):
+    wsgi = service.wsgi
 
     @wsgi.get("/boom")
     def boom():
         raise RuntimeError("secret internals")
 
-    res = webtest.TestApp(wsgi).get("/boom", status=500)
+    res = service.client.get("/boom", status=500)
     body = assert_problem(res, 500)
     assert "secret" not in res.text and "log" in body["detail"]
     assert any(r.exc_info and "secret internals" in str(r.exc_info[1]) for r in caplog.records)
 
 
-def test_domain_errors_map_to_their_status(model_path):
-    s = settings.load([], {}, model=model_path)
-    wsgi = server.make_app(s, detector=detect.Detector(model_path, threads=1, pool=1))
+def test_domain_errors_map_to_their_status(service):
+    wsgi = service.wsgi
     errors = {
         "/bomb": (detect.TooManyPixels("too big"), 413),
         "/junk": (detect.UnsupportedFormat("tiff"), 422),
@@ -89,7 +81,7 @@ def test_domain_errors_map_to_their_status(model_path):
     }
     for path, (error, _) in errors.items():
         wsgi.route(path, callback=lambda e=error: (_ for _ in ()).throw(e))
-    client = webtest.TestApp(wsgi)
+    client = service.client
     for path, (error, status) in errors.items():
         assert assert_problem(client.get(path, status=status), status)["detail"] == str(error)
 
@@ -129,13 +121,11 @@ def test_help_lists_every_setting():
             assert s.flag in out
 
 
-def test_readme_documents_every_setting_route_and_command():
+def test_readme_documents_every_setting_route_and_command(service):
     readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
     for s in settings.SETTINGS:
         assert f"`{s.env}`" in readme, s.env
-    s = settings.load([], {}, model="x")
-    wsgi = server.make_app(s, detector=detect.Detector("x"))
-    for route in wsgi.routes:
+    for route in service.wsgi.routes:
         rule = re.sub(r"<(\w+)(:[^>]*)?>", r"{\1}", route.rule)
         assert f"{route.method} {rule}" in readme, (route.method, rule)
     for command in ("make run", "make test", "make model", "make testdata", "make bench"):
@@ -177,11 +167,20 @@ def stop_server(proc) -> str:
     return err
 
 
-def test_smoke_real_process_real_socket(tmp_path, model_path):
+def test_smoke_real_process_real_socket(tmp_path, model_path, photo):
     proc, base, _ = start_server(tmp_path, "--model", model_path)
     try:
         with urllib.request.urlopen(base + "/health", timeout=10) as res:
             assert res.status == 200 and json.load(res)["detector"]["ready"] is True
+        body = json.dumps({"image": base64.b64encode(photo("pets.jpg")).decode(), "detect": True}).encode()
+        req = urllib.request.Request(base + "/images", body, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as res:
+            created = json.load(res)
+        assert created["objects"] == ["dog"]
+        with urllib.request.urlopen(f"{base}/images?objects=dog", timeout=10) as res:
+            assert [i["id"] for i in json.load(res)] == [created["id"]]
+        with urllib.request.urlopen(base + created["file_url"], timeout=10) as res:
+            assert res.read() == photo("pets.jpg") and res.headers["Content-Type"] == "image/jpeg"
         with pytest.raises(urllib.error.HTTPError) as e:
             urllib.request.urlopen(base + "/nope", timeout=10)
         assert e.value.code == 404 and e.value.headers["Content-Type"] == "application/problem+json"
@@ -200,3 +199,15 @@ def test_server_starts_without_a_model_and_says_so_once(tmp_path):
     finally:
         err = "".join(lines) + stop_server(proc)
     assert err.count("object detection is unavailable") == 1 and "make model" in err
+
+
+def test_a_database_that_cannot_be_opened_is_a_503(service, tmp_path):
+    import store
+
+    service.store.close()
+    store.db.init(str(tmp_path / "no-such-dir" / "x.db"))  # the folder does not exist: sqlite cannot open it
+    try:
+        body = assert_problem(service.client.get("/images", status=503), 503)
+        assert "database" in body["detail"]
+    finally:
+        store.db.init(service.settings.db)

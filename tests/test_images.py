@@ -1,0 +1,468 @@
+"""The image API through the real app: real model, real SQLite file, real loopback image host."""
+
+import base64
+import hashlib
+import io
+import re
+import sqlite3
+import threading
+import time
+
+import pytest
+from PIL import Image
+
+import detect
+import store
+from loopback import Loopback, ok, status
+
+ISO_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def post_json(service, body, status=200, **kw):
+    return service.client.post_json("/images", body, status=status, **kw)
+
+
+def assert_problem(res, code):
+    assert res.status_int == code, res.text
+    assert res.content_type == "application/problem+json"
+    assert set(res.json) == {"type", "title", "status", "detail"} and res.json["status"] == code
+    return res.json["detail"]
+
+
+def jpeg(color=(200, 30, 30), size=(64, 48)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------------------------------------
+# POST /images
+# --------------------------------------------------------------------------------------------------------
+
+
+def test_base64_upload_with_detection(service, photo):
+    data = photo("pets.jpg")
+    res = post_json(service, {"image": b64(data), "detect": True})
+    img = res.json
+    assert res.headers["Location"] == f"/images/{img['id']}"
+    assert img["objects"] == ["dog"] and [d["label"] for d in img["detections"]] == ["dog", "dog"]
+    assert img["label"] == "2 dogs" and img["label_generated"] is True and img["detection_enabled"] is True
+    assert (img["width"], img["height"], img["content_type"]) == (*Image.open(io.BytesIO(data)).size, "image/jpeg")
+    assert img["size"] == len(data) and img["sha256"] == hashlib.sha256(data).hexdigest()
+    assert img["source_url"] is None and ISO_MS.match(img["created_at"])
+    assert img["file_url"] == f"/images/{img['id']}/file" and "data" not in img
+    box = img["detections"][0]["box"]
+    assert set(box) == {"x_min", "y_min", "x_max", "y_max"} and 0 <= box["x_min"] < box["x_max"] <= 1
+    assert service.client.get(f"/images/{img['id']}").json == img
+
+
+def test_detection_is_off_by_default_and_the_label_falls_back(service, photo):
+    data = photo("pets.jpg")
+    img = post_json(service, {"image": b64(data)}).json
+    assert img["detection_enabled"] is False and img["objects"] == [] and img["detections"] == []
+    assert img["label"] == f"untitled {hashlib.sha256(data).hexdigest()[:8]}" and img["label_generated"]
+
+
+def test_user_label_is_trimmed_and_kept(service, photo):
+    img = post_json(service, {"image": b64(photo("pets.jpg")), "label": "  my dogs  ", "detect": True}).json
+    assert (img["label"], img["label_generated"], img["objects"]) == ("my dogs", False, ["dog"])
+    assert post_json(service, {"image": b64(jpeg()), "label": "   "}).json["label_generated"] is True
+
+
+def test_data_uri_and_include_data(service, photo):
+    data = photo("coupleanddog.jpeg")
+    res = service.client.post_json("/images?include=data", {"image": "data:image/jpeg;base64," + b64(data), "detect": True})
+    assert base64.b64decode(res.json["data"]) == data
+    assert res.json["label"] == "2 people and dog"
+
+
+def test_multipart_upload(service, photo):
+    data = photo("pets.jpg")
+    res = service.client.post("/images", {"detect": "on"}, upload_files=[("image", "pets.jpg", data)])
+    assert res.json["objects"] == ["dog"] and res.json["size"] == len(data)
+    plain = service.client.post("/images", {"label": ""}, upload_files=[("image", "golden-retriever.jpg", jpeg())]).json
+    assert (plain["label"], plain["label_generated"], plain["detection_enabled"]) == ("golden-retriever", True, False)
+
+
+def test_exif_rotated_upload_reports_displayed_size(service):
+    buf = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (64, 48), "blue").save(buf, "JPEG", exif=exif.tobytes())
+    img = post_json(service, {"image": b64(buf.getvalue())}).json
+    assert (img["width"], img["height"]) == (48, 64)
+
+
+def test_identical_bytes_are_stored_once_and_analysed_once(make_service, detector, photo):
+    calls = []
+
+    class Counting(detect.Detector):
+        def detect(self, data, threshold=None):
+            calls.append(len(data))
+            return super().detect(data, threshold)
+
+    counting = Counting(detector.model_path, threads=1, pool=1)
+    service = make_service(detector=counting)
+    data = photo("pets.jpg")
+    first = post_json(service, {"image": b64(data), "detect": True}).json
+    second = post_json(service, {"image": b64(data), "detect": True}).json
+    assert len(calls) == 1  # the second reuses the stored detections
+    assert second["detections"] == first["detections"] and second["id"] != first["id"]
+    assert service.counts() == (2, 1)
+    post_json(service, {"image": b64(data)})  # without detection: stored, not analysed
+    assert len(calls) == 1 and service.counts() == (3, 1)
+
+
+# --------------------------------------------------------------------------------------------------------
+# POST /images by URL
+# --------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def host(photo):
+    """A loopback image host: good photos, errors, and misbehaviour."""
+
+    def slow(h):
+        h.send_response(200)
+        h.send_header("Content-Type", "image/jpeg")
+        h.send_header("Content-Length", "1000")
+        h.end_headers()
+        for _ in range(40):
+            h.wfile.write(b"x")
+            h.wfile.flush()
+            time.sleep(0.1)
+
+    def redirect(to):
+        def route(h):
+            h.send_response(302)
+            h.send_header("Location", to)
+            h.send_header("Content-Length", "0")
+            h.end_headers()
+
+        return route
+
+    routes = {
+        "/photos/golden-retriever.jpg": ok(photo("pets.jpg"), "image/jpeg"),
+        "/text": ok(b"<html>hello</html>", "text/html"),
+        "/fake.jpg": ok(b"<html>hello</html>", "image/jpeg"),
+        "/slow.jpg": slow,
+        "/huge.jpg": ok(photo("kite_and_cold.jpg"), "image/jpeg"),
+        "/missing.jpg": status(404),
+        "/r1": redirect("/r2"),
+        "/r2": redirect("/photos/golden-retriever.jpg"),
+    }
+    with Loopback(routes) as srv:
+        yield srv
+
+
+def test_url_ingestion(service, host):
+    url = host.url("/photos/golden-retriever.jpg")
+    img = post_json(service, {"url": url, "detect": True}).json
+    assert img["source_url"] == url and img["objects"] == ["dog"] and img["label"] == "2 dogs"
+    plain = post_json(service, {"url": url}).json
+    assert (plain["label"], plain["label_generated"]) == ("golden-retriever", True)
+    form = service.client.post("/images", {"url": host.url("/r1"), "detect": "1"}).json
+    assert form["objects"] == ["dog"] and form["source_url"] == host.url("/r1")
+
+
+@pytest.mark.parametrize(
+    "path, code, words",
+    [
+        ("/missing.jpg", 422, "404"),
+        ("/text", 422, "text/html"),
+        ("/fake.jpg", 422, "not an image"),
+        ("/slow.jpg", 504, ""),
+    ],
+)
+def test_url_failures(make_service, host, path, code, words):
+    service = make_service(fetch_timeout=1.0)
+    detail = assert_problem(post_json(service, {"url": host.url(path), "detect": True}, status=code), code)
+    assert words in detail
+    assert service.counts() == (0, 0)
+
+
+def test_url_over_the_size_limit(make_service, host):
+    service = make_service(max_image_bytes=1_000_000)
+    assert_problem(post_json(service, {"url": host.url("/huge.jpg")}, status=413), 413)
+    assert service.counts() == (0, 0)
+
+
+def test_url_to_a_closed_port_is_502(service):
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    assert_problem(post_json(service, {"url": f"http://127.0.0.1:{port}/x.jpg"}, status=502), 502)
+
+
+def test_guard_on_refuses_loopback_and_fetches_nothing(make_service, host):
+    service = make_service(allow_private_urls=False)
+    for url in (host.url("/photos/golden-retriever.jpg"), host.url("/r1").replace("127.0.0.1", "localhost")):
+        detail = assert_problem(post_json(service, {"url": url}, status=400), 400)
+        assert "127.0.0.1" in detail or "loopback" in detail
+    assert sum(host.hits.values()) == 0 and service.counts() == (0, 0)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Errors: the right status, nothing stored
+# --------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "body, code",
+    [
+        ({}, 400),
+        ({"image": "aGVsbG8=", "url": "https://example.com/a.jpg"}, 400),
+        ({"image": "not base64 !!!"}, 400),
+        ({"image": 5}, 400),
+        ({"image": "aGVsbG8=", "detect": "yes please"}, 400),
+        ({"image": "aGVsbG8=", "label": 5}, 400),
+        ({"image": "aGVsbG8=", "label": "x" * 201}, 400),
+        ({"image": "aGVsbG8=", "colour": "red"}, 400),
+        ({"url": "ftp://example.com/a.jpg"}, 400),
+        ({"url": "file:///etc/passwd"}, 400),
+        ({"url": "http://user:pass@example.com/a.jpg"}, 400),
+        ({"url": 7}, 400),
+        ({"image": "data:image/png,abc"}, 400),
+        ({"image": b64(b"hello, these are not image bytes")}, 422),
+        ({"image": b64(b"%PDF-1.7\n")}, 422),
+    ],
+)
+def test_bad_json_bodies(service, body, code):
+    assert assert_problem(post_json(service, body, status=code), code)
+    assert service.counts() == (0, 0)
+
+
+@pytest.mark.parametrize("raw", [b"{not json", b"null", b"[]", b'"a string"', b"[" * 100_000, b""])
+def test_malformed_json(service, raw):
+    res = service.client.post("/images", raw, content_type="application/json", status=400)
+    assert_problem(res, 400)
+
+
+def test_wrong_content_type_is_415(service):
+    res = service.client.post("/images", b"hello", content_type="text/plain", status=415)
+    assert "multipart/form-data" in assert_problem(res, 415)
+
+
+def test_image_over_max_bytes_is_413(make_service):
+    service = make_service(max_image_bytes=1000)
+    assert_problem(post_json(service, {"image": b64(b"x" * 2000)}, status=413), 413)
+    res = service.client.post("/images", upload_files=[("image", "big.jpg", b"x" * 2000)], status=413)
+    assert_problem(res, 413)
+    assert service.counts() == (0, 0)
+
+
+def test_too_many_pixels_is_413(service):
+    buf = io.BytesIO()
+    Image.new("1", (8000, 8000)).save(buf, "PNG")  # 64 MP, tiny file
+    assert_problem(post_json(service, {"image": b64(buf.getvalue())}, status=413), 413)
+
+
+def test_multipart_errors(service):
+    assert_problem(service.client.post("/images", {"label": "x"}, status=400), 400)
+    res = service.client.post("/images", {"url": "https://example.com/a.jpg"}, upload_files=[("image", "a.jpg", jpeg())], status=400)
+    assert_problem(res, 400)
+    res = service.client.post("/images", {"detect": "perhaps"}, upload_files=[("image", "a.jpg", jpeg())], status=400)
+    assert "detect" in assert_problem(res, 400)
+    assert service.counts() == (0, 0)
+
+
+def test_detection_without_a_model_is_503_and_stores_nothing(make_service, tmp_path, host):
+    service = make_service(detector=detect.Detector(str(tmp_path / "none.tflite"), threads=1, pool=1))
+    detail = assert_problem(post_json(service, {"image": b64(jpeg()), "detect": True}, status=503), 503)
+    assert "make model" in detail
+    assert_problem(post_json(service, {"url": host.url("/photos/golden-retriever.jpg"), "detect": True}, status=503), 503)
+    assert sum(host.hits.values()) == 0  # refused before downloading
+    assert service.counts() == (0, 0)
+    assert post_json(service, {"image": b64(jpeg())}).json["detection_enabled"] is False  # storing still works
+
+
+# --------------------------------------------------------------------------------------------------------
+# Reading, searching, paging
+# --------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def gallery(service, photo):
+    """pets (dogs), cat, coupleanddog (people, dog), traffic (cars), dragonfly (nothing): ids 1..5."""
+    names = ["pets.jpg", "cat.bmp", "coupleanddog.jpeg", "traffic_0001.bmp", "dragonfly.bmp"]
+    ids = [post_json(service, {"image": b64(photo(n)), "detect": True}).json["id"] for n in names]
+    return service, dict(zip(names, ids))
+
+
+def ids_of(res):
+    return [img["id"] for img in res.json]
+
+
+def test_list_newest_first(gallery):
+    service, ids = gallery
+    assert ids_of(service.client.get("/images")) == sorted(ids.values(), reverse=True)
+
+
+def test_search_any_all_case_and_quotes(gallery):
+    service, ids = gallery
+    get = service.client.get
+    assert ids_of(get("/images?objects=dog")) == [ids["coupleanddog.jpeg"], ids["pets.jpg"]]
+    assert ids_of(get("/images?objects=dog,cat")) == [ids["coupleanddog.jpeg"], ids["cat.bmp"], ids["pets.jpg"]]
+    assert ids_of(get('/images?objects="Dog, CAT"')) == ids_of(get("/images?objects=dog,cat"))
+    assert ids_of(get("/images?objects=dog,person&match=all")) == [ids["coupleanddog.jpeg"]]
+    assert ids_of(get("/images?objects=dog,cat&match=all")) == []
+    assert get("/images?objects=unicorn").json == []
+    assert ids_of(get("/images?objects=dog&min_confidence=0.7")) == [ids["pets.jpg"]]
+
+
+def test_paging_with_link_header(gallery):
+    service, ids = gallery
+    first = service.client.get("/images?limit=2")
+    assert len(first.json) == 2
+    seen = ids_of(first)
+    link = first.headers["Link"]
+    while link:
+        url = re.match(r'<([^>]+)>; rel="next"', link).group(1)
+        page = service.client.get(url)
+        seen += ids_of(page)
+        link = page.headers.get("Link")
+    assert seen == sorted(ids.values(), reverse=True)
+    search = service.client.get("/images?objects=dog,cat&limit=1")
+    assert "objects=dog%2Ccat" in search.headers["Link"] and "match=any" in search.headers["Link"]
+    last = service.client.get(f"/images?limit=5")
+    assert "Link" not in last.headers
+
+
+@pytest.mark.parametrize(
+    "query",
+    ["limit=-1", "limit=0", "limit=1e9", "limit=1001", "limit=abc", "before=abc", "before=0", "objects=",
+     "objects=,,", "objects=dog&match=some", "objects=dog&min_confidence=2", "objects=dog&min_confidence=nan",
+     "min_confidence=0.5"],
+)
+def test_bad_query_parameters(service, query):
+    assert_problem(service.client.get(f"/images?{query}", status=400), 400)
+
+
+def test_get_one_and_404s(gallery):
+    service, ids = gallery
+    assert service.client.get(f"/images/{ids['cat.bmp']}").json["objects"] == ["cat"]
+    for bad in ("999", "abc", "1%20OR%201=1", "%00", "..%2F..%2Fetc%2Fpasswd", "-1", "0"):
+        assert_problem(service.client.get(f"/images/{bad}", status=404), 404)
+
+
+def test_file_with_etag_and_cache_headers(gallery, photo):
+    service, ids = gallery
+    res = service.client.get(f"/images/{ids['pets.jpg']}/file")
+    assert res.body == photo("pets.jpg") and res.content_type == "image/jpeg"
+    etag = res.headers["ETag"]
+    assert etag == f'"{hashlib.sha256(photo("pets.jpg")).hexdigest()}"'
+    assert "immutable" in res.headers["Cache-Control"] and "max-age=31536000" in res.headers["Cache-Control"]
+    assert service.client.get(f"/images/{ids['cat.bmp']}/file").content_type == "image/bmp"
+    not_modified = service.client.get(f"/images/{ids['pets.jpg']}/file", headers={"If-None-Match": etag}, status=304)
+    assert not_modified.body == b""
+    service.client.get(f"/images/{ids['pets.jpg']}/file", headers={"If-None-Match": '"other"'}, status=200)
+    assert_problem(service.client.get("/images/999/file", status=404), 404)
+
+
+def test_delete_keeps_shared_bytes_until_the_last_image(service, photo):
+    data = photo("cat.bmp")
+    a = post_json(service, {"image": b64(data), "detect": True}).json["id"]
+    b = post_json(service, {"image": b64(data)}).json["id"]
+    assert service.counts() == (2, 1)
+    service.client.delete(f"/images/{a}", status=204)
+    assert_problem(service.client.get(f"/images/{a}", status=404), 404)
+    assert service.client.get(f"/images/{b}/file").body == data
+    assert service.counts() == (1, 1)
+    service.client.delete(f"/images/{b}", status=204)
+    assert service.counts() == (0, 0)
+    assert_problem(service.client.delete(f"/images/{b}", status=404), 404)
+    assert service.client.get("/objects").json == []
+
+
+def test_objects_vocabulary(gallery):
+    service, _ = gallery
+    counts = {o["name"]: o["images"] for o in service.client.get("/objects").json}
+    assert counts["dog"] == 2 and counts["cat"] == 1 and counts["person"] == 1 and counts["car"] == 1
+    objects = service.client.get("/objects").json
+    assert objects == sorted(objects, key=lambda o: (-o["images"], o["name"]))
+
+
+# --------------------------------------------------------------------------------------------------------
+# The store underneath
+# --------------------------------------------------------------------------------------------------------
+
+
+def test_database_pragmas_schema_version_and_reopen(service, photo):
+    img = post_json(service, {"image": b64(photo("pets.jpg")), "detect": True}).json
+    service.store.close()
+    conn = sqlite3.connect(service.settings.db)
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("SELECT value FROM setting WHERE key='schema_version'").fetchone()[0] == str(store.SCHEMA_VERSION)
+    conn.close()
+    reopened = store.Store(service.settings.db)
+    with reopened.connection():
+        assert store.db.execute_sql("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+        assert store.db.execute_sql("PRAGMA busy_timeout").fetchone()[0] >= 1000
+        assert reopened.get(img["id"]).objects == ["dog"]
+
+
+def test_a_database_from_a_newer_version_is_refused(tmp_path):
+    path = str(tmp_path / "new.db")
+    store.Store(path).close()
+    conn = sqlite3.connect(path)
+    conn.execute("UPDATE setting SET value='99' WHERE key='schema_version'")
+    conn.commit()
+    conn.close()
+    with pytest.raises(store.StoreUnavailable, match="newer"):
+        store.Store(path)
+
+
+def test_concurrent_writers(service):
+    errors = []
+
+    def write(k):
+        try:
+            for i in range(5):
+                post_json(service, {"image": b64(jpeg(color=(k * 20, i * 40, 7)))})
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=write, args=(k,)) for k in range(8)]
+    [t.start() for t in threads]
+    [t.join(60) for t in threads]
+    assert not errors
+    assert service.counts()[0] == 40
+    assert len(service.client.get("/images?limit=1000").json) == 40
+
+
+@pytest.mark.parametrize(
+    "labels, phrase",
+    [
+        (["dog", "dog"], "2 dogs"),
+        (["person", "dog"], "person and dog"),
+        (["person", "person", "dog"], "2 people and dog"),
+        (["wine glass", "wine glass", "bottle", "pizza"], "2 wine glasses, bottle and pizza"),
+        (["bus", "bus", "knife", "knife", "sheep", "sheep"], "2 buses, 2 knives and 2 sheep"),
+        (["person", "kite", "car", "dog", "cat"], "person, kite and 3 more"),
+        ([], None),
+    ],
+)
+def test_describe(labels, phrase):
+    assert store.describe(labels) == phrase
+
+
+@pytest.mark.parametrize(
+    "hint, label",
+    [
+        ("https://example.com/photos/golden-retriever.jpg?size=large", "golden-retriever"),
+        ("https://example.com/a/My%20Dog.png", "My Dog"),
+        ("https://example.com/", None),
+        ("C:\\Users\\me\\beach day.jpeg", "beach day"),
+        ("noextension", "noextension"),
+        (None, None),
+    ],
+)
+def test_name_hint(hint, label):
+    assert store.name_hint(hint) == label
