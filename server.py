@@ -24,6 +24,8 @@ from http import HTTPStatus
 from typing import Any
 
 import bottle
+import waitress
+import waitress.wasyncore
 
 import detect
 import fetch
@@ -479,8 +481,9 @@ def make_app(
 # ---------------------------------------------------------------------------------------------------------
 
 
-class _Stop(Exception):
-    pass
+class _Stop(waitress.wasyncore.ExitNow):
+    """Raised by the signal handler. waitress's loop swallows other exceptions raised inside a
+    channel's handler (it logs them and closes the channel), so a plain Exception could lose a SIGTERM."""
 
 
 def _raise_stop(signum, frame):
@@ -488,8 +491,6 @@ def _raise_stop(signum, frame):
 
 
 def main(argv: list[str] | None = None) -> int:
-    import waitress
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         settings = settings_mod.load(sys.argv[1:] if argv is None else argv)
@@ -523,6 +524,7 @@ def main(argv: list[str] | None = None) -> int:
         log.info("stopping on %s", e)
     finally:
         server.close()
+        images.shutdown()
     return 0
 
 
