@@ -204,10 +204,30 @@ def test_server_starts_without_a_model_and_says_so_once(tmp_path):
 def test_a_database_that_cannot_be_opened_is_a_503(service, tmp_path):
     import store
 
-    service.store.close()
+    service.store.shutdown()
     store.db.init(str(tmp_path / "no-such-dir" / "x.db"))  # the folder does not exist: sqlite cannot open it
     try:
         body = assert_problem(service.client.get("/images", status=503), 503)
         assert "database" in body["detail"]
     finally:
         store.db.init(service.settings.db)
+
+
+def test_sigterm_stops_the_server_right_after_a_keep_alive_client_leaves(tmp_path, model_path):
+    import http.client
+
+    for _ in range(3):  # the race is in waitress' loop; a few rounds make a miss likely to show
+        proc, base, _ = start_server(tmp_path, "--model", model_path)
+        host, port = base.removeprefix("http://").split(":")
+        conn = http.client.HTTPConnection(host, int(port), timeout=10)
+        conn.request("GET", "/health")
+        assert conn.getresponse().read()
+        conn.close()  # waitress sees the close while the signal arrives
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert proc.returncode == 0
