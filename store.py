@@ -25,13 +25,17 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Sequence
 
 import peewee as pw
+from playhouse.pool import PooledSqliteDatabase
 
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 LABEL_MAX = 200
 
-db = pw.SqliteDatabase(None)
+# A pool: a request's close() hands its connection back instead of closing it. Closing SQLite's last
+# connection checkpoints and deletes the WAL (a second fsync per write), and reopening costs the pragmas
+# again; both were measurable in bench/api.py.
+db = PooledSqliteDatabase(None)
 
 
 class StoreError(Exception):
@@ -270,8 +274,14 @@ class Store:
         self.now = now
         folder = os.path.dirname(os.path.abspath(path))
         os.makedirs(folder, exist_ok=True)
+        # init() keeps pooled connections, which would still point at a previous file: drop them.
+        if not db.deferred:
+            db.close_all()
         db.init(
             path,
+            max_connections=64,  # more than waitress' threads plus the upload workers
+            stale_timeout=600,
+            check_same_thread=False,  # pooled connections move between threads, one thread at a time
             pragmas={
                 "journal_mode": "wal",
                 "synchronous": 2,  # FULL: fsync the WAL on every commit
@@ -284,6 +294,11 @@ class Store:
             self._migrate()
 
     # -- connections -------------------------------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        """Close every pooled connection (at exit, and in tests before the file goes)."""
+        self.close()
+        db.close_all()
 
     def connect(self) -> None:
         with _errors():
@@ -389,10 +404,10 @@ class Store:
 
     def get(self, image_id: int) -> ImageRecord:
         with _errors():
-            rows = list(Image.select().where(Image.id == image_id).dicts())
-            if not rows:
-                raise NotFound(f"there is no image {image_id}")
-            return self._records(rows)[0]
+            records = self._records("WHERE id = ?", [image_id])
+        if not records:
+            raise NotFound(f"there is no image {image_id}")
+        return records[0]
 
     def file(self, image_id: int) -> tuple[bytes, str, str]:
         """(bytes, content type, sha256) of an image."""
@@ -429,15 +444,15 @@ class Store:
                 ids = self._ids_with(names, match_all, min_confidence, before, limit + 1)
                 more = len(ids) > limit
                 ids = ids[:limit]
-                rows = list(Image.select().where(Image.id.in_(ids)).order_by(Image.id.desc()).dicts()) if ids else []
+                records = self._records(f"WHERE id IN ({','.join('?' * len(ids))}) ORDER BY id DESC", ids) if ids else []
+            elif before is None:
+                records = self._records("ORDER BY id DESC LIMIT ?", [limit + 1])
             else:
-                query = Image.select().order_by(Image.id.desc()).limit(limit + 1)
-                if before is not None:
-                    query = query.where(Image.id < before)
-                rows = list(query.dicts())
-                more = len(rows) > limit
-                rows = rows[:limit]
-            return self._records(rows), more
+                records = self._records("WHERE id < ? ORDER BY id DESC LIMIT ?", [before, limit + 1])
+            if not names:
+                more = len(records) > limit
+                records = records[:limit]
+            return records, more
 
     def _ids_with(
         self, names: list[str], match_all: bool, min_confidence: float | None, before: int | None, limit: int
@@ -454,7 +469,11 @@ class Store:
 
         below, below_args = ("", []) if before is None else (" AND d.image_id < ?", [before])
         if match_all:
-            # Walk the first name; each candidate must hold every other name (an index lookup each).
+            # Walk the rarest name; each candidate must hold every other name (an index lookup each).
+            # A name nothing has ends the search at once instead of walking a common one to the end.
+            names = sorted(names, key=self._rough_count)
+            if self._rough_count(names[0]) == 0:
+                return []
             first, params = holds("d", names[0])
             sql = f"SELECT DISTINCT d.image_id FROM detection d WHERE {first}{below}"
             params += below_args
@@ -477,32 +496,35 @@ class Store:
             params.append(limit)
         return [row[0] for row in db.execute_sql(sql, params).fetchall()]
 
+    @staticmethod
+    def _rough_count(name: str, cap: int = 5000) -> int:
+        """How many detections carry `name`, counted up to `cap` (an index walk of at most `cap` rows)."""
+        sql = "SELECT COUNT(*) FROM (SELECT 1 FROM detection WHERE name = ? LIMIT ?)"
+        return db.execute_sql(sql, [name, cap]).fetchone()[0]
+
+    # Hot reads use plain SQL and tuples: peewee's per-value conversion was most of a 100-image page.
+    _IMAGE_COLUMNS = (
+        "id, sha256, label, label_generated, detection_enabled, content_type, size, width, height, source_url, created_ms"
+    )
+
     def _detections(self, ids: list[int]) -> dict[int, tuple[Found, ...]]:
         out: dict[int, list[Found]] = {}
         if not ids:
             return {}
-        query = (
-            Detection.select(
-                Detection.image, Detection.label, Detection.confidence,
-                Detection.x_min, Detection.y_min, Detection.x_max, Detection.y_max,
-            )
-            .where(Detection.image.in_(ids))
-            .order_by(Detection.image, Detection.confidence.desc())
-            .tuples()
+        sql = (
+            "SELECT image_id, label, confidence, x_min, y_min, x_max, y_max FROM detection "
+            f"WHERE image_id IN ({','.join('?' * len(ids))}) ORDER BY image_id, confidence DESC"
         )
-        for image_id, *rest in query:
+        for image_id, *rest in db.execute_sql(sql, ids).fetchall():
             out.setdefault(image_id, []).append(Found(*rest))
         return {k: tuple(v) for k, v in out.items()}
 
-    def _records(self, rows: list[dict]) -> list[ImageRecord]:
-        found = self._detections([r["id"] for r in rows])
+    def _records(self, where: str, params: list) -> list[ImageRecord]:
+        rows = db.execute_sql(f"SELECT {self._IMAGE_COLUMNS} FROM image {where}", params).fetchall()
+        found = self._detections([r[0] for r in rows])
         return [
-            ImageRecord(
-                r["id"], r["sha256"], r["label"], bool(r["label_generated"]), bool(r["detection_enabled"]),
-                r["content_type"], r["size"], r["width"], r["height"], r["source_url"], r["created_ms"],
-                found.get(r["id"], ()),
-            )
-            for r in rows
+            ImageRecord(i, sha, label, bool(gen), bool(det), ct, size, w, h, url, ms, found.get(i, ()))
+            for i, sha, label, gen, det, ct, size, w, h, url, ms in rows
         ]
 
     def objects(self) -> list[tuple[str, int]]:

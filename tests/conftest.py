@@ -107,7 +107,7 @@ def make_service(tmp_path, detector):
 
     yield make
     for service in made:
-        service.store.close()
+        service.store.shutdown()
 
 
 @pytest.fixture

@@ -396,7 +396,7 @@ def test_objects_vocabulary(gallery):
 
 def test_database_pragmas_schema_version_and_reopen(service, photo):
     img = post_json(service, {"image": b64(photo("pets.jpg")), "detect": True}).json
-    service.store.close()
+    service.store.shutdown()
     conn = sqlite3.connect(service.settings.db)
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert conn.execute("SELECT value FROM setting WHERE key='schema_version'").fetchone()[0] == str(store.SCHEMA_VERSION)
@@ -410,7 +410,7 @@ def test_database_pragmas_schema_version_and_reopen(service, photo):
 
 def test_a_database_from_a_newer_version_is_refused(tmp_path):
     path = str(tmp_path / "new.db")
-    store.Store(path).close()
+    store.Store(path).shutdown()
     conn = sqlite3.connect(path)
     conn.execute("UPDATE setting SET value='99' WHERE key='schema_version'")
     conn.commit()
@@ -466,3 +466,21 @@ def test_describe(labels, phrase):
 )
 def test_name_hint(hint, label):
     assert store.name_hint(hint) == label
+
+
+def test_a_new_store_never_reuses_connections_to_the_previous_file(tmp_path):
+    first = store.Store(str(tmp_path / "a.db"))
+    with first.connection():
+        first.add(store.NewImage(b"x", "0" * 64, "image/png", 1, 1, "a", False, False))
+    first.close()  # back to the pool, still open on a.db
+    second = store.Store(str(tmp_path / "b.db"))
+    try:
+        with second.connection():
+            assert second.count() == (0, 0)
+    finally:
+        second.shutdown()
+
+
+def test_match_all_with_a_name_nothing_has_is_empty(gallery):
+    service, _ = gallery
+    assert service.client.get("/images?objects=person,unicorn&match=all").json == []
