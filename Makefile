@@ -38,6 +38,7 @@ testdata: $(VENV)/.run-deps
 ## make bench: the benchmarks of bench/, printing the numbers README quotes.
 bench: $(VENV)/.dev-deps
 	$(PY) bench/detect.py
+	$(PY) bench/api.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

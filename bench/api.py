@@ -1,0 +1,405 @@
+"""Benchmark of the HTTP API through the real server process: uploads, listing 100,000 images, memory.
+
+    python bench/api.py [--runs N] [--queries N] [--rows N] [--uploads N]
+                                             (DETECT_MODEL and TESTDATA_DIR as for the tests)
+
+Starts `python server.py --port 0 --db <temp> --model $DETECT_MODEL` (a fresh database for each part)
+and talks to it over one keep-alive connection (http.client):
+
+1. POST /images {"image": <base64>, "detect": true} of cat_1080p.jpg re-encoded with one pixel changed
+   per request (distinct bytes, so the stored-detections cache is not hit), timed alternately with
+   `detect.Detector.detect()` on the same bytes in this process (DETECT_THREADS / DETECT_THRESHOLD as the
+   server resolves them). Also: re-posting identical bytes (the cached path) and detect=false.
+2. 100,000 synthetic images (1-5 detections each, COCO names, 'dog' in about 10% of images) written
+   straight into the SQLite file before the server starts; then GET /images?objects=dog, GET /images/{id}
+   for random ids and a few other listings, round-robin so noise falls on all alike.
+3. The server's VmRSS after 10 and after 1,000 uploads of distinct 64x64 JPEGs with detect=true.
+
+Prints one markdown table of medians (ms) / values against the issue's targets, and one line of context.
+Progress goes to stderr. It reports; it asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import collections
+import hashlib
+import http.client
+import io
+import json
+import os
+import queue
+import random
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.parse
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import numpy as np  # noqa: E402
+from PIL import Image, JpegImagePlugin  # noqa: E402
+
+import detect  # noqa: E402
+import settings as settings_mod  # noqa: E402
+import store  # noqa: E402
+
+SSD = "coco_ssd_mobilenet_v1_1.0_quant_2018_06_29.tflite"
+
+
+def median_ms(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def progress(text: str) -> None:
+    print(f"[bench/api] {text}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The server process
+# ---------------------------------------------------------------------------------------------------------
+
+
+class Server:
+    """`python server.py` on a free port with its own database; one keep-alive connection to it."""
+
+    def __init__(self, db: str, model: str):
+        self.lines: collections.deque[str] = collections.deque(maxlen=100)
+        self._url: queue.Queue = queue.Queue()
+        self.proc = subprocess.Popen(
+            [sys.executable, "server.py", "--port", "0", "--db", db, "--model", model],
+            cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            start_new_session=True,  # Ctrl-C reaches this process only; stop() sends the SIGTERM
+        )
+        self.conn: http.client.HTTPConnection | None = None
+        self.connects, self.sigterms, self.killed = 0, 0, False
+        self._reader = threading.Thread(target=self._drain, daemon=True)  # the server logs every request
+        self._reader.start()
+        try:
+            url = self._url.get(timeout=60)
+            if url is None:
+                raise RuntimeError("the server exited before listening:\n" + "".join(self.lines))
+            parts = urllib.parse.urlsplit(url)
+            self.conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=120)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _drain(self) -> None:
+        for line in self.proc.stderr:
+            self.lines.append(line)
+            m = re.search(r"listening on (http://\S+)", line)
+            if m:
+                self._url.put(m.group(1))
+        self._url.put(None)
+
+    def request(self, method: str, path: str, body: bytes | None = None) -> tuple[float, bytes]:
+        """(milliseconds from sending to the last byte read, body); anything but 2xx raises."""
+        if self.conn.sock is None:
+            self.connects += 1  # http.client (re)opens the connection by itself
+        headers = {"Content-Type": "application/json"} if body is not None else {}
+        t = time.perf_counter()
+        self.conn.request(method, path, body=body, headers=headers)
+        res = self.conn.getresponse()
+        data = res.read()
+        ms = (time.perf_counter() - t) * 1000
+        if not 200 <= res.status < 300:
+            raise RuntimeError(f"{method} {path}: HTTP {res.status}: {data[:500]!r}")
+        return ms, data
+
+    def rss_kb(self) -> int:
+        with open(f"/proc/{self.proc.pid}/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+        raise RuntimeError("no VmRSS in /proc status")
+
+    def stop(self) -> None:
+        """SIGTERM and wait; again if the first is lost, SIGKILL as the last resort (counted in `sigterms`)."""
+        if self.conn is not None and self.conn.sock is not None:
+            self.conn.close()
+            # server.py's SIGTERM handler raises an Exception subclass; when it lands while waitress handles
+            # this connection's close, waitress swallows it and the server keeps running. Let it settle.
+            time.sleep(0.2)
+        for _ in range(3):
+            if self.proc.poll() is not None:
+                break
+            self.proc.send_signal(signal.SIGTERM)
+            self.sigterms += 1
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                continue
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+            self.killed = True
+        self._reader.join(timeout=5)
+
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Inputs
+# ---------------------------------------------------------------------------------------------------------
+
+
+def jpeg(img: Image.Image, **options) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", **options)
+    return buf.getvalue()
+
+
+def variants(photo: bytes, n: int) -> list[bytes]:
+    """`n` re-encodings of JPEG `photo` with its own quantisation tables and chroma subsampling, each with
+    one pixel changed: distinct sha256, about the same size and the same work for the model."""
+    original = Image.open(io.BytesIO(photo))
+    options = {"qtables": original.quantization, "subsampling": JpegImagePlugin.get_sampling(original)}
+    base = original.convert("RGB")
+    out, seen, block = [], set(), 0
+    while len(out) < n:  # one pixel of the next 8x8 block set to the far extreme; skip one lost to quantisation
+        xy = (8 * block % base.width, 8 * block // base.width * 8)
+        block += 1
+        img = base.copy()
+        img.putpixel(xy, tuple(0 if c >= 128 else 255 for c in base.getpixel(xy)))
+        data = jpeg(img, **options)
+        if hashlib.sha256(data).digest() not in seen:
+            seen.add(hashlib.sha256(data).digest())
+            out.append(data)
+    return out
+
+
+def small_jpegs(n: int, seed: int = 7) -> list[bytes]:
+    """`n` distinct 64x64 JPEGs (noise; each also carries its index in the first pixels)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        pixels = rng.integers(0, 256, size=(64, 64, 3), dtype=np.uint8)
+        pixels[0, 0] = (i >> 16 & 255, i >> 8 & 255, i & 255)
+        out.append(jpeg(Image.fromarray(pixels), quality=85))
+    return out
+
+
+def post_body(data: bytes, want_detect: bool) -> bytes:
+    return json.dumps({"image": base64.b64encode(data).decode("ascii"), "detect": want_detect}).encode()
+
+
+# Relative frequency of COCO names among detections: people everywhere, some household objects, pets.
+# Other names weigh 1. With 1-5 detections per image, 'dog' (3.7% of detections) is in about 10% of images.
+WEIGHTS = {
+    "person": 30, "car": 6, "chair": 5, "dog": 5, "cat": 3.5, "cup": 4, "bottle": 4, "dining table": 3, "tv": 2, "book": 2,
+}
+
+
+def fill(path: str, rows: int, model: str, seed: int = 1) -> dict[str, float]:
+    """Write `rows` synthetic images (8 shared blobs) with their detections into a new database at `path`."""
+    t0 = time.perf_counter()
+    names = [n for n in dict.fromkeys(detect.load_labels(model)) if n not in ("", "???")]
+    weights = [WEIGHTS.get(n, 1) for n in names]
+    rng = random.Random(seed)
+    blobs = []
+    for i in range(8):
+        data = jpeg(Image.new("RGB", (32, 32), (30 * i, 255 - 30 * i, 128)), quality=90)
+        blobs.append((hashlib.sha256(data).hexdigest(), data))
+    detected_with = "0123456789abcdef@0.5"
+    start_ms = int(time.time() * 1000) - rows * 60_000
+    images, detections, with_dog = [], [], 0
+    for image_id in range(1, rows + 1):
+        found = rng.choices(names, weights, k=rng.randint(1, 5))
+        confidences = sorted((round(rng.uniform(0.5, 0.99), 4) for _ in found), reverse=True)
+        with_dog += "dog" in found
+        sha, data = blobs[image_id % len(blobs)]
+        images.append((
+            image_id, sha, store.describe(found), 1, 1, detected_with, "image/jpeg", len(data), 640, 480, None,
+            start_ms + image_id * 60_000,
+        ))
+        for name, confidence in zip(found, confidences):
+            x0, y0 = rng.random() * 0.6, rng.random() * 0.6
+            detections.append((image_id, name, name, confidence, x0, y0, x0 + 0.3, y0 + 0.3))
+    images_store = store.Store(path)  # creates the schema
+    with images_store.connection():
+        conn = store.db.connection()
+        with store.db.atomic():
+            conn.executemany("INSERT INTO blob (sha256, data) VALUES (?, ?)", blobs)
+            conn.executemany(
+                "INSERT INTO image (id, sha256, label, label_generated, detection_enabled, detected_with, "
+                "content_type, size, width, height, source_url, created_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                images,
+            )
+            conn.executemany(
+                "INSERT INTO detection (image_id, name, label, confidence, x_min, y_min, x_max, y_max) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                detections,
+            )
+        store.db.execute_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+    return {"seconds": time.perf_counter() - t0, "detections": len(detections), "dog_share": with_dog / rows}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The three parts
+# ---------------------------------------------------------------------------------------------------------
+
+
+def part_upload(tmp: str, model: str, cat: bytes, detector: detect.Detector, runs: int) -> dict:
+    warm = 3
+    vs = variants(cat, warm + 2 * runs)
+    detect_bodies = [post_body(v, True) for v in vs[: warm + runs]]
+    plain_bodies = [post_body(v, False) for v in vs[warm + runs:]]
+    progress(f"part 1: {len(vs)} variants of cat_1080p.jpg ({len(cat):,} bytes; variants ~{len(vs[0]):,}), {runs} runs")
+    out: dict[str, list[float]] = {"post": [], "detect": [], "cached": [], "plain": []}
+    detected = None
+    with Server(os.path.join(tmp, "upload.db"), model) as srv:
+        for i in range(warm):
+            detector.detect(vs[i])
+            srv.request("POST", "/images", detect_bodies[i])
+        for i in range(warm, warm + runs):  # alternate which goes first, so drift falls on both alike
+            if i % 2:
+                t = time.perf_counter()
+                detector.detect(vs[i])
+                out["detect"].append((time.perf_counter() - t) * 1000)
+            ms, body = srv.request("POST", "/images", detect_bodies[i])
+            out["post"].append(ms)
+            if not i % 2:
+                t = time.perf_counter()
+                detector.detect(vs[i])
+                out["detect"].append((time.perf_counter() - t) * 1000)
+        detected = json.loads(body)["objects"]
+        for _ in range(runs):
+            out["cached"].append(srv.request("POST", "/images", detect_bodies[warm])[0])
+        for b in plain_bodies:
+            out["plain"].append(srv.request("POST", "/images", b)[0])
+    return {k: median_ms(v) for k, v in out.items()} | {"objects": detected, "server": srv}
+
+
+def part_list(tmp: str, model: str, rows: int, queries: int) -> dict:
+    path = os.path.join(tmp, "list.db")
+    progress(f"part 2: writing {rows:,} synthetic images")
+    filled = fill(path, rows, model)
+    progress(f"part 2: wrote {filled['detections']:,} detections in {filled['seconds']:.1f} s; querying")
+    deep = rows // 2
+    paths = {
+        "objects=dog": "/images?objects=dog",
+        "no filter": "/images",
+        "objects=dog,cat": "/images?objects=dog,cat",
+        "objects=dog,person&match=all": "/images?objects=dog,person&match=all",
+        f"before={deep}": f"/images?before={deep}",
+        f"objects=dog&before={deep}": f"/images?objects=dog&before={deep}",
+    }
+    rng = random.Random(2)
+    times: dict[str, list[float]] = {k: [] for k in paths} | {"by_id": []}
+    counts: dict[str, int] = {}
+    with Server(path, model) as srv:
+        for key, p in paths.items():  # warm up; check each answers a full page
+            counts[key] = len(json.loads(srv.request("GET", p)[1]))
+        for _ in range(5):
+            srv.request("GET", f"/images/{rng.randint(1, rows)}")
+        for _ in range(queries):
+            for key, p in paths.items():
+                times[key].append(srv.request("GET", p)[0])
+            for _ in range(3):
+                times["by_id"].append(srv.request("GET", f"/images/{rng.randint(1, rows)}")[0])
+    return {k: median_ms(v) for k, v in times.items()} | {
+        "filled": filled, "counts": counts, "server": srv, "n_by_id": len(times["by_id"]), "deep": deep,
+    }
+
+
+def part_memory(tmp: str, model: str, uploads: int) -> dict:
+    progress(f"part 3: {uploads} uploads of distinct 64x64 JPEGs")
+    bodies = [post_body(d, True) for d in small_jpegs(uploads)]
+    marks = sorted({min(10, uploads), uploads // 10, uploads // 4, uploads // 2, uploads} - {0})
+    rss: dict[int, int] = {}
+    times = []
+    with Server(os.path.join(tmp, "memory.db"), model) as srv:
+        rss[0] = srv.rss_kb()
+        for i, b in enumerate(bodies, 1):
+            times.append(srv.request("POST", "/images", b)[0])
+            if i in marks:
+                rss[i] = srv.rss_kb()
+    return {"rss": rss, "post": median_ms(times), "server": srv}
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=60, help="timed uploads per upload median (default 60)")
+    parser.add_argument("--queries", type=int, default=100, help="timed requests per listing median (default 100)")
+    parser.add_argument("--rows", type=int, default=100_000, help="synthetic images for the listings (default 100000)")
+    parser.add_argument("--uploads", type=int, default=1000, help="uploads for the memory check (default 1000)")
+    args = parser.parse_args()
+    # SIGTERM (make, CI) unwinds like Ctrl-C, so servers are stopped and temp dirs removed.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+    testdata = os.path.abspath(os.environ.get("TESTDATA_DIR") or os.path.join(ROOT, "testdata"))
+    model = os.path.abspath(os.environ.get("DETECT_MODEL") or os.path.join(testdata, "models", SSD))
+    with open(os.path.join(testdata, "images", "cat_1080p.jpg"), "rb") as f:
+        cat = f.read()
+    resolved = settings_mod.load(environ=dict(os.environ))  # the server's defaults: DETECT_THREADS = cores
+    detector = detect.Detector(model, threshold=resolved.detect_threshold, threads=resolved.detect_threads)
+    detector.load()
+    cores = os.cpu_count() or 1
+    started = time.perf_counter()
+
+    with tempfile.TemporaryDirectory(prefix="bench-api-") as tmp:
+        up = part_upload(tmp, model, cat, detector, args.runs)
+        ls = part_list(tmp, model, args.rows, args.queries)
+        mem = part_memory(tmp, model, args.uploads)
+
+    ratio = up["post"] / up["detect"]
+    rss10, rss_all = mem["rss"][min(10, args.uploads)], mem["rss"][args.uploads]
+    growth = rss_all / rss10
+    deep = ls["deep"]
+    rows = [
+        ("POST /images cat_1080p detect=true, distinct bytes", f"{up['post']:.1f} ms", "", "", None),
+        ("detect() on the same bytes, in-process", f"{up['detect']:.1f} ms", "", "", None),
+        ("POST / detect()", f"{ratio:.2f}", "<= 1.5", None, ratio <= 1.5),
+        (f"GET /images?objects=dog ({args.rows:,} images)", f"{ls['objects=dog']:.1f} ms", "<= 10 ms", None, ls["objects=dog"] <= 10),
+        ("GET /images/{id}, random ids", f"{ls['by_id']:.2f} ms", "<= 3 ms", None, ls["by_id"] <= 3),
+        (f"RSS after {args.uploads} uploads / after 10", f"{growth:.2f} ({rss_all / 1024:.0f} / {rss10 / 1024:.0f} MB)", "<= 1.3", None, growth <= 1.3),
+        ("POST cat_1080p again, identical bytes (cached detections)", f"{up['cached']:.1f} ms", "—", "—", None),
+        ("POST cat_1080p detect=false, distinct bytes", f"{up['plain']:.1f} ms", "—", "—", None),
+        ("GET /images (no filter)", f"{ls['no filter']:.1f} ms", "—", "—", None),
+        ("GET /images?objects=dog,cat", f"{ls['objects=dog,cat']:.1f} ms", "—", "—", None),
+        ("GET /images?objects=dog,person&match=all", f"{ls['objects=dog,person&match=all']:.1f} ms", "—", "—", None),
+        (f"GET /images?before={deep}", f"{ls[f'before={deep}']:.1f} ms", "—", "—", None),
+        (f"GET /images?objects=dog&before={deep}", f"{ls[f'objects=dog&before={deep}']:.1f} ms", "—", "—", None),
+        ("POST 64x64 JPEG detect=true", f"{mem['post']:.1f} ms", "—", "—", None),
+    ]
+    print("| what | median or value | target | ok/MISSED |")
+    print("|---|---|---|---|")
+    for what, got, want, status, ok in rows:
+        if status is None:
+            status = "ok" if ok else "MISSED"
+        print(f"| {what} | {got} | {want or '—'} | {status or '—'} |")
+    filled = ls["filled"]
+    print(
+        f"\ncores: {cores}, DETECT_THREADS {detector.threads} ({detector.pool} interpreter(s) x {detector.threads} "
+        f"thread(s), server and in-process alike), model: {os.path.basename(model)}, runs: {args.runs} per upload "
+        f"median, {args.queries} per listing median, {ls['n_by_id']} GET by id, {args.uploads} uploads; "
+        f"{time.perf_counter() - started:.0f} s in all"
+    )
+    print(
+        f"notes: {args.rows:,} images / {filled['detections']:,} detections written in {filled['seconds']:.1f} s, "
+        f"'dog' in {filled['dog_share']:.1%} of images; page sizes {ls['counts']}; "
+        f"RSS (MB) by uploads {', '.join(f'{n}: {kb / 1024:.0f}' for n, kb in sorted(mem['rss'].items()))}; "
+        f"cat_1080p found {up['objects']}; per server (parts 1-3): TCP connections opened "
+        f"{'/'.join(str(p['server'].connects) for p in (up, ls, mem))}, SIGTERMs needed to stop "
+        f"{'/'.join(str(p['server'].sigterms) + (' +SIGKILL' if p['server'].killed else '') for p in (up, ls, mem))}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
