@@ -1,11 +1,13 @@
-"""A tiny HTTP server on 127.0.0.1 and a free port, played by the tests (model host, image host, ...).
+"""A tiny HTTP server on 127.0.0.1 and a free port, played by the tests (image hosts, a model host, Imgur).
 
     with Loopback({"/good": ok(b"...", "image/png"), "/gone": status(404)}) as srv:
         srv.url("/good")
 
 A route is a function taking the request handler; it writes the whole response itself, so a test can
-misbehave on purpose (drop the connection, dribble bytes, lie in Content-Length). `srv.hits` counts the
-requests per path.
+misbehave on purpose (drop the connection, dribble bytes, lie in Content-Length). Routes answer every
+method; `h.command` says which, and `read_body(h)` reads a request body. `srv.hits` counts requests
+per path. A route that waits should wait on `h.server.stopping`, which is set when the server closes:
+closing joins every handler thread, so no test leaves one running.
 """
 
 from __future__ import annotations
@@ -18,6 +20,14 @@ from typing import Callable
 Route = Callable[[http.server.BaseHTTPRequestHandler], None]
 
 
+class _Server(http.server.ThreadingHTTPServer):
+    daemon_threads = False  # handler threads are joined by server_close()
+    block_on_close = True
+
+    def handle_error(self, request, client_address):
+        pass  # clients hanging up on purpose, TLS clients refusing a certificate
+
+
 class Loopback:
     def __init__(self, routes: dict[str, Route]):
         self.routes = routes
@@ -26,21 +36,25 @@ class Loopback:
 
         class Handler(http.server.BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            timeout = 5  # a silent client never pins a handler thread for long
 
-            def do_GET(self):
+            def _dispatch(self):
                 path = self.path.split("?", 1)[0]
                 outer.hits[path] += 1
-                route = outer.routes.get(path)
-                if route is None:
-                    status(404)(self)
-                else:
+                route = outer.routes.get(path, status(404))
+                try:
                     route(self)
+                except OSError:
+                    self.close_connection = True  # the client hung up, which some tests do on purpose
+
+            do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = _dispatch
 
             def log_message(self, *args):  # keep test output clean
                 pass
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
+        self.server = _Server(("127.0.0.1", 0), Handler)
+        self.server.stopping = threading.Event()
+        self.stopping = self.server.stopping
         self.port = self.server.server_address[1]
         self._thread = threading.Thread(target=self.server.serve_forever, name="loopback", daemon=True)
 
@@ -52,31 +66,53 @@ class Loopback:
         return self
 
     def __exit__(self, *exc) -> None:
+        self.stopping.set()
         self.server.shutdown()
         self.server.server_close()
         self._thread.join(5)
 
 
-def ok(body: bytes, content_type: str = "application/octet-stream", headers: dict | None = None) -> Route:
-    def route(h):
-        h.send_response(200)
+def read_body(h: http.server.BaseHTTPRequestHandler) -> bytes:
+    return h.rfile.read(int(h.headers.get("Content-Length") or 0))
+
+
+def respond(h, code: int, body: bytes = b"", content_type: str | None = "application/octet-stream", headers: dict | None = None) -> None:
+    h.send_response(code)
+    if content_type:
         h.send_header("Content-Type", content_type)
-        h.send_header("Content-Length", str(len(body)))
-        for k, v in (headers or {}).items():
-            h.send_header(k, v)
-        h.end_headers()
+    h.send_header("Content-Length", str(len(body)))
+    for k, v in (headers or {}).items():
+        h.send_header(k, v)
+    h.end_headers()
+    if h.command != "HEAD":
         h.wfile.write(body)
 
-    return route
+
+def ok(body: bytes, content_type: str = "application/octet-stream", headers: dict | None = None) -> Route:
+    return lambda h: respond(h, 200, body, content_type, headers)
 
 
 def status(code: int, body: bytes = b"", content_type: str = "text/plain") -> Route:
+    return lambda h: respond(h, code, body, content_type)
+
+
+def redirect(location: str, code: int = 302) -> Route:
+    return lambda h: respond(h, code, b"", None, {"Location": location})
+
+
+def drip(total: int, every: float, content_type: str = "image/jpeg") -> Route:
+    """Announce `total` bytes and send one each `every` seconds (until the server closes)."""
+
     def route(h):
-        h.send_response(code)
+        h.send_response(200)
         h.send_header("Content-Type", content_type)
-        h.send_header("Content-Length", str(len(body)))
+        h.send_header("Content-Length", str(total))
         h.end_headers()
-        h.wfile.write(body)
+        for _ in range(total):
+            if h.server.stopping.wait(every):
+                return
+            h.wfile.write(b"x")
+            h.wfile.flush()
 
     return route
 

@@ -13,7 +13,7 @@ from PIL import Image
 
 import detect
 import store
-from loopback import Loopback, ok, status
+from loopback import Loopback, drip, ok, redirect, status
 
 ISO_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 
@@ -126,30 +126,11 @@ def test_identical_bytes_are_stored_once_and_analysed_once(make_service, detecto
 def host(photo):
     """A loopback image host: good photos, errors, and misbehaviour."""
 
-    def slow(h):
-        h.send_response(200)
-        h.send_header("Content-Type", "image/jpeg")
-        h.send_header("Content-Length", "1000")
-        h.end_headers()
-        for _ in range(40):
-            h.wfile.write(b"x")
-            h.wfile.flush()
-            time.sleep(0.1)
-
-    def redirect(to):
-        def route(h):
-            h.send_response(302)
-            h.send_header("Location", to)
-            h.send_header("Content-Length", "0")
-            h.end_headers()
-
-        return route
-
     routes = {
         "/photos/golden-retriever.jpg": ok(photo("pets.jpg"), "image/jpeg"),
         "/text": ok(b"<html>hello</html>", "text/html"),
         "/fake.jpg": ok(b"<html>hello</html>", "image/jpeg"),
-        "/slow.jpg": slow,
+        "/slow.jpg": drip(1000, 0.1),
         "/huge.jpg": ok(photo("kite_and_cold.jpg"), "image/jpeg"),
         "/missing.jpg": status(404),
         "/r1": redirect("/r2"),
