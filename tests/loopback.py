@@ -56,7 +56,10 @@ class Loopback:
         self.server.stopping = threading.Event()
         self.stopping = self.server.stopping
         self.port = self.server.server_address[1]
-        self._thread = threading.Thread(target=self.server.serve_forever, name="loopback", daemon=True)
+        # A short poll: shutdown() waits up to one interval, and the suites start hundreds of servers.
+        self._thread = threading.Thread(
+            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, name="loopback", daemon=True
+        )
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"

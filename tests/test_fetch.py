@@ -14,7 +14,6 @@ import sys
 import threading
 import time
 import zlib
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from struct import pack
 
@@ -36,6 +35,7 @@ from fetch import (  # noqa: E402
     blocked_reason,
     check_url,
 )
+from loopback import Loopback, dropped, drip, ok, redirect, respond, status  # noqa: E402
 
 PUBLIC_IP = "93.184.216.34"
 
@@ -55,160 +55,80 @@ PNG = _png()
 
 
 # --------------------------------------------------------------------------
-# Loopback test server
+# Loopback test server (tests/loopback.py) and the misbehaviours only these tests need
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    timeout = 5  # a silent client can never pin a handler thread for long
-
-    def log_message(self, *args):
-        pass
-
-    def _send(self, status, body=b"", content_type="image/png", headers=()):
-        self.send_response(status)
-        if content_type:
-            self.send_header("Content-Type", content_type)
-        for name, value in headers:
-            self.send_header(name, value)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Connection", "close")
-        self.end_headers()
-        self.wfile.write(body)
-
-    def _redirect(self, location, status=302):
-        self._send(status, b"", None, [("Location", location)])
-
-    def do_GET(self):
-        srv = self.server
-        srv.hits.append(self.path)
-        self.close_connection = True
-        path = self.path
-        try:
-            if path == "/img":
-                self._send(200, PNG)
-            elif path == "/img-ct":
-                self._send(200, PNG, "IMAGE/PNG ; charset=binary")
-            elif path == "/no-ct":
-                self._send(200, PNG, None)
-            elif path.startswith("/echo"):
-                body = json.dumps({"path": path, "headers": dict(self.headers.items())}).encode()
-                self._send(200, body, "image/x-test")
-            elif path == "/404":
-                self._send(404, b"not here", "text/plain")
-            elif path == "/500":
-                self._send(500, b"oops", "text/plain")
-            elif path == "/html":
-                self._send(200, b"<html><body>hi</body></html>", "text/html; charset=utf-8")
-            elif path == "/json":
-                self._send(200, b"{}", "application/problem+json")
-            elif path == "/svg":
-                self._send(200, b"<svg xmlns='http://www.w3.org/2000/svg'/>", "image/svg+xml")
-            elif path.startswith("/chain/"):
-                n = int(path.rsplit("/", 1)[1])
-                if n == 0:
-                    self._send(200, PNG)
-                else:
-                    code = (301, 302, 303, 307, 308)[n % 5]
-                    self._redirect(f"/chain/{n - 1}", code)  # relative on purpose
-            elif path == "/abs-redirect":
-                self._redirect(f"http://127.0.0.1:{srv.port}/img", 301)
-            elif path == "/loop/a":
-                self._redirect("/loop/b")
-            elif path == "/loop/b":
-                self._redirect(f"http://127.0.0.1:{srv.port}/loop/a")
-            elif path == "/no-location":
-                self._send(302, b"", None)
-            elif path == "/to-file":
-                self._redirect("file:///etc/passwd")
-            elif path == "/to-loopback":
-                self._redirect(f"http://127.0.0.1:{srv.port}/img")
-            elif path == "/huge":
-                self._huge()
-            elif path == "/endless":
-                self._endless()
-            elif path == "/drip":
-                self._drip()
-            elif path == "/drip-headers":
-                self._drip_headers()
-            elif path == "/gzip":
-                self._send(200, gzip.compress(PNG), "image/png", [("Content-Encoding", "gzip")])
-            elif path == "/dropped":
-                self.send_response(200)
-                self.send_header("Content-Type", "image/png")
-                self.send_header("Content-Length", "1000")
-                self.end_headers()
-                self.wfile.write(PNG[:10])
-            elif path == "/garbage":
-                self.wfile.write(b"THIS IS NOT HTTP\r\n\r\n")
-            else:
-                self._send(404, b"", "text/plain")
-        except OSError:
-            pass  # the client hung up, which several tests do on purpose
-
-    def _huge(self):
-        self.send_response(200)
-        self.send_header("Content-Type", "image/png")
-        self.send_header("Content-Length", str(1_000_000_000))
-        self.end_headers()
-        self.wfile.write(b"x" * 10)
-        # Never send the rest: a client that tried to read it would time out.
-        self.server.stopping.wait(10)
-
-    def _endless(self):
-        self.send_response(200)
-        self.send_header("Content-Type", "image/png")
-        self.send_header("Transfer-Encoding", "chunked")
-        self.end_headers()
-        piece = b"x" * 16384
-        while not self.server.stopping.is_set():
-            self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
-
-    def _drip(self):
-        self.send_response(200)
-        self.send_header("Content-Type", "image/png")
-        self.send_header("Content-Length", "100")
-        self.end_headers()
-        for _ in range(100):
-            if self.server.stopping.wait(0.2):
-                return
-            self.wfile.write(b"x")
-
-    def _drip_headers(self):
-        self.wfile.write(b"HTTP/1.1 200 OK\r\nX-Slow: ")
-        for _ in range(1000):
-            if self.server.stopping.wait(0.2):
-                return
-            self.wfile.write(b"a")
+def _headers(h, fields: dict) -> None:
+    """Send a 200 status line and `fields`; the route writes (or withholds) the body itself."""
+    h.send_response(200)
+    for name, value in fields.items():
+        h.send_header(name, value)
+    h.end_headers()
 
 
-class _Server(ThreadingHTTPServer):
-    # Non-daemon handler threads are joined by server_close(), so no test can
-    # leave one running; handlers watch `stopping` to end promptly.
-    daemon_threads = False
-    block_on_close = True
-
-    def __init__(self):
-        super().__init__(("127.0.0.1", 0), _Handler)
-        self.port = self.server_address[1]
-        self.hits: list[str] = []
-        self.stopping = threading.Event()
-
-    def handle_error(self, request, client_address):
-        pass  # e.g. TLS clients that reject our certificate
+def _echo(h):
+    respond(h, 200, json.dumps({"path": h.path, "headers": dict(h.headers.items())}).encode(), "image/x-test")
 
 
-def _start(server: _Server):
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    return thread
+def _huge(h):
+    _headers(h, {"Content-Type": "image/png", "Content-Length": str(1_000_000_000)})
+    h.wfile.write(b"x" * 10)
+    # Never send the rest: a client that tried to read it would time out.
+    h.server.stopping.wait(10)
 
 
-def _stop(server: _Server, thread: threading.Thread):
-    server.stopping.set()
-    server.shutdown()
-    server.server_close()
-    thread.join(5)
-    assert not thread.is_alive()
+def _endless(h):
+    _headers(h, {"Content-Type": "image/png", "Transfer-Encoding": "chunked"})
+    piece = b"x" * 16384
+    while not h.server.stopping.is_set():
+        h.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+
+
+def _drip_headers(h):
+    h.wfile.write(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+    for _ in range(1000):
+        if h.server.stopping.wait(0.2):
+            return
+        h.wfile.write(b"a")
+
+
+def _garbage(h):
+    h.wfile.write(b"THIS IS NOT HTTP\r\n\r\n")
+
+
+ROUTES = {
+    "/img": ok(PNG, "image/png"),
+    "/img-ct": ok(PNG, "IMAGE/PNG ; charset=binary"),
+    "/no-ct": lambda h: respond(h, 200, PNG, None),
+    "/echo": _echo,
+    "/echo/%C3%BC": _echo,
+    "/404": status(404, b"not here"),
+    "/500": status(500, b"oops"),
+    "/html": ok(b"<html><body>hi</body></html>", "text/html; charset=utf-8"),
+    "/json": ok(b"{}", "application/problem+json"),
+    "/svg": ok(b"<svg xmlns='http://www.w3.org/2000/svg'/>", "image/svg+xml"),
+    "/chain/0": ok(PNG, "image/png"),
+    # /chain/n redirects (relative on purpose) to /chain/n-1, with each redirect status in turn.
+    **{f"/chain/{n}": redirect(f"/chain/{n - 1}", (301, 302, 303, 307, 308)[n % 5]) for n in range(1, 10)},
+    "/loop/a": redirect("/loop/b"),
+    "/no-location": lambda h: respond(h, 302, b"", None),
+    "/to-file": redirect("file:///etc/passwd"),
+    "/huge": _huge,
+    "/endless": _endless,
+    "/drip": drip(100, 0.2, "image/png"),
+    "/drip-headers": _drip_headers,
+    "/gzip": ok(gzip.compress(PNG), "image/png", {"Content-Encoding": "gzip"}),
+    "/dropped": dropped(PNG[:10], 1000, "image/png"),
+    "/garbage": _garbage,
+}
+
+
+def _loopback() -> Loopback:
+    """A Loopback on ROUTES plus the absolute redirects that name its own port (not started yet)."""
+    srv = Loopback(dict(ROUTES))
+    srv.routes["/abs-redirect"] = redirect(srv.url("/img"), 301)
+    srv.routes["/loop/b"] = redirect(srv.url("/loop/a"))
+    srv.routes["/to-loopback"] = redirect(srv.url("/img"))
+    return srv
 
 
 @pytest.fixture(autouse=True)
@@ -223,16 +143,8 @@ def no_leftover_threads():
 
 @pytest.fixture
 def server():
-    srv = _Server()
-    thread = _start(srv)
-    try:
+    with _loopback() as srv:
         yield srv
-    finally:
-        _stop(srv, thread)
-
-
-def base(srv) -> str:
-    return f"http://127.0.0.1:{srv.port}"
 
 
 def make(**kwargs) -> Fetcher:
@@ -283,21 +195,21 @@ def routed_connect(srv, record):
 # Plain fetching (guard off so the loopback server is reachable)
 
 def test_good_fetch(server):
-    d = make(allow_private=True).fetch(base(server) + "/img")
+    d = make(allow_private=True).fetch(server.url("/img"))
     assert d.data == PNG
     assert d.content_type == "image/png"
-    assert d.url == d.final_url == base(server) + "/img"
+    assert d.url == d.final_url == server.url("/img")
 
 
 def test_content_type_is_normalised_or_none(server):
     f = make(allow_private=True)
-    assert f.fetch(base(server) + "/img-ct").content_type == "image/png"
-    assert f.fetch(base(server) + "/no-ct").content_type is None
-    assert f.fetch(base(server) + "/svg").content_type == "image/svg+xml"
+    assert f.fetch(server.url("/img-ct")).content_type == "image/png"
+    assert f.fetch(server.url("/no-ct")).content_type is None
+    assert f.fetch(server.url("/svg")).content_type == "image/svg+xml"
 
 
 def test_request_headers_and_path_encoding(server):
-    d = make(allow_private=True).fetch(base(server) + "/echo/ü?q=a%20b#frag")
+    d = make(allow_private=True).fetch(server.url("/echo/ü?q=a%20b#frag"))
     seen = json.loads(d.data)
     assert seen["path"] == "/echo/%C3%BC?q=a%20b"
     headers = seen["headers"]
@@ -312,46 +224,46 @@ def test_environment_proxies_are_ignored(server, monkeypatch):
         monkeypatch.setenv(name, "http://192.0.2.1:3128")
     monkeypatch.delenv("no_proxy", raising=False)
     monkeypatch.delenv("NO_PROXY", raising=False)
-    assert make(allow_private=True).fetch(base(server) + "/img").data == PNG
+    assert make(allow_private=True).fetch(server.url("/img")).data == PNG
 
 
 def test_redirect_chain_is_followed(server):
-    d = make(allow_private=True).fetch(base(server) + "/chain/2")
+    d = make(allow_private=True).fetch(server.url("/chain/2"))
     assert d.data == PNG
-    assert d.url == base(server) + "/chain/2"
-    assert d.final_url == base(server) + "/chain/0"
-    assert server.hits == ["/chain/2", "/chain/1", "/chain/0"]
+    assert d.url == server.url("/chain/2")
+    assert d.final_url == server.url("/chain/0")
+    assert server.hits == {"/chain/2": 1, "/chain/1": 1, "/chain/0": 1}
 
 
 def test_absolute_redirect(server):
-    d = make(allow_private=True).fetch(base(server) + "/abs-redirect")
-    assert d.final_url == base(server) + "/img"
+    d = make(allow_private=True).fetch(server.url("/abs-redirect"))
+    assert d.final_url == server.url("/img")
 
 
 def test_too_many_redirects(server):
     with pytest.raises(TooManyRedirects):
-        make(allow_private=True).fetch(base(server) + "/chain/4")
+        make(allow_private=True).fetch(server.url("/chain/4"))
     assert "/chain/0" not in server.hits
     # The limit is configurable.
-    assert make(allow_private=True, max_redirects=4).fetch(base(server) + "/chain/4").data == PNG
+    assert make(allow_private=True, max_redirects=4).fetch(server.url("/chain/4")).data == PNG
 
 
 def test_redirect_loop(server):
     with pytest.raises(TooManyRedirects, match="loop"):
-        make(allow_private=True, max_redirects=10).fetch(base(server) + "/loop/a")
-    assert server.hits == ["/loop/a", "/loop/b"]
+        make(allow_private=True, max_redirects=10).fetch(server.url("/loop/a"))
+    assert server.hits == {"/loop/a": 1, "/loop/b": 1}
 
 
 @pytest.mark.parametrize("path", ["/no-location", "/to-file"])
 def test_redirect_without_usable_location(server, path):
     with pytest.raises(TooManyRedirects):
-        make(allow_private=True).fetch(base(server) + path)
+        make(allow_private=True).fetch(server.url(path))
 
 
 @pytest.mark.parametrize("status", [404, 500])
 def test_upstream_status(server, status):
     with pytest.raises(UpstreamStatus) as info:
-        make(allow_private=True).fetch(base(server) + f"/{status}")
+        make(allow_private=True).fetch(server.url(f"/{status}"))
     assert info.value.status == status
     assert str(status) in str(info.value)
 
@@ -364,33 +276,33 @@ def test_upstream_status_pickles():
 @pytest.mark.parametrize("path", ["/html", "/json"])
 def test_not_an_image(server, path):
     with pytest.raises(NotAnImage):
-        make(allow_private=True).fetch(base(server) + path)
+        make(allow_private=True).fetch(server.url(path))
 
 
 def test_content_length_over_cap_is_refused_before_reading(server):
     start = time.monotonic()
     with pytest.raises(TooLarge):
-        make(allow_private=True, timeout=5.0).fetch(base(server) + "/huge")
+        make(allow_private=True, timeout=5.0).fetch(server.url("/huge"))
     # The server never sends the body; reading it would have run into the timeout.
     assert time.monotonic() - start < 1.0
 
 
 def test_streamed_body_over_cap(server):
     with pytest.raises(TooLarge):
-        make(allow_private=True, max_bytes=100_000).fetch(base(server) + "/endless")
+        make(allow_private=True, max_bytes=100_000).fetch(server.url("/endless"))
 
 
 def test_small_cap_applies_to_known_length(server):
     with pytest.raises(TooLarge):
-        make(allow_private=True, max_bytes=len(PNG) - 1).fetch(base(server) + "/img")
-    assert make(allow_private=True, max_bytes=len(PNG)).fetch(base(server) + "/img").data == PNG
+        make(allow_private=True, max_bytes=len(PNG) - 1).fetch(server.url("/img"))
+    assert make(allow_private=True, max_bytes=len(PNG)).fetch(server.url("/img")).data == PNG
 
 
 @pytest.mark.parametrize("path", ["/drip", "/drip-headers"])
 def test_slow_drip_hits_total_deadline(server, path):
     start = time.monotonic()
     with pytest.raises(DownloadTimeout):
-        make(allow_private=True, timeout=1.0).fetch(base(server) + path)
+        make(allow_private=True, timeout=1.0).fetch(server.url(path))
     elapsed = time.monotonic() - start
     assert 0.9 <= elapsed < 1.5
 
@@ -406,12 +318,12 @@ def test_deadline_uses_injected_clock():
 
 def test_dropped_connection(server):
     with pytest.raises(Unreachable):
-        make(allow_private=True).fetch(base(server) + "/dropped")
+        make(allow_private=True).fetch(server.url("/dropped"))
 
 
 def test_malformed_response(server):
     with pytest.raises(Unreachable):
-        make(allow_private=True).fetch(base(server) + "/garbage")
+        make(allow_private=True).fetch(server.url("/garbage"))
 
 
 def test_refused_port():
@@ -433,7 +345,7 @@ def test_dns_failure_is_unreachable():
 
 def test_gzip_is_refused(server):
     with pytest.raises(Unreachable, match="Content-Encoding"):
-        make(allow_private=True).fetch(base(server) + "/gzip")
+        make(allow_private=True).fetch(server.url("/gzip"))
 
 
 # --------------------------------------------------------------------------
@@ -480,7 +392,7 @@ def test_guard_blocks_without_connecting(server, url, expected):
     with pytest.raises(expected) as info:
         make(connect=never_connect(calls)).fetch(url.format(port=server.port))
     assert calls == []
-    assert server.hits == []
+    assert not server.hits
     assert str(info.value)  # a readable sentence, never empty
 
 
@@ -568,7 +480,7 @@ def test_public_url_redirecting_to_loopback_is_blocked(server):
     f = make(resolve=resolve, connect=routed_connect(server, connected))
     with pytest.raises(BlockedAddress):
         f.fetch(f"http://public.test:{server.port}/to-loopback")
-    assert server.hits == ["/to-loopback"]
+    assert server.hits == {"/to-loopback": 1}
     assert connected == [(PUBLIC_IP, server.port)]
 
 
@@ -588,11 +500,11 @@ def test_allow_private_still_checks_syntax(url):
 def test_allow_private_still_limits_size_and_redirects(server):
     f = make(allow_private=True, max_bytes=10)
     with pytest.raises(TooLarge):
-        f.fetch(base(server) + "/img")
+        f.fetch(server.url("/img"))
     with pytest.raises(TooLarge):
-        f.fetch(base(server) + "/huge")
+        f.fetch(server.url("/huge"))
     with pytest.raises(TooManyRedirects):
-        make(allow_private=True, max_redirects=1).fetch(base(server) + "/chain/2")
+        make(allow_private=True, max_redirects=1).fetch(server.url("/chain/2"))
 
 
 # --------------------------------------------------------------------------
@@ -728,14 +640,11 @@ def tls_server(certificate):
     cert, key = certificate
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert, key)
-    srv = _Server()
+    srv = _loopback()
     # Handshake lazily in the handler thread so a stuck client cannot block accept().
-    srv.socket = context.wrap_socket(srv.socket, server_side=True, do_handshake_on_connect=False)
-    thread = _start(srv)
-    try:
+    srv.server.socket = context.wrap_socket(srv.server.socket, server_side=True, do_handshake_on_connect=False)
+    with srv:
         yield srv
-    finally:
-        _stop(srv, thread)
 
 
 def _tls_fetcher(srv, connected, context=None):
@@ -756,10 +665,10 @@ def test_https_wrong_host_name_is_unreachable(tls_server, certificate):
     context = ssl.create_default_context(cafile=str(certificate[0]))
     with pytest.raises(Unreachable, match="TLS"):
         _tls_fetcher(tls_server, [], context).fetch(f"https://other.test:{tls_server.port}/img")
-    assert tls_server.hits == []
+    assert not tls_server.hits
 
 
 def test_https_untrusted_certificate_is_unreachable(tls_server):
     with pytest.raises(Unreachable, match="TLS"):
         _tls_fetcher(tls_server, []).fetch(f"https://public.test:{tls_server.port}/img")
-    assert tls_server.hits == []
+    assert not tls_server.hits
