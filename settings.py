@@ -129,6 +129,15 @@ SETTINGS: tuple[Setting, ...] = (
         parse=_positive_int,
     ),
     Setting("upload_workers", "UPLOAD_WORKERS", 4, "Threads uploading to Imgur; 0 runs uploads inline (tests).", parse=_non_negative_int),
+    Setting("job_max_urls", "JOB_MAX_URLS", 1000, "Most URLs one upload job may hold (after duplicates are removed).", parse=_positive_int),
+    Setting(
+        "upload_backlog",
+        "UPLOAD_BACKLOG",
+        5000,
+        "Most URLs waiting or under way across all jobs; past it, new jobs get 503 with Retry-After.",
+        parse=_positive_int,
+    ),
+    Setting("jobs_kept", "JOBS_KEPT", 1000, "Finished jobs remembered; older ones are forgotten first.", parse=_positive_int),
 )
 
 _BY_NAME = {s.name: s for s in SETTINGS}

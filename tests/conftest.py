@@ -71,13 +71,13 @@ def photo(images_dir):
 class Service:
     """The app built from real parts, and those parts (for assertions on what was stored)."""
 
-    def __init__(self, settings, detector, images, fetcher):
+    def __init__(self, settings, detector, images, fetcher, jobs):
         import webtest
 
         import server
 
-        self.settings, self.detector, self.store, self.fetcher = settings, detector, images, fetcher
-        self.wsgi = server.make_app(settings, detector=detector, images=images, fetcher=fetcher)
+        self.settings, self.detector, self.store, self.fetcher, self.jobs = settings, detector, images, fetcher, jobs
+        self.wsgi = server.make_app(settings, detector=detector, images=images, fetcher=fetcher, jobs=jobs)
         self.client = webtest.TestApp(self.wsgi)
 
     def counts(self) -> tuple[int, int]:
@@ -87,26 +87,35 @@ class Service:
 
 @pytest.fixture
 def make_service(tmp_path, detector):
-    """make_service(detector=..., **setting overrides) -> Service on a fresh database in tmp_path.
+    """make_service(detector=..., uploader=..., now=..., **setting overrides) -> Service, fresh database.
 
-    URL downloads may reach loopback (ALLOW_PRIVATE_URLS) unless a test says otherwise.
+    URL downloads may reach loopback (ALLOW_PRIVATE_URLS) unless a test says otherwise. Without an
+    `uploader` (an imgur.ImgurClient), Imgur is not configured.
     """
+    import time
+
     import fetch
+    import jobs
     import settings
     import store
 
     made = []
 
-    def make(detector=detector, **overrides):
+    def make(detector=detector, uploader=None, now=time.time, **overrides):
         fetch_timeout = overrides.pop("fetch_timeout", 10.0)
         overrides.setdefault("allow_private_urls", True)
         s = settings.load([], {}, db=str(tmp_path / f"images{len(made)}.db"), model=detector.model_path, **overrides)
         f = fetch.Fetcher(max_bytes=s.max_image_bytes, allow_private=s.allow_private_urls, timeout=fetch_timeout)
-        made.append(Service(s, detector, store.Store(s.db), f))
+        j = jobs.Jobs(
+            uploader=uploader, fetcher=f, workers=s.upload_workers, max_urls=s.job_max_urls,
+            max_backlog=s.upload_backlog, keep_finished=s.jobs_kept, now=now,
+        )
+        made.append(Service(s, detector, store.Store(s.db), f, j))
         return made[-1]
 
     yield make
     for service in made:
+        service.jobs.close(timeout=5)
         service.store.shutdown()
 
 

@@ -1,6 +1,6 @@
 """openapi.json stays true: it lists exactly the app's routes, it is a well-formed OpenAPI 3.1 document,
-and real answers of the real app (model, SQLite, loopback image host) have a documented status, content
-type, body schema and headers.
+and real answers of the real app (model, SQLite, loopback image host, fake Imgur) have a documented status,
+content type, body schema and headers.
 
 There is no OpenAPI 3.1 meta-schema offline, so the document's structure is checked by hand below, and
 every schema in it against the JSON Schema 2020-12 meta-schema (the dialect of OpenAPI 3.1), which
@@ -11,6 +11,8 @@ import base64
 import json
 import os
 import re
+import threading
+import uuid
 
 import jsonschema
 import pytest
@@ -18,7 +20,9 @@ import referencing
 from referencing.jsonschema import DRAFT202012
 
 import detect
+import imgur
 import server
+from fake_imgur import FakeImgur
 from loopback import Loopback, ok
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -285,7 +289,7 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-def test_real_answers_match_the_document(service, photo, doc):
+def test_real_answers_match_the_document(service, make_service, photo, doc):
     client, check = service.client, Checker(doc)
     schemas = doc["components"]["schemas"]
     data = photo("pets.jpg")
@@ -362,8 +366,93 @@ def test_real_answers_match_the_document(service, photo, doc):
     assert res.status_int == 404
     check.response(res, deref(doc, {"$ref": "#/components/responses/NotFound"}), "GET /nope 404")
 
+    imgur_jobs(service, make_service, check, data)
+
     documented = {(method, path) for path, method, _, _ in operations(doc)}
     assert documented - check.seen == set(), "operations this test never called: add them above"
+
+
+def imgur_jobs(service, make_service, check: Checker, data: bytes) -> None:
+    """The Imgur job routes, off (`service` has no uploader) and on: a fake Imgur and an image host on
+    loopback, one real worker thread."""
+    doc = check.doc
+    schemas = doc["components"]["schemas"]
+    job_path = "/v1/images/upload/{jobId}"
+
+    def submit(client, body, expect):
+        if expect == 202:
+            assert_valid(doc, body, schemas["NewUploadJob"], "the request body")
+        return check(client.post_json("/v1/images/upload", body, status="*"), "POST", "/v1/images/upload", expect)
+
+    def job(client, job_id, expect=200):
+        return check(client.get(f"/v1/images/upload/{job_id}", status="*"), "GET", job_path, expect)
+
+    # Not configured (no IMGUR_CLIENT_ID): no job is taken, the lists are empty.
+    off = service.client
+    assert check(off.get("/v1/images", status="*"), "GET", "/v1/images", 200).json == {"uploaded": []}
+    res = submit(off, {"urls": ["https://example.com/a.jpg"]}, 503)
+    assert "IMGUR_CLIENT_ID" in res.json["detail"] and "Retry-After" not in res.headers
+    job(off, uuid.uuid4(), 404)
+
+    # Configured. One worker, and a host whose photo waits for the test: the job is seen under way.
+    started, gate = threading.Event(), threading.Event()
+
+    def held_photo(h):
+        started.set()
+        gate.wait(10)
+        ok(data, "image/jpeg")(h)
+
+    with FakeImgur() as fake, Loopback({"/pets.jpg": held_photo}) as host:
+        uploader = imgur.ImgurClient(client_id=fake.client_id, api_url=fake.url, sleep=lambda s: None)
+        on = make_service(uploader=uploader, upload_workers=1, upload_backlog=2)
+        client = on.client
+        try:
+            good, missing = host.url("/pets.jpg"), host.url("/missing.jpg")  # the host answers 404 for the latter
+            res = submit(client, {"urls": [good, missing, good]}, 202)
+            job_id = res.json["jobId"]
+            assert res.headers["Location"] == f"/v1/images/upload/{job_id}"
+
+            assert started.wait(10), "the worker never asked the image host"
+            view = job(client, job_id).json
+            assert view["id"] == job_id and view["status"] == "in-progress" and view["finished"] is None
+            assert [(i["url"], i["status"]) for i in view["items"]] == [(good, "in-progress"), (missing, "pending")]
+            assert view["uploaded"] == {"pending": [good, missing], "complete": [], "failed": []}
+
+            # Both URLs wait or run, and the backlog holds 2: the next job must come back later.
+            res = submit(client, {"urls": ["https://example.com/later.jpg"]}, 503)
+            assert "Retry-After" in res.headers
+        finally:
+            gate.set()
+        assert on.jobs.wait(job_id, timeout=30), "the job did not finish"
+
+        view = job(client, job_id).json
+        assert view["status"] == "complete" and view["finished"] >= view["created"]
+        (link,) = view["uploaded"]["complete"]
+        assert view["uploaded"]["pending"] == [] and view["uploaded"]["failed"] == [missing]
+        good_item, missing_item = view["items"]
+        assert good_item["status"] == "complete" and good_item["link"] == link
+        assert missing_item["status"] == "failed" and "404" in missing_item["error"]
+        assert fake.received == [data]  # the bytes were uploaded, not the link
+        assert check(client.get("/v1/images", status="*"), "GET", "/v1/images", 200).json == {"uploaded": [link]}
+
+        # Client mistakes, refused by the document as well as by the server.
+        res = client.post("/v1/images/upload", "{not json", content_type="application/json", status="*")
+        check(res, "POST", "/v1/images/upload", 400)
+        res = client.post("/v1/images/upload", b"urls=x", content_type="text/plain", status="*")
+        check(res, "POST", "/v1/images/upload", 415)
+        for body, words in (
+            ({}, "urls"), ({"urls": []}, "empty"), ({"urls": good}, "array"), ({"urls": [good, 7]}, "urls[1]"),
+            ({"urls": ["ftp://example.com/a.jpg"]}, "urls[0]"), ({"urls": [good], "priority": 1}, "unknown field"),
+        ):
+            assert list(schema_validator(doc, schemas["NewUploadJob"]).iter_errors(body)), body
+            assert words in submit(client, body, 400).json["detail"], body
+        job(client, "not-a-job", 404)
+        job(client, uuid.uuid4(), 404)
+
+        # Shutting down: no new job, and no Retry-After (there is no knowing when it is back).
+        on.jobs.close(timeout=5)
+        res = submit(client, {"urls": [good]}, 503)
+        assert "shutting down" in res.json["detail"] and "Retry-After" not in res.headers
 
 
 def test_answers_without_a_model_match_the_document(make_service, tmp_path, photo, doc):

@@ -1,0 +1,412 @@
+"""Upload image bytes to Imgur (never Imgur's upload-by-link).
+
+`ImgurClient.upload(data)` sends `POST {api}/3/image` as multipart with the bytes in the `image` part.
+Anonymous uploads authenticate with `Client-ID`; with a client secret and a refresh token, uploads go to
+that account with a Bearer token fetched from `/oauth2/token`, kept until it expires and refreshed once
+on a 401/403 that says the token is invalid.
+
+Imgur's errors come in several shapes (`{"data": {"error": ...}}`, `{"errors": [{"detail": ...}]}`, a
+413 JSON, an HTML "over capacity" page); `reason_from()` turns any of them into one readable sentence.
+429, 5xx, over capacity, connection errors and timeouts are retried up to 3 times with exponential
+backoff and jitter, honouring Retry-After / X-Post-Rate-Limit-Reset. When the response says the user's
+or the client's credits are used up, every upload pauses until the reset instead of burning requests.
+
+This module never imports Bottle; it raises the errors below and server.py / jobs.py deal with them.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import http.client
+import json
+import logging
+import random
+import re
+import socket
+import threading
+import time
+import urllib.parse
+import uuid
+from dataclasses import dataclass
+from typing import Any, Callable
+
+log = logging.getLogger(__name__)
+
+# Imgur's limit for still images; animated GIFs may be larger (200 MB), but our downloads stop at
+# MAX_IMAGE_BYTES anyway.
+MAX_STILL_BYTES = 20 * 1024 * 1024
+
+_FORMATS = (
+    (b"\xff\xd8\xff", "JPEG", "image/jpeg"),
+    (b"\x89PNG\r\n\x1a\n", "PNG", "image/png"),
+    (b"GIF87a", "GIF", "image/gif"),
+    (b"GIF89a", "GIF", "image/gif"),
+    (b"BM", "BMP", "image/bmp"),
+    (b"II*\x00", "TIFF", "image/tiff"),
+    (b"MM\x00*", "TIFF", "image/tiff"),
+)
+
+
+class ImgurError(Exception):
+    """Base of this module's errors; the message is the reason a person reads."""
+
+
+class NotConfigured(ImgurError):
+    """No IMGUR_CLIENT_ID: uploads are off."""
+
+
+class NotUploadable(ImgurError):
+    """The bytes are not an image Imgur takes, or too large for it. Not retried."""
+
+
+class Rejected(ImgurError):
+    """Imgur refused the upload (400, 413, a bad token after a refresh...). Not retried."""
+
+    def __init__(self, reason: str, status: int | None = None):
+        super().__init__(reason)
+        self.status = status
+
+
+class Unavailable(ImgurError):
+    """Imgur could not be reached or kept failing (429, 5xx, timeouts) after the retries."""
+
+
+class Stopped(ImgurError):
+    """The client was closed while the upload waited."""
+
+
+@dataclass(frozen=True)
+class Upload:
+    id: str
+    link: str
+    deletehash: str | None
+
+
+def sniff(data: bytes) -> tuple[str, str]:
+    """(format, content type) of bytes Imgur takes, judged by their first bytes, not by any header.
+
+    Raises NotUploadable for anything else, and for still images over Imgur's 20 MB limit.
+    """
+    head = data[:16]
+    found = next(((fmt, ct) for magic, fmt, ct in _FORMATS if head.startswith(magic)), None)
+    if found is None and head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        found = ("WEBP", "image/webp")
+    if found is None:
+        raise NotUploadable(
+            "the downloaded bytes are not an image Imgur takes (JPEG, PNG, GIF, WebP, BMP or TIFF)"
+        )
+    if found[0] != "GIF" and len(data) > MAX_STILL_BYTES:
+        raise NotUploadable(
+            f"the image is {len(data):,} bytes; Imgur takes still images up to {MAX_STILL_BYTES:,} bytes"
+        )
+    return found
+
+
+def reason_from(status: int, body: bytes, content_type: str | None = None) -> str:
+    """A readable reason from any of Imgur's error shapes."""
+    text = body.decode("utf-8", "replace").strip()
+    message = None
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        doc = None
+    if isinstance(doc, dict):
+        data = doc.get("data")
+        if isinstance(data, dict):
+            error = data.get("error")
+            if isinstance(error, dict):  # {"data": {"error": {"message": ..., "code": ...}}}
+                message = error.get("message") or error.get("type")
+            elif error:
+                message = str(error)
+        errors = doc.get("errors")
+        if not message and isinstance(errors, list) and errors and isinstance(errors[0], dict):
+            first = errors[0]
+            message = first.get("detail") or first.get("title") or first.get("code")
+        if not message and isinstance(doc.get("error"), (str, dict)):
+            message = str(doc["error"])
+    elif text:
+        if "over capacity" in text.lower():
+            message = "Imgur is over capacity"
+        else:
+            # An HTML page: its <title>, else its first words.
+            title = re.search(r"<title>(.*?)</title>", text, re.I | re.S)
+            plain = title.group(1) if title else re.sub(r"<[^>]+>", " ", text)
+            message = " ".join(plain.split())[:200] or None
+    phrase = http.client.responses.get(status, "error")
+    return f"Imgur answered {status} {phrase}" + (f": {message}" if message else "")
+
+
+def _multipart(fields: dict[str, str], file_field: str, data: bytes, filename: str, content_type: str) -> tuple[bytes, str]:
+    boundary = uuid.uuid4().hex
+    out = bytearray()
+    for name, value in fields.items():
+        out += f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
+    out += (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{file_field}"; filename="{filename}"\r\n'
+        f"Content-Type: {content_type}\r\n\r\n"
+    ).encode()
+    out += data
+    out += f"\r\n--{boundary}--\r\n".encode()
+    return bytes(out), f"multipart/form-data; boundary={boundary}"
+
+
+@dataclass
+class _Response:
+    status: int
+    headers: dict[str, str]  # lower-cased names
+    body: bytes
+
+    def json(self) -> Any:
+        try:
+            return json.loads(self.body)
+        except ValueError:
+            return None
+
+
+class _Retry(Exception):
+    """One attempt failed in a way worth retrying."""
+
+    def __init__(self, reason: str, wait: float | None = None):
+        super().__init__(reason)
+        self.reason = reason
+        self.wait = wait
+
+
+class ImgurClient:
+    """Uploads to Imgur. Thread-safe; `close()` ends every wait at once."""
+
+    def __init__(
+        self,
+        *,
+        client_id: str,
+        client_secret: str = "",
+        refresh_token: str = "",
+        api_url: str = "https://api.imgur.com",
+        timeout: float = 60.0,
+        retries: int = 3,
+        backoff: float = 1.0,
+        max_wait: float = 120.0,
+        max_pause: float = 3600.0,
+        now: Callable[[], float] = time.time,
+        sleep: Callable[[float], None] | None = None,
+        rand: Callable[[], float] = random.random,
+    ):
+        if not client_id:
+            raise NotConfigured("Imgur uploads are off: set IMGUR_CLIENT_ID (and optionally the secret and refresh token)")
+        parts = urllib.parse.urlsplit(api_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"IMGUR_API_URL must be an http(s) URL, got {api_url!r}")
+        self.client_id = client_id
+        self.client_secret = client_secret
+        self.refresh_token = refresh_token
+        self.api_url = api_url.rstrip("/")
+        self._parts = parts
+        self.timeout = timeout
+        self.retries = retries
+        self.backoff = backoff
+        self.max_wait = max_wait  # longest Retry-After we wait for before giving up on a URL
+        self.max_pause = max_pause  # longest credit pause we wait for
+        self.now = now
+        self._stopping = threading.Event()
+        self._sleep = sleep or self._interruptible_sleep
+        self._rand = rand
+        self._lock = threading.Lock()
+        self._token: str | None = None
+        self._token_expires = 0.0
+        self._paused_until = 0.0
+
+    @property
+    def account(self) -> bool:
+        """True when uploads go to an account (secret and refresh token set), not anonymously."""
+        return bool(self.client_secret and self.refresh_token)
+
+    def close(self) -> None:
+        self._stopping.set()
+
+    def _interruptible_sleep(self, seconds: float) -> None:
+        self._stopping.wait(max(0.0, seconds))
+
+    def _wait(self, seconds: float) -> None:
+        if self._stopping.is_set():
+            raise Stopped("the service is shutting down")
+        self._sleep(seconds)
+        if self._stopping.is_set():
+            raise Stopped("the service is shutting down")
+
+    # -- HTTP --------------------------------------------------------------------------------------------
+
+    def _request(self, method: str, path: str, body: bytes, headers: dict[str, str]) -> _Response:
+        """One HTTP exchange. Connection errors and timeouts become _Retry."""
+        cls = http.client.HTTPSConnection if self._parts.scheme == "https" else http.client.HTTPConnection
+        conn = cls(self._parts.hostname, self._parts.port, timeout=self.timeout)
+        target = (self._parts.path.rstrip("/") or "") + path
+        try:
+            conn.request(method, target, body=body, headers={"Content-Length": str(len(body)), **headers})
+            res = conn.getresponse()
+            data = res.read()
+            return _Response(res.status, {k.lower(): v for k, v in res.getheaders()}, data)
+        except (socket.timeout, TimeoutError) as e:
+            raise _Retry(f"Imgur did not answer within {self.timeout:g} s") from e
+        except (OSError, http.client.HTTPException) as e:
+            raise _Retry(f"could not reach Imgur at {self.api_url}: {e}") from e
+        finally:
+            conn.close()
+
+    # -- credits and tokens ------------------------------------------------------------------------------
+
+    def _note_credits(self, res: _Response) -> None:
+        """Pause every upload when the user's or the client's credits are used up."""
+        h = res.headers
+        until = 0.0
+        if h.get("x-ratelimit-userremaining", "").strip() == "0":
+            until = max(until, _number(h.get("x-ratelimit-userreset")) or self.now() + 3600)
+        if h.get("x-ratelimit-clientremaining", "").strip() == "0":
+            reset = _number(h.get("x-ratelimit-clientreset"))
+            # Imgur documents no reset for the daily client credits; when a reset is sent it may be
+            # an epoch or a number of seconds.
+            until = max(until, (reset if reset and reset > 1e9 else self.now() + (reset or 3600)))
+        if until:
+            with self._lock:
+                if until > self._paused_until:
+                    self._paused_until = until
+                    log.warning(
+                        "Imgur credits are used up; uploads pause until %s",
+                        time.strftime("%H:%M:%S UTC", time.gmtime(until)),
+                    )
+
+    def _respect_pause(self) -> None:
+        with self._lock:
+            left = self._paused_until - self.now()
+        if left <= 0:
+            return
+        if left > self.max_pause:
+            raise Unavailable(
+                f"Imgur credits are used up until {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(self._paused_until))}; "
+                "submit this URL again after that"
+            )
+        self._wait(left)
+
+    def _auth_header(self, force_refresh: bool = False) -> str:
+        if not self.account:
+            return f"Client-ID {self.client_id}"
+        with self._lock:
+            if force_refresh or not self._token or self.now() >= self._token_expires:
+                self._token, self._token_expires = self._refresh()
+            return f"Bearer {self._token}"
+
+    def _refresh(self) -> tuple[str, float]:
+        body = urllib.parse.urlencode(
+            {
+                "refresh_token": self.refresh_token,
+                "client_id": self.client_id,
+                "client_secret": self.client_secret,
+                "grant_type": "refresh_token",
+            }
+        ).encode()
+        try:
+            res = self._request("POST", "/oauth2/token", body, {"Content-Type": "application/x-www-form-urlencoded"})
+        except _Retry as e:
+            raise Unavailable(f"could not refresh the Imgur access token: {e.reason}") from e
+        doc = res.json()
+        token = doc.get("access_token") if isinstance(doc, dict) else None
+        if res.status != 200 or not token:
+            raise Rejected(
+                "could not refresh the Imgur access token ("
+                + reason_from(res.status, res.body)
+                + "); check IMGUR_CLIENT_ID, IMGUR_CLIENT_SECRET and IMGUR_REFRESH_TOKEN",
+                res.status,
+            )
+        expires_in = _number(str(doc.get("expires_in", ""))) or 3600
+        log.info("refreshed the Imgur access token (valid for %d s)", expires_in)
+        # Refresh a minute early so a token never expires between our check and Imgur's.
+        return token, self.now() + max(0.0, expires_in - 60)
+
+    # -- upload ------------------------------------------------------------------------------------------
+
+    def upload(self, data: bytes, *, filename: str = "image", title: str | None = None) -> Upload:
+        """Upload `data`; retries what is worth retrying. Raises NotUploadable, Rejected, Unavailable, Stopped."""
+        fmt, content_type = sniff(data)
+        fields = {"type": "file"}
+        if title:
+            fields["title"] = title
+        body, multipart_type = _multipart(fields, "image", data, filename, content_type)
+        refreshed = False
+        attempt = 0
+        while True:
+            self._respect_pause()
+            headers = {"Authorization": self._auth_header(), "Content-Type": multipart_type, "Accept": "application/json"}
+            try:
+                res = self._request("POST", "/3/image", body, headers)
+                self._note_credits(res)
+                return self._read_upload(res)
+            except _Retry as e:
+                if attempt >= self.retries:
+                    raise Unavailable(f"{e.reason} (gave up after {attempt + 1} attempts)") from None
+                delay = self._delay(attempt, e.wait)
+                log.info("Imgur upload attempt %d failed (%s); retrying in %.1f s", attempt + 1, e.reason, delay)
+                self._wait(delay)
+                attempt += 1
+            except _TokenInvalid as e:
+                if refreshed or not self.account:
+                    raise Rejected(str(e), 401) from None
+                refreshed = True
+                self._auth_header(force_refresh=True)
+
+    def _delay(self, attempt: int, asked: float | None) -> float:
+        if asked is not None:
+            if asked > self.max_wait:
+                raise Unavailable(f"Imgur asks to wait {asked:.0f} s before the next upload; submit this URL again later")
+            return asked
+        # Exponential backoff with "equal jitter": between half and all of base * 2^attempt.
+        ceiling = self.backoff * (2**attempt)
+        return ceiling / 2 + self._rand() * ceiling / 2
+
+    def _read_upload(self, res: _Response) -> Upload:
+        status = res.status
+        doc = res.json()
+        if status == 200 and isinstance(doc, dict) and isinstance(doc.get("data"), dict) and doc["data"].get("link"):
+            d = doc["data"]
+            return Upload(str(d.get("id", "")), str(d["link"]), d.get("deletehash"))
+        reason = reason_from(status, res.body)
+        over_capacity = "over capacity" in reason.lower()
+        if status in (401, 403) and not over_capacity and _says_token_invalid(status, reason):
+            raise _TokenInvalid(reason)
+        if status == 429 or status >= 500 or over_capacity:
+            wait = _retry_after(res.headers, self.now())
+            raise _Retry(reason, wait)
+        if status == 200:  # 200 without a link: not what Imgur promises, not worth repeating
+            raise Rejected(f"Imgur answered 200 without a link: {res.body[:200]!r}", status)
+        raise Rejected(reason, status)
+
+
+class _TokenInvalid(Exception):
+    pass
+
+
+def _says_token_invalid(status: int, reason: str) -> bool:
+    text = reason.lower()
+    return status == 401 or "token" in text or "unauthorized" in text or "authentication" in text
+
+
+def _number(value: str | None) -> float | None:
+    try:
+        n = float(value) if value is not None and value.strip() else None
+    except ValueError:
+        return None
+    return n if n is not None and n >= 0 and n == n else None
+
+
+def _retry_after(headers: dict[str, str], now: float) -> float | None:
+    """Seconds to wait that the response asks for: Retry-After (seconds or a date) or X-Post-Rate-Limit-Reset."""
+    value = headers.get("retry-after")
+    if value:
+        seconds = _number(value)
+        if seconds is not None:
+            return seconds
+        try:
+            when = email.utils.parsedate_to_datetime(value).timestamp()
+        except (TypeError, ValueError):
+            when = None
+        if when is not None:
+            return max(0.0, when - now)
+    return _number(headers.get("x-post-rate-limit-reset"))
