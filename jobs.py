@@ -320,8 +320,8 @@ class Jobs:
             while self._running and time.monotonic() < deadline:
                 self._idle.wait(deadline - time.monotonic())
             in_flight = self._running
-        if in_flight and self.uploader is not None:
-            self.uploader.close()  # ends retry waits and credit pauses at once
+        if self.uploader is not None:
+            self.uploader.close()  # ends retry waits and credit pauses at once, and closes keep-alives
         if self._executor is not None:
             # The workers now end as soon as their current download or upload returns.
             self._executor.shutdown(wait=in_flight == 0)

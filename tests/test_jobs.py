@@ -449,3 +449,21 @@ def test_a_job_that_never_started_ends_at_shutdown(fake, host, gate, make_servic
     assert view["status"] == "complete" and view["finished"] == "2017-12-23T16:48:30.123Z"
     assert view["uploaded"]["failed"] == [host.url("/pets.jpg"), host.url("/cat.bmp")]
     gate.set()
+
+
+def test_uploads_reuse_one_connection_per_thread(fake, photo):
+    c = client(fake)
+    for _ in range(3):
+        c.upload(photo("pets.jpg"))
+    assert fake.server.server.connections_made == 1
+    c.close()
+
+
+def test_a_connection_imgur_dropped_while_idle_is_reopened_without_a_retry(fake, photo):
+    sleeps = Sleeps()
+    c = client(fake, sleep=sleeps)
+    c.upload(photo("pets.jpg"))
+    fake.server.server.hang_up()  # Imgur closes the idle keep-alive connection
+    assert c.upload(photo("cat.bmp")).link
+    assert sleeps.calls == [] and fake.server.server.connections_made == 2 and len(fake.received) == 2
+    c.close()
