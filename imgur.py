@@ -211,6 +211,10 @@ class ImgurClient:
         self._sleep = sleep or self._interruptible_sleep
         self._rand = rand
         self._lock = threading.Lock()
+        self._local = threading.local()
+        # Its own lock: a token refresh makes a request while holding self._lock.
+        self._connections_lock = threading.Lock()
+        self._connections: set[http.client.HTTPConnection] = set()
         self._token: str | None = None
         self._token_expires = 0.0
         self._paused_until = 0.0
@@ -221,7 +225,12 @@ class ImgurClient:
         return bool(self.client_secret and self.refresh_token)
 
     def close(self) -> None:
+        """End every wait at once and close the kept-alive connections."""
         self._stopping.set()
+        with self._connections_lock:
+            connections, self._connections = list(self._connections), set()
+        for conn in connections:
+            conn.close()
 
     def _interruptible_sleep(self, seconds: float) -> None:
         self._stopping.wait(max(0.0, seconds))
@@ -235,22 +244,51 @@ class ImgurClient:
 
     # -- HTTP --------------------------------------------------------------------------------------------
 
-    def _request(self, method: str, path: str, body: bytes, headers: dict[str, str]) -> _Response:
-        """One HTTP exchange. Connection errors and timeouts become _Retry."""
+    def _connection(self) -> tuple[http.client.HTTPConnection, bool]:
+        """This thread's keep-alive connection to Imgur, and whether it was just made.
+
+        Reusing it saves a TCP and TLS handshake per upload, which on the real Imgur costs more than
+        everything else we do for a URL.
+        """
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            return conn, False
         cls = http.client.HTTPSConnection if self._parts.scheme == "https" else http.client.HTTPConnection
         conn = cls(self._parts.hostname, self._parts.port, timeout=self.timeout)
-        target = (self._parts.path.rstrip("/") or "") + path
-        try:
-            conn.request(method, target, body=body, headers={"Content-Length": str(len(body)), **headers})
-            res = conn.getresponse()
-            data = res.read()
-            return _Response(res.status, {k.lower(): v for k, v in res.getheaders()}, data)
-        except (socket.timeout, TimeoutError) as e:
-            raise _Retry(f"Imgur did not answer within {self.timeout:g} s") from e
-        except (OSError, http.client.HTTPException) as e:
-            raise _Retry(f"could not reach Imgur at {self.api_url}: {e}") from e
-        finally:
+        self._local.conn = conn
+        with self._connections_lock:
+            self._connections.add(conn)
+        return conn, True
+
+    def _drop_connection(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
             conn.close()
+            self._local.conn = None
+            with self._connections_lock:
+                self._connections.discard(conn)
+
+    def _request(self, method: str, path: str, body: bytes, headers: dict[str, str]) -> _Response:
+        """One HTTP exchange. Connection errors and timeouts become _Retry."""
+        target = (self._parts.path.rstrip("/") or "") + path
+        headers = {"Content-Length": str(len(body)), **headers}
+        while True:
+            conn, fresh = self._connection()
+            try:
+                conn.request(method, target, body=body, headers=headers)
+                res = conn.getresponse()
+                data = res.read()
+            except (socket.timeout, TimeoutError) as e:
+                self._drop_connection()
+                raise _Retry(f"Imgur did not answer within {self.timeout:g} s") from e
+            except (OSError, http.client.HTTPException) as e:
+                self._drop_connection()
+                if not fresh and isinstance(e, (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)):
+                    continue  # the server closed an idle keep-alive connection: open a new one, once
+                raise _Retry(f"could not reach Imgur at {self.api_url}: {e}") from e
+            if res.will_close:
+                self._drop_connection()
+            return _Response(res.status, {k.lower(): v for k, v in res.getheaders()}, data)
 
     # -- credits and tokens ------------------------------------------------------------------------------
 
