@@ -291,15 +291,8 @@ def _defragment(url: str) -> str:
 # --------------------------------------------------------------------------
 # Seams
 
-def default_resolve(host: str, port: int) -> list[str]:
-    """Resolve ``host`` to its unique addresses, in order.
-
-    IP literals, including the legacy numeric forms inet_aton understands
-    (``2130706433``, ``0x7f.1``, ``0177.0.0.1``, ``127.1``), are normalised
-    here so they are checked as the address they really denote, whatever the
-    platform's getaddrinfo makes of them.  ``localhost`` names never go to DNS
-    (RFC 6761).
-    """
+def _literal_addresses(host: str) -> list[str] | None:
+    """The addresses of a host that needs no DNS (an IP literal, a numeric form, localhost), else None."""
     try:
         return [str(ipaddress.ip_address(host))]
     except ValueError:
@@ -313,6 +306,21 @@ def default_resolve(host: str, port: int) -> list[str]:
     bare = bare.lower()
     if bare == "localhost" or bare.endswith(".localhost"):
         return ["127.0.0.1", "::1"]
+    return None
+
+
+def default_resolve(host: str, port: int) -> list[str]:
+    """Resolve ``host`` to its unique addresses, in order.
+
+    IP literals, including the legacy numeric forms inet_aton understands
+    (``2130706433``, ``0x7f.1``, ``0177.0.0.1``, ``127.1``), are normalised
+    here so they are checked as the address they really denote, whatever the
+    platform's getaddrinfo makes of them.  ``localhost`` names never go to DNS
+    (RFC 6761).
+    """
+    literal = _literal_addresses(host)
+    if literal is not None:
+        return literal
     seen: dict[str, None] = {}
     for _family, _type, _proto, _canon, sockaddr in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
         seen.setdefault(str(sockaddr[0]), None)
@@ -541,6 +549,10 @@ class Fetcher:
         timeout that thread is abandoned and ends when the system resolver
         gives up by itself.
         """
+        if self._resolve is default_resolve:
+            literal = _literal_addresses(host)
+            if literal is not None:  # nothing to look up, so no thread to bound the lookup's time
+                return literal
         result: list = []
 
         def run():
