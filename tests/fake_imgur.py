@@ -14,6 +14,7 @@ import email.policy
 import itertools
 import json
 import threading
+import time
 
 from loopback import Loopback, read_body, respond
 
@@ -64,6 +65,7 @@ class FakeImgur:
         respond(h, 200, json.dumps(body).encode(), "application/json")
 
     def _image(self, h) -> None:
+        arrived = time.monotonic()
         body = read_body(h)
         fields, files = _parse_multipart(h.headers.get("Content-Type", ""), body)
         auth = h.headers.get("Authorization", "")
@@ -81,8 +83,8 @@ class FakeImgur:
             return respond(h, status, payload, content_type, headers)
         if fields.get("type") == "url" or "image" not in files:
             return _json(h, 400, {"data": {"error": "upload-by-link is not allowed in these tests", "request": "/3/image", "method": "POST"}, "success": False, "status": 400})
-        if self.delay:
-            h.server.stopping.wait(self.delay)
+        if self.delay:  # `delay` per upload from the request's arrival, however long parsing took
+            h.server.stopping.wait(max(0.0, self.delay - (time.monotonic() - arrived)))
         with self._lock:
             n = next(self._ids)
             self.received.append(files["image"])

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import http.server
+import socket
 import threading
 from typing import Callable
 
@@ -23,6 +24,36 @@ Route = Callable[[http.server.BaseHTTPRequestHandler], None]
 class _Server(http.server.ThreadingHTTPServer):
     daemon_threads = False  # handler threads are joined by server_close()
     block_on_close = True
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.open_connections: set = set()
+        self.connections_made = 0
+        self._connections_lock = threading.Lock()
+
+    def process_request(self, request, client_address):
+        with self._connections_lock:
+            self.open_connections.add(request)
+            self.connections_made += 1
+        # Headers and body go out in two writes; without NODELAY the second waits for the client's
+        # delayed ACK (40 ms) on a kept-alive connection. Real servers set it too.
+        request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request):
+        with self._connections_lock:
+            self.open_connections.discard(request)
+        super().shutdown_request(request)
+
+    def hang_up(self) -> None:
+        """End idle keep-alive connections, so their handler threads finish now, not at their timeout."""
+        with self._connections_lock:
+            connections = list(self.open_connections)
+        for sock in connections:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def handle_error(self, request, client_address):
         pass  # clients hanging up on purpose, TLS clients refusing a certificate
@@ -71,6 +102,7 @@ class Loopback:
     def __exit__(self, *exc) -> None:
         self.stopping.set()
         self.server.shutdown()
+        self.server.hang_up()
         self.server.server_close()
         self._thread.join(5)
 
