@@ -39,6 +39,7 @@ testdata: $(VENV)/.run-deps
 bench: $(VENV)/.dev-deps
 	$(PY) bench/detect.py
 	$(PY) bench/api.py
+	$(PY) bench/jobs.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
