@@ -23,23 +23,16 @@ from __future__ import annotations
 
 import argparse
 import base64
-import collections
 import hashlib
-import http.client
 import io
 import json
 import os
-import queue
 import random
-import re
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
-import urllib.parse
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -50,6 +43,7 @@ from PIL import Image, JpegImagePlugin  # noqa: E402
 import detect  # noqa: E402
 import settings as settings_mod  # noqa: E402
 import store  # noqa: E402
+from serverproc import ServerProcess  # noqa: E402  (bench/serverproc.py)
 
 SSD = "coco_ssd_mobilenet_v1_1.0_quant_2018_06_29.tflite"
 
@@ -62,92 +56,9 @@ def progress(text: str) -> None:
     print(f"[bench/api] {text}", file=sys.stderr, flush=True)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# The server process
-# ---------------------------------------------------------------------------------------------------------
-
-
-class Server:
+def server(db: str, model: str) -> ServerProcess:
     """`python server.py` on a free port with its own database; one keep-alive connection to it."""
-
-    def __init__(self, db: str, model: str):
-        self.lines: collections.deque[str] = collections.deque(maxlen=100)
-        self._url: queue.Queue = queue.Queue()
-        self.proc = subprocess.Popen(
-            [sys.executable, "server.py", "--port", "0", "--db", db, "--model", model],
-            cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-            start_new_session=True,  # Ctrl-C reaches this process only; stop() sends the SIGTERM
-        )
-        self.conn: http.client.HTTPConnection | None = None
-        self.connects, self.sigterms, self.killed = 0, 0, False
-        self._reader = threading.Thread(target=self._drain, daemon=True)  # the server logs every request
-        self._reader.start()
-        try:
-            url = self._url.get(timeout=60)
-            if url is None:
-                raise RuntimeError("the server exited before listening:\n" + "".join(self.lines))
-            parts = urllib.parse.urlsplit(url)
-            self.conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=120)
-        except BaseException:
-            self.stop()
-            raise
-
-    def _drain(self) -> None:
-        for line in self.proc.stderr:
-            self.lines.append(line)
-            m = re.search(r"listening on (http://\S+)", line)
-            if m:
-                self._url.put(m.group(1))
-        self._url.put(None)
-
-    def request(self, method: str, path: str, body: bytes | None = None) -> tuple[float, bytes]:
-        """(milliseconds from sending to the last byte read, body); anything but 2xx raises."""
-        if self.conn.sock is None:
-            self.connects += 1  # http.client (re)opens the connection by itself
-        headers = {"Content-Type": "application/json"} if body is not None else {}
-        t = time.perf_counter()
-        self.conn.request(method, path, body=body, headers=headers)
-        res = self.conn.getresponse()
-        data = res.read()
-        ms = (time.perf_counter() - t) * 1000
-        if not 200 <= res.status < 300:
-            raise RuntimeError(f"{method} {path}: HTTP {res.status}: {data[:500]!r}")
-        return ms, data
-
-    def rss_kb(self) -> int:
-        with open(f"/proc/{self.proc.pid}/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-        raise RuntimeError("no VmRSS in /proc status")
-
-    def stop(self) -> None:
-        """SIGTERM and wait; again if the first is lost, SIGKILL as the last resort (counted in `sigterms`)."""
-        if self.conn is not None and self.conn.sock is not None:
-            self.conn.close()
-            # server.py's SIGTERM handler raises an Exception subclass; when it lands while waitress handles
-            # this connection's close, waitress swallows it and the server keeps running. Let it settle.
-            time.sleep(0.2)
-        for _ in range(3):
-            if self.proc.poll() is not None:
-                break
-            self.proc.send_signal(signal.SIGTERM)
-            self.sigterms += 1
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                continue
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-            self.killed = True
-        self._reader.join(timeout=5)
-
-    def __enter__(self) -> Server:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
+    return ServerProcess(["--db", db, "--model", model], timeout=120)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -259,7 +170,7 @@ def part_upload(tmp: str, model: str, cat: bytes, detector: detect.Detector, run
     progress(f"part 1: {len(vs)} variants of cat_1080p.jpg ({len(cat):,} bytes; variants ~{len(vs[0]):,}), {runs} runs")
     out: dict[str, list[float]] = {"post": [], "detect": [], "cached": [], "plain": []}
     detected = None
-    with Server(os.path.join(tmp, "upload.db"), model) as srv:
+    with server(os.path.join(tmp, "upload.db"), model) as srv:
         for i in range(warm):
             detector.detect(vs[i])
             srv.request("POST", "/images", detect_bodies[i])
@@ -268,7 +179,7 @@ def part_upload(tmp: str, model: str, cat: bytes, detector: detect.Detector, run
                 t = time.perf_counter()
                 detector.detect(vs[i])
                 out["detect"].append((time.perf_counter() - t) * 1000)
-            ms, body = srv.request("POST", "/images", detect_bodies[i])
+            ms, _, body = srv.request("POST", "/images", detect_bodies[i])
             out["post"].append(ms)
             if not i % 2:
                 t = time.perf_counter()
@@ -299,9 +210,9 @@ def part_list(tmp: str, model: str, rows: int, queries: int) -> dict:
     rng = random.Random(2)
     times: dict[str, list[float]] = {k: [] for k in paths} | {"by_id": []}
     counts: dict[str, int] = {}
-    with Server(path, model) as srv:
+    with server(path, model) as srv:
         for key, p in paths.items():  # warm up; check each answers a full page
-            counts[key] = len(json.loads(srv.request("GET", p)[1]))
+            counts[key] = len(json.loads(srv.request("GET", p)[2]))
         for _ in range(5):
             srv.request("GET", f"/images/{rng.randint(1, rows)}")
         for _ in range(queries):
@@ -320,7 +231,7 @@ def part_memory(tmp: str, model: str, uploads: int) -> dict:
     marks = sorted({min(10, uploads), uploads // 10, uploads // 4, uploads // 2, uploads} - {0})
     rss: dict[int, int] = {}
     times = []
-    with Server(os.path.join(tmp, "memory.db"), model) as srv:
+    with server(os.path.join(tmp, "memory.db"), model) as srv:
         rss[0] = srv.rss_kb()
         for i, b in enumerate(bodies, 1):
             times.append(srv.request("POST", "/images", b)[0])
@@ -384,6 +295,8 @@ def main() -> int:
             status = "ok" if ok else "MISSED"
         print(f"| {what} | {got} | {want or '—'} | {status or '—'} |")
     filled = ls["filled"]
+    stops = [f"part {n}: {part['server'].stop_problem()}" for n, part in enumerate((up, ls, mem), 1)
+             if part["server"].stop_problem()]
     print(
         f"\ncores: {cores}, DETECT_THREADS {detector.threads} ({detector.pool} interpreter(s) x {detector.threads} "
         f"thread(s), server and in-process alike), model: {os.path.basename(model)}, runs: {args.runs} per upload "
@@ -397,6 +310,7 @@ def main() -> int:
         f"cat_1080p found {up['objects']}; per server (parts 1-3): TCP connections opened "
         f"{'/'.join(str(p['server'].connects) for p in (up, ls, mem))}, SIGTERMs needed to stop "
         f"{'/'.join(str(p['server'].sigterms) + (' +SIGKILL' if p['server'].killed else '') for p in (up, ls, mem))}"
+        + (f"; REGRESSION in server.py's SIGTERM handling: {'; '.join(stops)}" if stops else "")
     )
     return 0
 

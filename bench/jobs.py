@@ -37,10 +37,8 @@ from __future__ import annotations
 import argparse
 import collections
 import datetime
-import http.client
 import json
 import os
-import queue
 import re
 import signal
 import statistics
@@ -49,7 +47,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.parse
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -60,6 +57,7 @@ import imgur  # noqa: E402
 import settings as settings_mod  # noqa: E402
 from fake_imgur import FakeImgur, _parse_multipart  # noqa: E402
 from loopback import Loopback, respond  # noqa: E402
+from serverproc import ServerProcess  # noqa: E402  (bench/serverproc.py)
 
 SSD = "coco_ssd_mobilenet_v1_1.0_quant_2018_06_29.tflite"
 SUBMIT = "/v1/images/upload"
@@ -115,60 +113,21 @@ def cpu_seconds(pid: int) -> float:
 # ---------------------------------------------------------------------------------------------------------
 
 
-class Server:
-    """`python server.py` on a free port with its own database and `env`; one keep-alive connection to it."""
+class JobsServer(ServerProcess):
+    """`python server.py` with its own database and `env`; JSON over the keep-alive connection, and the timed
+    POSTs from a child process."""
 
     def __init__(self, db: str, model: str, env: dict[str, str]):
-        self.lines: collections.deque[str] = collections.deque(maxlen=200)
-        self.warnings = 0
-        self._url: queue.Queue = queue.Queue()
-        self.proc = subprocess.Popen(
-            [sys.executable, "server.py", "--port", "0", "--db", db, "--model", model],
-            cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-            start_new_session=True,  # Ctrl-C reaches this process only; stop() sends the SIGTERM
-        )
-        self.conn: http.client.HTTPConnection | None = None
-        self.connects, self.sigterms, self.killed = 0, 0, False
         self.child_connects = 0  # of the timed POSTs' connections (one per child process if kept alive)
-        self._reader = threading.Thread(target=self._drain, daemon=True)
-        self._reader.start()
-        try:
-            url = self._url.get(timeout=60)
-            if url is None:
-                raise RuntimeError("the server exited before listening:\n" + "".join(self.lines))
-            parts = urllib.parse.urlsplit(url)
-            self.host, self.port = parts.hostname, parts.port
-            self.conn = http.client.HTTPConnection(self.host, self.port, timeout=60)
-        except BaseException:
-            self.stop()
-            raise
+        super().__init__(["--db", db, "--model", model], env=env, stop_timeout=15)  # jobs.close() waits for uploads
 
-    def _drain(self) -> None:
-        for line in self.proc.stderr:
-            self.lines.append(line)
-            if " WARNING " in line or " ERROR " in line:
-                self.warnings += 1
-            m = re.search(r"listening on (http://\S+)", line)
-            if m:
-                self._url.put(m.group(1))
-        self._url.put(None)
-
-    def request(self, method: str, path: str, body: bytes | None = None) -> tuple[float, dict]:
+    def request_json(self, method: str, path: str, body: bytes | None = None) -> tuple[float, dict]:
         """(milliseconds from sending to the last byte read, the JSON body); anything but 2xx raises."""
-        if self.conn.sock is None:
-            self.connects += 1  # http.client (re)opens the connection by itself
-        headers = {"Content-Type": "application/json"} if body is not None else {}
-        t = time.perf_counter()
-        self.conn.request(method, path, body=body, headers=headers)
-        res = self.conn.getresponse()
-        data = res.read()
-        ms = (time.perf_counter() - t) * 1000
-        if not 200 <= res.status < 300:
-            raise RuntimeError(f"{method} {path}: HTTP {res.status}: {data[:500]!r}")
+        ms, _, data = self.request(method, path, body)
         return ms, json.loads(data)
 
     def submit(self, urls: list[str]) -> tuple[float, str]:
-        ms, doc = self.request("POST", SUBMIT, json.dumps({"urls": urls}).encode())
+        ms, doc = self.request_json("POST", SUBMIT, json.dumps({"urls": urls}).encode())
         return ms, doc["jobId"]
 
     def timed_submits(self, batches: list[list[str]], pause: float = 0.0) -> tuple[list[float], list[str]]:
@@ -188,37 +147,6 @@ class Server:
 
     def cpu(self) -> float:
         return cpu_seconds(self.proc.pid)
-
-    def tail(self, n: int = 20) -> str:
-        return "".join(list(self.lines)[-n:])
-
-    def stop(self) -> None:
-        """SIGTERM and wait; again if the first is lost, SIGKILL as the last resort (counted in `sigterms`)."""
-        if self.conn is not None and self.conn.sock is not None:
-            self.conn.close()
-            # server.py's SIGTERM handler raises inside waitress's loop; let the close settle first (see
-            # bench/api.py).
-            time.sleep(0.2)
-        for _ in range(3):
-            if self.proc.poll() is not None:
-                break
-            self.proc.send_signal(signal.SIGTERM)
-            self.sigterms += 1
-            try:
-                self.proc.wait(timeout=15)  # jobs.close() waits for uploads under way
-            except subprocess.TimeoutExpired:
-                continue
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-            self.killed = True
-        self._reader.join(timeout=5)
-
-    def __enter__(self) -> Server:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -265,7 +193,7 @@ def tally(fake: FakeImgur, start: int, expected: range) -> dict:
     }
 
 
-def wait_complete(srv: Server, job_ids: list[str], poll: float, deadline: float) -> tuple[float, dict[str, dict], list[float]]:
+def wait_complete(srv: JobsServer, job_ids: list[str], poll: float, deadline: float) -> tuple[float, dict[str, dict], list[float]]:
     """Poll the jobs (the unfinished ones, oldest first) until all are complete.
 
     Returns (perf_counter of the response that showed the last one complete, {id: view}, poll ms)."""
@@ -275,7 +203,7 @@ def wait_complete(srv: Server, job_ids: list[str], poll: float, deadline: float)
     while True:
         time.sleep(poll)
         while left:
-            ms, view = srv.request("GET", f"{SUBMIT}/{left[0]}")
+            ms, view = srv.request_json("GET", f"{SUBMIT}/{left[0]}")
             polls.append(ms)
             if view["status"] != "complete":
                 break
@@ -354,7 +282,7 @@ def part_reference(host: Loopback, fake: FakeImgur, photos: Photos, args) -> dic
     return {"seconds": seconds, "errors": errors, "checked": checked}
 
 
-def part_warmup(srv: Server, host: Loopback, fake: FakeImgur, photos: Photos, args) -> dict:
+def part_warmup(srv: JobsServer, host: Loopback, fake: FakeImgur, photos: Photos, args) -> dict:
     n = max(5, args.submits // 10)
     progress(f"part 0: {n} POSTs of {args.per_submit} URLs on an idle server (warm-up and baseline)")
     batches = [photos.urls(host, args.per_submit)[0] for _ in range(n)]
@@ -363,14 +291,14 @@ def part_warmup(srv: Server, host: Loopback, fake: FakeImgur, photos: Photos, ar
     return {"n": n, "times": times}
 
 
-def part_throughput(srv: Server, host: Loopback, fake: FakeImgur, photos: Photos, args) -> dict:
+def part_throughput(srv: JobsServer, host: Loopback, fake: FakeImgur, photos: Photos, args) -> dict:
     progress(f"part 1: {args.urls} URLs in one job, polled every {args.poll * 1000:.0f} ms")
     urls, indices = photos.urls(host, args.urls)
     start_received = len(fake.received)
     body = json.dumps({"urls": urls}).encode()
     cpu = (srv.cpu(), time.process_time())
     t0 = time.perf_counter()
-    post_ms, doc = srv.request("POST", SUBMIT, body)
+    post_ms, doc = srv.request_json("POST", SUBMIT, body)
     ideal = args.urls * args.delay / args.workers
     done, views, polls = wait_complete(srv, [doc["jobId"]], args.poll, t0 + max(60, 5 * ideal))
     seconds = done - t0
@@ -385,7 +313,7 @@ def part_throughput(srv: Server, host: Loopback, fake: FakeImgur, photos: Photos
     }
 
 
-def part_latency(srv: Server, host: Loopback, fake: FakeImgur, photos: Photos, args) -> dict:
+def part_latency(srv: JobsServer, host: Loopback, fake: FakeImgur, photos: Photos, args) -> dict:
     progress(f"part 2: {args.load} URLs in one job, then {args.submits} timed POSTs of {args.per_submit} URLs")
     start_received = len(fake.received)
     first = photos.next
@@ -397,7 +325,7 @@ def part_latency(srv: Server, host: Loopback, fake: FakeImgur, photos: Photos, a
     times, ids = srv.timed_submits(batches)
     ids.insert(0, load_id)
     submits_seconds = time.perf_counter() - t0
-    _, load_view = srv.request("GET", f"{SUBMIT}/{load_id}")
+    _, load_view = srv.request_json("GET", f"{SUBMIT}/{load_id}")
     still_waiting = len(load_view["uploaded"]["pending"])
     progress(
         f"part 2: median {statistics.median(times):.1f} ms, p99 {p99(times):.1f} ms; "
@@ -464,7 +392,7 @@ def main() -> int:
             "JOB_MAX_URLS": str(max(1000, args.urls, args.load, args.per_submit)),
             "JOBS_KEPT": str(max(1000, 2 * (warm_n + args.submits + 2))),
         })
-        with Server(os.path.join(tmp, "jobs.db"), model, env) as srv:
+        with JobsServer(os.path.join(tmp, "jobs.db"), model, env) as srv:
             warm = part_warmup(srv, host, fake, photos, args)
             thr = part_throughput(srv, host, fake, photos, args)
             lat = part_latency(srv, host, fake, photos, args)
@@ -519,6 +447,7 @@ def main() -> int:
         f"TCP connections opened: polls {srv.connects}, timed POSTs {srv.child_connects} (one child process each for "
         f"parts 0 and 2); server WARNING/ERROR log lines {srv.warnings}, SIGTERMs to stop "
         f"{srv.sigterms}{' +SIGKILL' if srv.killed else ''}"
+        + (f"; REGRESSION in server.py's SIGTERM handling: {srv.stop_problem()}" if srv.stop_problem() else "")
     )
     problems = thr["problems"] + lat["problems"] + [f"part R: {e}" for e in (ref["errors"] if ref else [])[:10]]
     if problems:
