@@ -15,6 +15,7 @@ COPY requirements.txt ./
 RUN pip install --no-cache-dir -r requirements.txt
 
 COPY *.py openapi.json ./
+COPY static/ static/
 # Downloaded at build time and checked against the sha256 in detect.MODELS; a mismatch fails the build.
 RUN python detect.py --fetch efficientdet_lite0 --models-dir /app/models
 

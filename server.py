@@ -62,6 +62,7 @@ ERROR_STATUS: dict[type[BaseException], int] = {
 }
 
 PROBLEM_JSON = "application/problem+json"
+STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 
 
 class ClientError(Exception):
@@ -502,6 +503,25 @@ def make_app(
     @app.get("/v1/images")
     def uploaded_links():
         return {"uploaded": jobs.uploaded()}
+
+    @app.get("/")
+    def index():
+        res = bottle.static_file("index.html", root=STATIC_DIR)
+        # The page loads nothing from elsewhere (it must work on a Pi without internet); say so.
+        res.set_header(
+            "Content-Security-Policy",
+            "default-src 'self'; img-src 'self' blob: data:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'",
+        )
+        res.set_header("Cache-Control", "no-cache")
+        return res
+
+    @app.get("/static/<filepath:path>")
+    def static(filepath):
+        res = bottle.static_file(filepath, root=STATIC_DIR)
+        if isinstance(res, bottle.HTTPError):  # missing, or outside static/ (Bottle says 403): both "not here"
+            return problem(404, f"There is no /static/{filepath} here; the page's files are under /static/.")
+        res.set_header("Cache-Control", "no-cache")  # revalidate (Last-Modified): a new version shows at once
+        return res
 
     openapi = _openapi_document()
 

@@ -24,7 +24,7 @@ def test_same_steps_as_make_run():
     assert model_env == f"{fetched.group(2)}/{detect.MODELS[detect.DEFAULT_MODEL].filename}"
     assert re.search(r'^CMD \["python", "server.py"\]', text, re.M)
     # every module server.py needs is copied: they all sit at the top level as *.py
-    assert "COPY *.py openapi.json ./" in text
+    assert "COPY *.py openapi.json ./" in text and "COPY static/ static/" in text
 
 
 def test_container_settings():

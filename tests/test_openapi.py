@@ -366,6 +366,13 @@ def test_real_answers_match_the_document(service, make_service, photo, doc):
     assert res.status_int == 404
     check.response(res, deref(doc, {"$ref": "#/components/responses/NotFound"}), "GET /nope 404")
 
+    # The demo page and its files.
+    check(client.get("/"), "GET", "/", 200)
+    for name in ("style.css", "js/app.js"):
+        check(client.get(f"/static/{name}"), "GET", "/static/{filepath}", 200)
+    check(client.get("/static/nope.js", status="*"), "GET", "/static/{filepath}", 404)
+    check(client.get("/static/../server.py", status="*"), "GET", "/static/{filepath}", 404)
+
     imgur_jobs(service, make_service, check, data)
 
     documented = {(method, path) for path, method, _, _ in operations(doc)}
