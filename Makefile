@@ -15,6 +15,8 @@ $(VENV)/.run-deps: requirements.txt
 $(VENV)/.dev-deps: requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements-dev.txt
+	@# The page tests use Debian's Chromium when it is there (CI installs it), else Playwright's own.
+	test -x /usr/bin/chromium || $(PY) -m playwright install chromium
 	touch $@ $(VENV)/.run-deps
 
 ## make run: install, fetch the default model if it is missing (carry on without it offline), serve.
