@@ -87,10 +87,11 @@ class Service:
 
 @pytest.fixture
 def make_service(tmp_path, detector):
-    """make_service(detector=..., uploader=..., now=..., **setting overrides) -> Service, fresh database.
+    """make_service(detector=..., uploader=..., now=..., resolve=..., connect=..., **setting overrides) -> Service.
 
-    URL downloads may reach loopback (ALLOW_PRIVATE_URLS) unless a test says otherwise. Without an
-    `uploader` (an imgur.ImgurClient), Imgur is not configured.
+    A fresh database each time. URL downloads may reach loopback (ALLOW_PRIVATE_URLS) unless a test
+    says otherwise. Without an `uploader` (an imgur.ImgurClient), Imgur is not configured. `resolve` and
+    `connect` are fetch.Fetcher's seams (fake DNS; route a "public" address to a loopback server).
     """
     import time
 
@@ -101,11 +102,14 @@ def make_service(tmp_path, detector):
 
     made = []
 
-    def make(detector=detector, uploader=None, now=time.time, **overrides):
+    def make(detector=detector, uploader=None, now=time.time, resolve=None, connect=None, **overrides):
         fetch_timeout = overrides.pop("fetch_timeout", 10.0)
         overrides.setdefault("allow_private_urls", True)
         s = settings.load([], {}, db=str(tmp_path / f"images{len(made)}.db"), model=detector.model_path, **overrides)
-        f = fetch.Fetcher(max_bytes=s.max_image_bytes, allow_private=s.allow_private_urls, timeout=fetch_timeout)
+        f = fetch.Fetcher(
+            max_bytes=s.max_image_bytes, allow_private=s.allow_private_urls, timeout=fetch_timeout,
+            resolve=resolve, connect=connect,
+        )
         j = jobs.Jobs(
             uploader=uploader, fetcher=f, workers=s.upload_workers, max_urls=s.job_max_urls,
             max_backlog=s.upload_backlog, keep_finished=s.jobs_kept, now=now,
