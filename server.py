@@ -25,6 +25,9 @@ from typing import Any
 
 import bottle
 import waitress
+import waitress.channel
+import waitress.server
+import waitress.task
 import waitress.wasyncore
 
 import detect
@@ -74,10 +77,13 @@ class ClientError(Exception):
         self.headers = headers or {}
 
 
+def problem_body(status: int, detail: str) -> str:
+    """The one error shape (RFC 9457); `detail` tells the user what was wrong and what to do."""
+    return json.dumps({"type": "about:blank", "title": HTTPStatus(status).phrase, "status": status, "detail": detail})
+
+
 def problem(status: int, detail: str, headers: dict[str, str] | None = None) -> bottle.HTTPResponse:
-    """An RFC 9457 problem response; `detail` tells the user what was wrong and what to do."""
-    body = {"type": "about:blank", "title": HTTPStatus(status).phrase, "status": status, "detail": detail}
-    res = bottle.HTTPResponse(json.dumps(body), status=status, headers=headers)
+    res = bottle.HTTPResponse(problem_body(status, detail), status=status, headers=headers)
     res.content_type = PROBLEM_JSON
     return res
 
@@ -130,7 +136,7 @@ def _bottle_error(res: bottle.HTTPError) -> str:
     else:
         detail = str(res.body) or HTTPStatus(status).phrase
     bottle.response.content_type = PROBLEM_JSON
-    return json.dumps({"type": "about:blank", "title": HTTPStatus(status).phrase, "status": status, "detail": detail})
+    return problem_body(status, detail)
 
 
 def body_limit(settings: Any) -> int:
@@ -537,6 +543,29 @@ def make_app(
 # ---------------------------------------------------------------------------------------------------------
 
 
+class _ProblemErrorTask(waitress.task.ErrorTask):
+    """waitress's own refusals, made before the app runs (413 body too large, 431 headers too large,
+    400 malformed request), in the same problem+json shape as every other error."""
+
+    def execute(self):
+        error = self.request.error
+        status = int(error.code)
+        detail = {
+            413: "The request body is too large; send a smaller image (see MAX_IMAGE_BYTES).",
+            431: "The request headers are too large; send at most 256 KB of headers.",
+        }.get(status, f"The request could not be read ({error.reason}); check what your client sends.")
+        body = problem_body(status, detail).encode()
+        self.status = f"{error.code} {error.reason}"
+        self.response_headers.append(("Content-Type", PROBLEM_JSON))
+        self.set_close_on_finish()
+        self.content_length = len(body)
+        self.write(body)
+
+
+class _ProblemChannel(waitress.channel.HTTPChannel):
+    error_task_class = _ProblemErrorTask
+
+
 class _Stop(waitress.wasyncore.ExitNow):
     """Raised by the signal handler. waitress's loop swallows other exceptions raised inside a
     channel's handler (it logs them and closes the channel), so a plain Exception could lose a SIGTERM."""
@@ -586,9 +615,17 @@ def main(argv: list[str] | None = None) -> int:
         max_request_body_size=body_limit(settings),
         ident="imgsvc",
     )
+    # One listening socket gives one server; a host name with several addresses gives one per address.
+    listeners = [server] if isinstance(server, waitress.server.BaseWSGIServer) else [
+        s for s in server.map.values() if isinstance(s, waitress.server.BaseWSGIServer)
+    ]
+    for listener in listeners:
+        listener.channel_class = _ProblemChannel
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _raise_stop)
-    log.info("listening on http://%s:%s (version %s)", settings.host, server.effective_port, __version__)
+    for listener in listeners:
+        host = f"[{listener.effective_host}]" if ":" in listener.effective_host else listener.effective_host
+        log.info("listening on http://%s:%s (version %s)", host, listener.effective_port, __version__)
     try:
         server.run()
     except _Stop as e:
