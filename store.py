@@ -247,9 +247,20 @@ def make_label(user: str | None, found: Sequence[Found], hint: str | None, sha25
 _FULL = re.compile(r"database or disk is full", re.I)
 
 
+def _chain(e: BaseException) -> Iterator[BaseException]:
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__
+
+
 def _translate(e: pw.DatabaseError) -> StoreError:
-    text = str(e)
-    if _FULL.search(text):
+    # On a full disk SQLite rolls the transaction back itself; peewee's own ROLLBACK then fails ("no
+    # transaction is active") and that error hides the real one, which is still in the chain.
+    texts = [str(x) for x in _chain(e)]
+    text = texts[0]
+    if any(_FULL.search(t) for t in texts):
         return StoreFull("the disk holding the database is full; free some space and try again")
     if "locked" in text or "busy" in text:
         return StoreUnavailable("the database is busy; try again in a moment")

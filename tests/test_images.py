@@ -465,3 +465,23 @@ def test_a_new_store_never_reuses_connections_to_the_previous_file(tmp_path):
 def test_match_all_with_a_name_nothing_has_is_empty(gallery):
     service, _ = gallery
     assert service.client.get("/images?objects=person,unicorn&match=all").json == []
+
+
+def test_a_full_disk_is_store_full_not_a_rollback_error(tmp_path):
+    """SQLite rolls back by itself on a full disk; peewee's ROLLBACK then fails and used to hide why."""
+    s = store.Store(str(tmp_path / "full.db"))
+    try:
+        with s.connection():
+            pages = store.db.execute_sql("PRAGMA page_count").fetchone()[0]
+            store.db.execute_sql(f"PRAGMA max_page_count = {pages + 30}")  # about 120 KB more, per connection
+            stored = 0
+            with pytest.raises(store.StoreFull, match="disk holding the database is full"):
+                for i in range(100):
+                    data = bytes([i]) * 50_000
+                    s.add(store.NewImage(data, hashlib.sha256(data).hexdigest(), "image/png", 1, 1, "x", False, False))
+                    stored += 1
+            assert 0 < stored < 100
+            assert s.count() == (stored, stored)  # the failed one left nothing behind
+            assert store.db.execute_sql("PRAGMA integrity_check").fetchone()[0] == "ok"
+    finally:
+        s.shutdown()
