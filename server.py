@@ -577,6 +577,9 @@ def _raise_stop(signum, frame):
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # waitress warns "Task queue depth is N" for every request that waits for a thread: hundreds of
+    # lines a second under load, on a Pi's SD card, burying real warnings.
+    logging.getLogger("waitress.queue").setLevel(logging.ERROR)
     try:
         settings = settings_mod.load(sys.argv[1:] if argv is None else argv)
     except settings_mod.SettingError as e:
@@ -613,6 +616,12 @@ def main(argv: list[str] | None = None) -> int:
         port=settings.port,
         threads=8,
         max_request_body_size=body_limit(settings),
+        # waitress stops accepting at connection_limit (default 100), and a client sending one header
+        # byte a second never looks idle: 100 such sockets locked everyone else out (bench/soak.py).
+        # Idle channels cost waitress little; poll() because select() stops at descriptor 1024.
+        connection_limit=1000,
+        asyncore_use_poll=True,
+        channel_timeout=60,
         ident="imgsvc",
     )
     # One listening socket gives one server; a host name with several addresses gives one per address.

@@ -231,3 +231,27 @@ def test_sigterm_stops_the_server_right_after_a_keep_alive_client_leaves(tmp_pat
             proc.kill()
             _, err = proc.communicate()
         assert proc.returncode == 0, err
+
+
+def test_slow_header_senders_do_not_lock_out_new_clients(tmp_path, model_path):
+    """Slowloris: 150 connections that never finish their headers; a new client is still served."""
+    import socket
+    import time as _time
+
+    proc, base, _ = start_server(tmp_path, "--model", model_path)
+    host, port = base.removeprefix("http://").split(":")
+    slow = []
+    try:
+        for _ in range(150):
+            s = socket.create_connection((host, int(port)), timeout=5)
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: ")  # and never the rest
+            slow.append(s)
+        _time.sleep(0.5)  # let the server take them in
+        t = _time.monotonic()
+        with urllib.request.urlopen(base + "/health", timeout=5) as res:
+            assert res.status == 200
+        assert _time.monotonic() - t < 2
+    finally:
+        for s in slow:
+            s.close()
+        stop_server(proc)
