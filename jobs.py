@@ -15,6 +15,7 @@ import collections
 import concurrent.futures
 import datetime
 import logging
+import math
 import threading
 import time
 import uuid
@@ -72,6 +73,7 @@ class Item:
     link: str | None = None
     deletehash: str | None = None
     error: str | None = None
+    started: float | None = field(default=None, repr=False)  # monotonic, while a worker has it
 
     def view(self) -> dict[str, Any]:
         return {"url": self.url, "status": self.status, "link": self.link, "deletehash": self.deletehash, "error": self.error}
@@ -141,6 +143,7 @@ class Jobs:
         self._backlog = 0  # URLs waiting or under way
         self._running = 0  # URLs under way
         self._closed = False
+        self._seconds_per_url = 1.0  # moving average of how long a URL holds a worker (Retry-After)
         self._executor = (
             concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="upload") if workers else None
         )
@@ -185,8 +188,9 @@ class Jobs:
             if self._closed:
                 raise Closed("the service is shutting down; submit the job again once it is back")
             if self._backlog + len(items) > self.max_backlog:
-                # A rough hint: the backlog drains at about one URL per second per worker.
-                retry = max(1, min(300, (self._backlog + len(items) - self.max_backlog) // max(1, self.workers)))
+                # When enough URLs will have drained, at the pace they have been taking.
+                excess = self._backlog + len(items) - self.max_backlog
+                retry = max(1, min(600, math.ceil(excess * self._seconds_per_url / max(1, self.workers))))
                 raise BacklogFull(
                     f"{self._backlog:,} URLs are waiting already (the limit is {self.max_backlog:,}); try again later",
                     retry,
@@ -245,6 +249,7 @@ class Jobs:
                     if job.waiting:
                         self._ready.append(job)  # back of the line: the other jobs go first
                     item.status = IN_PROGRESS
+                    item.started = time.monotonic()
                     self._running += 1
                     return job, item
             return None
@@ -278,6 +283,8 @@ class Jobs:
                 item.status, item.error = FAILED, error
             self._running -= 1
             self._backlog -= 1
+            if item.started is not None:
+                self._seconds_per_url += 0.2 * ((time.monotonic() - item.started) - self._seconds_per_url)
             done = all(i.status in (COMPLETE, FAILED) for i in job.items)
             if done:
                 job.finished = self.now()
