@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 MODEL  ?= models/efficientdet_lite0.tflite
 
-.PHONY: run test model testdata bench clean
+.PHONY: run test model testdata bench soak clean
 
 # A stamp per requirements file, so pip runs only when the pins change.
 $(VENV)/.run-deps: requirements.txt
@@ -42,6 +42,11 @@ bench: $(VENV)/.dev-deps
 	$(PY) bench/detect.py
 	$(PY) bench/api.py
 	$(PY) bench/jobs.py
+
+## make soak: faults and load against the real server (writers, kill -9, slowloris, hung hosts, Imgur
+## storm, disk full: ~5 minutes; the disk-full scenario needs root). SOAK_MINUTES=30 adds the long soak.
+soak: $(VENV)/.dev-deps
+	$(PY) bench/soak.py $(if $(SOAK_MINUTES),--soak-minutes $(SOAK_MINUTES))
 
 clean:
 	rm -rf $(VENV) .pytest_cache
