@@ -6,7 +6,6 @@ import io
 import re
 import sqlite3
 import threading
-import time
 
 import pytest
 from PIL import Image
@@ -312,7 +311,7 @@ def test_paging_with_link_header(gallery):
     assert seen == sorted(ids.values(), reverse=True)
     search = service.client.get("/images?objects=dog,cat&limit=1")
     assert "objects=dog%2Ccat" in search.headers["Link"] and "match=any" in search.headers["Link"]
-    last = service.client.get(f"/images?limit=5")
+    last = service.client.get("/images?limit=5")
     assert "Link" not in last.headers
 
 

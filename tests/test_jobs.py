@@ -7,7 +7,6 @@ import threading
 import pytest
 
 import imgur
-import jobs
 from fake_imgur import OVER_CAPACITY, FakeImgur, answer
 from loopback import Loopback, drip, ok, status
 

@@ -4,7 +4,6 @@ against the real server process, with the fake Imgur and an image host on loopba
 Screenshots (desktop and phone width) go to test-output/ (git-ignored): look at them.
 """
 
-import io
 import os
 import re
 
