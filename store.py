@@ -26,10 +26,11 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import peewee as pw
 from playhouse.pool import PooledSqliteDatabase
+from playhouse.sqlite_ext import AutoIncrementField
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: image ids are never reused (AUTOINCREMENT)
 LABEL_MAX = 200
 
 # A pool: a request's close() hands its connection back instead of closing it. Closing SQLite's last
@@ -78,7 +79,9 @@ class Blob(_Base):
 
 
 class Image(_Base):
-    id = pw.AutoField()
+    # AUTOINCREMENT: a plain INTEGER PRIMARY KEY hands out the largest id again once it is deleted, and
+    # /images/{id}/file is served as immutable, so an id must never name other bytes later.
+    id = AutoIncrementField()
     sha256 = pw.FixedCharField(64, index=True)
     label = pw.TextField()
     label_generated = pw.BooleanField()
@@ -332,16 +335,50 @@ class Store:
                 db.close()
 
     def _migrate(self) -> None:
+        version = self._version()
+        if version is not None and version > SCHEMA_VERSION:
+            raise StoreUnavailable(
+                f"{self.path} has schema version {version}, newer than this service ({SCHEMA_VERSION}); "
+                "upgrade the service or use another IMAGES_DB"
+            )
+        if version == 1:
+            self._v1_to_v2()
         with db.atomic("IMMEDIATE"):
             db.create_tables(MODELS, safe=True)
-            row = Setting.get_or_none(Setting.key == "schema_version")
-            if row is None:
-                Setting.create(key="schema_version", value=str(SCHEMA_VERSION))
-            elif int(row.value) > SCHEMA_VERSION:
-                raise StoreUnavailable(
-                    f"{self.path} has schema version {row.value}, newer than this service ({SCHEMA_VERSION}); "
-                    "upgrade the service or use another IMAGES_DB"
-                )
+            Setting.insert(key="schema_version", value=str(SCHEMA_VERSION)).on_conflict_replace().execute()
+
+    @staticmethod
+    def _version() -> int | None:
+        if not db.table_exists("setting"):
+            return None
+        row = Setting.get_or_none(Setting.key == "schema_version")
+        return int(row.value) if row else None
+
+    def _v1_to_v2(self) -> None:
+        """Rebuild `image` with AUTOINCREMENT (SQLite cannot alter a primary key), keeping every id."""
+        log.info("migrating %s to schema version 2 (image ids never reused)", self.path)
+
+        class ImageV2(Image):
+            class Meta:
+                table_name = "image_v2"
+
+        # Off for the swap: dropping the old table must not cascade to the detections. Outside the
+        # transaction, because SQLite ignores this pragma inside one.
+        db.execute_sql("PRAGMA foreign_keys = OFF")
+        try:
+            with db.atomic("IMMEDIATE"):
+                ImageV2.create_table()
+                columns = ", ".join(f'"{f.column_name}"' for f in Image._meta.sorted_fields)
+                db.execute_sql(f"INSERT INTO image_v2 ({columns}) SELECT {columns} FROM image")
+                db.execute_sql("DROP TABLE image")
+                db.execute_sql("ALTER TABLE image_v2 RENAME TO image")
+                db.execute_sql("DROP INDEX IF EXISTS image_v2_sha256")  # create_tables makes image_sha256
+                broken = db.execute_sql("PRAGMA foreign_key_check").fetchall()
+                if broken:
+                    raise StoreUnavailable(f"migrating {self.path} would break {len(broken)} references; nothing changed")
+                Setting.update(value="2").where(Setting.key == "schema_version").execute()
+        finally:
+            db.execute_sql("PRAGMA foreign_keys = ON")
 
     @property
     def schema_version(self) -> int:
