@@ -232,15 +232,15 @@ def _read_new_image(max_bytes: int) -> NewImageRequest:
     if _is_json(kind):
         body = _json_object(("image", "url", "label", "detect"), '{"image": "<base64>"} or {"url": "https://..."}')
         image, url = body.get("image"), body.get("url")
-        if (image is None) == (url is None):
+        if ("image" in body) == ("url" in body):
             raise ClientError(400, "send exactly one of `image` (base64) and `url`")
-        if image is not None and not isinstance(image, str):
+        if "image" in body and not isinstance(image, str):
             raise ClientError(400, "`image` must be a base64 string (or a data: URI)")
         want = body.get("detect", False)
         if not isinstance(want, bool):
             raise ClientError(400, "`detect` must be true or false")
         label = _check_label(body.get("label"))
-        if url is not None:
+        if "url" in body:
             url = _check_url(url)
             return NewImageRequest(None, url, label, want, url)
         return NewImageRequest(_decode_base64(image, max_bytes), None, label, want, None)
@@ -400,6 +400,9 @@ def make_app(
     def create_image():
         if (bottle.request.content_length or 0) > body_limit(settings):
             raise ClientError(413, f"the body is larger than {body_limit(settings):,} bytes; send a smaller image")
+        include = bottle.request.query.get("include")
+        if include not in (None, "data"):  # checked first: a failed request stores nothing
+            raise ClientError(400, "`include` takes one value, data (to return the stored bytes as base64)")
         req = _read_new_image(max_bytes)
         if req.detect:
             detector.load()  # 503 now, before any download, when there is no model
@@ -435,8 +438,7 @@ def make_app(
             )
         )
         log.info("stored image %d (%s, %d bytes, %d objects)", rec.id, rec.content_type, rec.size, len(found))
-        include = bottle.request.query.get("include", "")
-        body = image_json(rec, data if "data" in include.split(",") else None)
+        body = image_json(rec, data if include == "data" else None)
         return _json(body, headers={"Location": f"/images/{rec.id}"})
 
     @app.get("/images")

@@ -484,3 +484,69 @@ def test_a_full_disk_is_store_full_not_a_rollback_error(tmp_path):
             assert store.db.execute_sql("PRAGMA integrity_check").fetchone()[0] == "ok"
     finally:
         s.shutdown()
+
+
+def test_an_id_is_never_reused_after_a_delete(service, photo):
+    a = post_json(service, {"image": b64(photo("pets.jpg"))}).json["id"]
+    service.client.delete(f"/images/{a}", status=204)
+    b = post_json(service, {"image": b64(photo("cat.bmp"))}).json["id"]
+    assert b > a  # /images/{a}/file was served as immutable: it must never name other bytes
+    assert_problem(service.client.get(f"/images/{a}/file", status=404), 404)
+
+
+def test_a_version_1_database_is_migrated_keeping_ids_and_detections(tmp_path, photo):
+    """v1's image table had a plain INTEGER PRIMARY KEY (ids reused); v2 adds AUTOINCREMENT."""
+    path = str(tmp_path / "v1.db")
+    s = store.Store(path)
+    with s.connection():
+        for name, label in (("pets.jpg", "dog"), ("cat.bmp", "cat"), ("table.jpg", "cup")):
+            data = photo(name)
+            s.add(store.NewImage(data, hashlib.sha256(data).hexdigest(), "image/jpeg", 10, 10, name, False, True,
+                                 (store.Found(label, 0.9, 0, 0, 1, 1),)))
+    s.shutdown()
+    # Turn it into what version 1 wrote: the same table without AUTOINCREMENT, and version 1.
+    conn = sqlite3.connect(path)
+    ddl = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'image'").fetchone()[0]
+    assert "AUTOINCREMENT" in ddl
+    conn.executescript(
+        "PRAGMA foreign_keys = OFF; BEGIN;"
+        + ddl.replace('"image"', '"image_old"', 1).replace(" AUTOINCREMENT", "") + ";"
+        + "INSERT INTO image_old SELECT * FROM image; DROP TABLE image; ALTER TABLE image_old RENAME TO image;"
+        + "CREATE INDEX image_sha256 ON image (sha256);"
+        + "DELETE FROM sqlite_sequence; UPDATE setting SET value = '1' WHERE key = 'schema_version'; COMMIT;"
+    )
+    conn.close()
+
+    s = store.Store(path)
+    try:
+        with s.connection():
+            assert s.schema_version == 2
+            assert [(r.id, r.objects) for r in s.list()[0]] == [(3, ["cup"]), (2, ["cat"]), (1, ["dog"])]
+            s.delete(3)
+            data = b"new bytes"
+            new = s.add(store.NewImage(data, hashlib.sha256(data).hexdigest(), "image/png", 1, 1, "n", False, False))
+            assert new.id == 4
+            assert store.db.execute_sql("PRAGMA integrity_check").fetchone()[0] == "ok"
+            assert store.db.execute_sql("PRAGMA foreign_key_check").fetchall() == []
+            assert "AUTOINCREMENT" in store.db.execute_sql("SELECT sql FROM sqlite_master WHERE name = 'image'").fetchone()[0]
+            s.delete(1)  # the cascade to detections still works on the rebuilt table
+            assert store.db.execute_sql("SELECT COUNT(*) FROM detection WHERE image_id = 1").fetchone()[0] == 0
+    finally:
+        s.shutdown()
+
+
+@pytest.mark.parametrize("include", ["foo", "data,foo", "", "DATA"])
+def test_an_unknown_include_is_400_and_stores_nothing(service, include):
+    res = service.client.post_json(f"/images?include={include}", {"image": b64(jpeg())}, status=400)
+    assert "include" in assert_problem(res, 400)
+    assert service.counts() == (0, 0)
+
+
+@pytest.mark.parametrize("body", [{"image": None, "url": "https://example.com/a.jpg"}, {"url": None, "image": "aGk="}, {"image": None}])
+def test_an_explicit_null_image_or_url_is_not_absent(service, body):
+    assert_problem(post_json(service, body, status=400), 400)
+    assert service.counts() == (0, 0)
+
+
+def test_a_null_label_means_generate_one(service):
+    assert post_json(service, {"image": b64(jpeg()), "label": None}).json["label_generated"] is True
