@@ -30,10 +30,7 @@ requests are rightly refused with 4xx.
 import base64
 import json
 import os
-import signal
-import subprocess
 import tempfile
-import threading
 import urllib.error
 import urllib.request
 
@@ -45,7 +42,7 @@ from hypothesis.configuration import set_hypothesis_home_dir
 from schemathesis.specs.openapi.formats import unregister_string_format
 
 from fake_imgur import FakeImgur
-from test_server import start_server
+from test_server import start_server, stop_server
 
 # Hypothesis writes caches (the constants it finds in loaded modules, already while collecting) under
 # its home directory, `.hypothesis/` in the working directory by default: keep them out of the repo.
@@ -110,22 +107,11 @@ def live(tmp_path_factory, model_path):
     }
     with FakeImgur() as imgur:
         env.update(IMGUR_CLIENT_ID=imgur.client_id, IMGUR_API_URL=imgur.url)
-        proc, base, lines = start_server(tmp, "--model", model_path, env=env)
-        log = list(lines)
-        # Drain stderr for the whole run: a full pipe would block the server's logging, and so the server.
-        drain = threading.Thread(target=lambda: log.extend(proc.stderr), name="server-stderr", daemon=True)
-        drain.start()
+        proc, base, log = start_server(tmp, "--model", model_path, env=env)  # `log` keeps filling
         try:
             yield Live(proc, base, log)
         finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            drain.join(timeout=5)
+            stop_server(proc, timeout=30)
         assert proc.returncode == 0, "the server did not stop cleanly:\n" + "".join(log)[-4000:]
 
 

@@ -7,7 +7,7 @@ import re
 import signal
 import subprocess
 import sys
-import time
+import threading
 import urllib.error
 import urllib.request
 
@@ -138,33 +138,51 @@ def test_readme_documents_every_setting_route_and_command(service):
 
 
 def start_server(tmp_path, *args, env=None):
-    """Start `python server.py` on a free port; return (process, base URL)."""
+    """Start `python server.py` on a free port: (process, base URL, log lines).
+
+    The log list keeps filling while the server runs: a thread drains its stderr, because a full pipe
+    would block the server's logging, and with it the server.
+    """
     proc = subprocess.Popen(
         [sys.executable, "server.py", "--port", "0", "--db", str(tmp_path / "images.db"), *args],
         cwd=ROOT, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})},
     )
-    deadline = time.monotonic() + 30
-    lines = []
-    while time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        if not line:
-            break
-        lines.append(line)
-        m = re.search(r"listening on (http://\S+)", line)
-        if m:
-            return proc, m.group(1), lines
+    lines: list[str] = []
+    listening = threading.Event()
+    found: list[str] = []
+
+    def drain():
+        for line in proc.stderr:
+            lines.append(line)
+            m = re.search(r"listening on (http://\S+)", line)
+            if m and not found:
+                found.append(m.group(1))
+                listening.set()
+        listening.set()  # the server exited
+
+    proc.log_lines = lambda: lines
+    proc.drain = threading.Thread(target=drain, name="server-stderr", daemon=True)
+    proc.drain.start()
+    if listening.wait(30) and found:
+        return proc, found[0], lines
     proc.kill()
+    proc.wait()
+    proc.drain.join(5)
     raise AssertionError("server did not start:\n" + "".join(lines))
 
 
-def stop_server(proc) -> str:
+def stop_server(proc, timeout: float = 15) -> str:
+    """SIGTERM, wait, and return everything the server logged."""
     proc.send_signal(signal.SIGTERM)
     try:
-        _, err = proc.communicate(timeout=15)
+        proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
-        raise
-    return err
+        proc.wait()
+        proc.drain.join(5)
+        raise AssertionError(f"the server did not stop within {timeout} s of SIGTERM:\n" + "".join(proc.log_lines()))
+    proc.drain.join(5)
+    return "".join(proc.log_lines())
 
 
 def test_smoke_real_process_real_socket(tmp_path, model_path, photo):
@@ -197,7 +215,7 @@ def test_server_starts_without_a_model_and_says_so_once(tmp_path):
             with urllib.request.urlopen(base + "/health", timeout=10) as res:
                 assert json.load(res)["detector"]["ready"] is False
     finally:
-        err = "".join(lines) + stop_server(proc)
+        err = stop_server(proc)
     assert err.count("object detection is unavailable") == 1 and "make model" in err
 
 
@@ -223,13 +241,8 @@ def test_sigterm_stops_the_server_right_after_a_keep_alive_client_leaves(tmp_pat
         conn.request("GET", "/health")
         assert conn.getresponse().read()
         conn.close()  # waitress sees the close while the signal arrives
-        proc.send_signal(signal.SIGTERM)
-        try:
-            # The bug this guards against is a server that never stops; 30 s allows for a loaded machine.
-            _, err = proc.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            _, err = proc.communicate()
+        # The bug this guards against is a server that never stops; 30 s allows for a loaded machine.
+        err = stop_server(proc, timeout=30)
         assert proc.returncode == 0, err
 
 
