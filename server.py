@@ -66,6 +66,8 @@ ERROR_STATUS: dict[type[BaseException], int] = {
 
 PROBLEM_JSON = "application/problem+json"
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
+INTERNAL_ERROR = "The server failed to handle this request; the error is in its log. Try again later."
+BODY_TOO_LARGE = "The request body is too large; send a smaller image (see MAX_IMAGE_BYTES)."
 
 
 class ClientError(Exception):
@@ -110,7 +112,7 @@ def _json_errors(callback):
             status = status_for(e)
             if status is None:
                 log.exception("unexpected error in %s %s", bottle.request.method, bottle.request.path)
-                return problem(500, "The server failed to handle this request; the error is in its log. Try again later.")
+                return problem(500, INTERNAL_ERROR)
             if status >= 500:
                 log.warning("%s %s: %s", bottle.request.method, bottle.request.path, e)
             retry_after = getattr(e, "retry_after", None)
@@ -128,11 +130,11 @@ def _bottle_error(res: bottle.HTTPError) -> str:
         allowed = res.headers.get("Allow", "")
         detail = f"{bottle.request.method} is not allowed on {bottle.request.path}; use {allowed or 'another method'}."
     elif status == 413:
-        detail = "The request body is too large; send a smaller image (see MAX_IMAGE_BYTES)."
+        detail = BODY_TOO_LARGE
     elif status >= 500:
         if res.traceback:
             log.error("unhandled error in %s %s\n%s", bottle.request.method, bottle.request.path, res.traceback)
-        detail = "The server failed to handle this request; the error is in its log. Try again later."
+        detail = INTERNAL_ERROR
     else:
         detail = str(res.body) or HTTPStatus(status).phrase
     bottle.response.content_type = PROBLEM_JSON
@@ -553,7 +555,7 @@ class _ProblemErrorTask(waitress.task.ErrorTask):
         error = self.request.error
         status = int(error.code)
         detail = {
-            413: "The request body is too large; send a smaller image (see MAX_IMAGE_BYTES).",
+            413: BODY_TOO_LARGE,
             431: "The request headers are too large; send at most 256 KB of headers.",
         }.get(status, f"The request could not be read ({error.reason}); check what your client sends.")
         body = problem_body(status, detail).encode()
