@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import datetime
 import logging
 import math
 import threading
@@ -24,6 +23,7 @@ from typing import Any, Callable, Iterable
 
 import fetch
 import imgur
+import store
 
 log = logging.getLogger(__name__)
 
@@ -59,11 +59,8 @@ class Closed(JobError):
 
 
 def iso_ms(t: float | None) -> str | None:
-    if t is None:
-        return None
-    ms = int(round(t * 1000))
-    d = datetime.datetime.fromtimestamp(ms // 1000, tz=datetime.timezone.utc)
-    return d.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
+    """A clock reading as the API writes times (store.iso_ms), or None."""
+    return None if t is None else store.iso_ms(int(round(t * 1000)))
 
 
 @dataclass
