@@ -13,7 +13,6 @@ Lower-level unit tests of the guard live in test_fetch.py; this file drives the 
 
 from __future__ import annotations
 
-import base64
 import collections
 import gzip
 import http.client
@@ -28,7 +27,6 @@ import time
 import urllib.parse
 import urllib.request
 import zlib
-from http import HTTPStatus
 
 import pytest
 from PIL import Image
@@ -37,9 +35,9 @@ import imgur
 from fake_imgur import FakeImgur
 from loopback import Loopback, drip, ok, redirect, respond
 from test_server import start_server, stop_server
+from helpers import PROBLEM_KEYS, assert_problem, b64, jpeg  # noqa: E402
 
 PUBLIC_IP = "93.184.216.34"  # stands in for a host on the internet; `connect` sends it to a loopback server
-PROBLEM_KEYS = {"type", "title", "status", "detail"}
 MAX_BYTES = 20 * 1024 * 1024  # MAX_IMAGE_BYTES' default, which these tests keep
 
 
@@ -48,10 +46,7 @@ MAX_BYTES = 20 * 1024 * 1024  # MAX_IMAGE_BYTES' default, which these tests keep
 # --------------------------------------------------------------------------------------------------------
 
 
-def jpeg(size=(64, 48), color=(200, 30, 30)) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", size, color).save(buf, "JPEG")
-    return buf.getvalue()
+
 
 
 JPEG = jpeg()
@@ -105,25 +100,12 @@ PDF = b"%PDF-1.7\n1 0 obj << /Type /Catalog >> endobj\ntrailer << /Root 1 0 R >>
 PSD = b"8BPS\x00\x01" + b"\x00" * 6 + struct.pack(">HIIHH", 3, 10, 10, 8, 3) + b"\x00" * 64
 
 
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
+
 
 
 # --------------------------------------------------------------------------------------------------------
 # Assertions
 # --------------------------------------------------------------------------------------------------------
-
-
-def assert_problem(res, code: int) -> str:
-    """`res` is an RFC 9457 problem with status `code` and no traceback; returns its detail."""
-    assert res.status_int == code, res.text[:500]
-    assert res.content_type == "application/problem+json", res.headers
-    body = res.json
-    assert set(body) == PROBLEM_KEYS, body
-    assert body["status"] == code and body["type"] == "about:blank" and body["title"] == HTTPStatus(code).phrase
-    assert isinstance(body["detail"], str) and body["detail"].strip()
-    assert "Traceback" not in res.text and 'File "' not in res.text
-    return body["detail"]
 
 
 def assert_still_serving(service) -> None:
@@ -592,7 +574,7 @@ def test_gif_with_10000_frames_costs_one_frame(open_service, content_host):
         ("dos-eps.jpg", DOS_EPS, 422, "EPS"),
         ("pdf.jpg", PDF, 422, "PDF"),
         ("psd.jpg", PSD, 422, "Photoshop"),
-        ("truncated.jpg", jpeg((640, 480))[:2000], 422, "truncated"),
+        ("truncated.jpg", jpeg(size=(640, 480))[:2000], 422, "truncated"),
         ("html.jpg", b"<html><body>not a photo</body></html>", 422, "not an image"),
     ],
 )

@@ -13,29 +13,15 @@ from PIL import Image
 import detect
 import store
 from loopback import Loopback, drip, ok, redirect, status
+from helpers import ISO_MS, assert_problem, b64, jpeg  # noqa: E402
 
-ISO_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
 
 
 def post_json(service, body, status=200, **kw):
     return service.client.post_json("/images", body, status=status, **kw)
 
 
-def assert_problem(res, code):
-    assert res.status_int == code, res.text
-    assert res.content_type == "application/problem+json"
-    assert set(res.json) == {"type", "title", "status", "detail"} and res.json["status"] == code
-    return res.json["detail"]
 
-
-def jpeg(color=(200, 30, 30), size=(64, 48)) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", size, color).save(buf, "JPEG")
-    return buf.getvalue()
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -9,8 +9,8 @@ import pytest
 import imgur
 from fake_imgur import OVER_CAPACITY, FakeImgur, answer
 from loopback import Loopback, drip, ok, status
+from helpers import ISO_MS, assert_problem  # noqa: E402
 
-ISO_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 
 
 class Clock:
@@ -84,9 +84,7 @@ def submit(service, urls, status=202):
     return service.client.post_json("/v1/images/upload", {"urls": urls}, status=status)
 
 
-def assert_problem(res, code):
-    assert res.status_int == code and res.content_type == "application/problem+json", res.text
-    return res.json["detail"]
+
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ import imgur
 import server
 from fake_imgur import FakeImgur
 from loopback import Loopback, ok
+from helpers import b64  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOC_PATH = os.path.join(ROOT, "openapi.json")
@@ -285,8 +286,7 @@ class Checker:
             assert res.body, f"{what}: empty body"
 
 
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
+
 
 
 def test_real_answers_match_the_document(service, make_service, photo, doc):

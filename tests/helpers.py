@@ -1,0 +1,33 @@
+"""Small helpers shared by the test files (fixtures live in conftest.py)."""
+
+import base64
+import io
+import re
+from http import HTTPStatus
+
+from PIL import Image
+
+PROBLEM_KEYS = {"type", "title", "status", "detail"}
+ISO_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def jpeg(color=(200, 30, 30), size=(64, 48)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def assert_problem(res, code: int) -> str:
+    """`res` is an RFC 9457 problem with status `code` and no traceback; returns its detail."""
+    assert res.status_int == code, res.text[:500]
+    assert res.content_type == "application/problem+json", res.headers
+    body = res.json
+    assert set(body) == PROBLEM_KEYS, body
+    assert body["status"] == code and body["type"] == "about:blank" and body["title"] == HTTPStatus(code).phrase
+    assert isinstance(body["detail"], str) and body["detail"].strip()
+    assert "Traceback" not in res.text and 'File "' not in res.text
+    return body["detail"]
