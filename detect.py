@@ -5,7 +5,9 @@ model's TFLite_Detection_PostProcess op; `postprocess()` is a pure function that
 labelled, thresholded, sorted boxes, so it can be fed by hand in tests.
 
 Runtime: LiteRT (`ai-edge-litert`), falling back to `tflite_runtime` when LiteRT is not installed.
-This module never imports Bottle; it raises the typed errors below and server.py maps them to HTTP.
+Decoding pixels is imaging.py's; this module owns the model: the known-model table and `fetch_model`,
+labels, output roles, the interpreter pool, `postprocess` and `Detector`. It never imports Bottle; it
+raises the typed errors below and server.py maps them to HTTP.
 
 Command line:
     python detect.py [--model PATH] PHOTO...     one JSON line per photo
@@ -17,7 +19,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
-import io
 import json
 import logging
 import os
@@ -32,43 +33,10 @@ from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterable
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+
+import imaging
 
 log = logging.getLogger(__name__)
-
-# Formats we decode. Everything else (EPS needs Ghostscript, TIFF/PSD/PDF parsers are large attack
-# surfaces) is refused before a decoder runs.
-ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP")
-CONTENT_TYPES = {"JPEG": "image/jpeg", "PNG": "image/png", "GIF": "image/gif", "WEBP": "image/webp", "BMP": "image/bmp"}
-# 50 megapixels: a 48 MP phone photo fits, a 30000x30000 decompression bomb (900 MP, 2.7 GB as RGB) does not.
-MAX_PIXELS = 50_000_000
-
-# Magic numbers of formats people send that we refuse, so the error can name them.
-_KNOWN_OTHER_FORMATS = (
-    (b"II*\x00", "TIFF"),
-    (b"MM\x00*", "TIFF"),
-    (b"%!PS", "PostScript/EPS"),
-    (b"\xc5\xd0\xd3\xc6", "EPS"),
-    (b"%PDF", "PDF"),
-    (b"8BPS", "Photoshop (PSD)"),
-    (b"\x00\x00\x01\x00", "ICO"),
-    (b"<svg", "SVG"),
-    (b"<?xml", "SVG/XML"),
-)
-_ISO_BRANDS = {b"heic": "HEIC", b"heix": "HEIC", b"mif1": "HEIF", b"avif": "AVIF", b"avis": "AVIF"}
-
-# EXIF orientation -> the transpose that shows the picture upright (as PIL.ImageOps.exif_transpose).
-_ORIENTATION = {
-    2: Image.Transpose.FLIP_LEFT_RIGHT,
-    3: Image.Transpose.ROTATE_180,
-    4: Image.Transpose.FLIP_TOP_BOTTOM,
-    5: Image.Transpose.TRANSPOSE,
-    6: Image.Transpose.ROTATE_270,
-    7: Image.Transpose.TRANSVERSE,
-    8: Image.Transpose.ROTATE_90,
-}
-_EXIF_ORIENTATION_TAG = 0x0112
-
 
 # ---------------------------------------------------------------------------------------------------------
 # Errors
@@ -77,18 +45,6 @@ _EXIF_ORIENTATION_TAG = 0x0112
 
 class DetectError(Exception):
     """Base of every error this module raises; the message says what was wrong and what to do."""
-
-
-class NotAnImage(DetectError):
-    """The bytes are not a decodable image (random bytes, truncated or corrupt data)."""
-
-
-class UnsupportedFormat(NotAnImage):
-    """A real image, but in a format we do not decode."""
-
-
-class TooManyPixels(DetectError):
-    """The image is larger than MAX_PIXELS once decoded (decompression bomb or simply too big)."""
 
 
 class ModelError(DetectError):
@@ -274,102 +230,6 @@ def output_roles(interpreter: Any) -> dict[str, int]:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Preprocessing
-# ---------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Decoded:
-    """An image ready for the model, and what we learnt about it."""
-
-    format: str  # Pillow's name: JPEG, PNG, ...
-    content_type: str
-    width: int  # as displayed, after EXIF orientation
-    height: int
-    pixels: np.ndarray  # [1, H, W, 3] uint8 at the model's input size
-
-
-def _sniff_other_format(head: bytes) -> str | None:
-    for magic, name in _KNOWN_OTHER_FORMATS:
-        if head.startswith(magic):
-            return name
-    if head[4:8] == b"ftyp":
-        return _ISO_BRANDS.get(head[8:12], "ISO media (HEIC/AVIF/MP4)")
-    return None
-
-
-def open_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Open (not decode) `data` as one of ALLOWED_FORMATS and check its pixel count."""
-    if not data:
-        raise NotAnImage("the image is empty (0 bytes); send a JPEG, PNG, GIF, WebP or BMP file")
-    other = _sniff_other_format(data[:16].lstrip())
-    if other:
-        raise UnsupportedFormat(f"{other} images are not supported; convert it to JPEG, PNG, GIF, WebP or BMP")
-    try:
-        img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
-    except Image.DecompressionBombError as e:  # Pillow's own guard, for headers far past any sane size
-        raise _too_many(None, None, max_pixels) from e
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise NotAnImage(
-            "these bytes are not an image we can read; send a JPEG, PNG, GIF, WebP or BMP file"
-        ) from e
-    width, height = img.size
-    if width < 1 or height < 1:
-        raise NotAnImage(f"the image has no pixels ({width}x{height})")
-    if width * height > max_pixels:
-        raise _too_many(width, height, max_pixels)
-    return img
-
-
-def _too_many(width: int | None, height: int | None, max_pixels: int) -> TooManyPixels:
-    size = f"{width}x{height} ({width * height:,} pixels)" if width else "far larger than that"
-    return TooManyPixels(f"the image is {size}; the limit is {max_pixels:,} pixels. Scale it down and send it again.")
-
-
-def orientation_of(img: Image.Image) -> int:
-    try:
-        value = img.getexif().get(_EXIF_ORIENTATION_TAG, 1)
-    except Exception:  # a broken EXIF block should not make a good photo unusable
-        log.debug("ignoring unreadable EXIF data", exc_info=True)
-        return 1
-    return value if value in _ORIENTATION else 1
-
-
-def inspect(data: bytes, max_pixels: int = MAX_PIXELS) -> Decoded:
-    """Check that `data` decodes completely, without running a model; `pixels` is a tiny thumbnail.
-
-    For images stored without detection: a truncated or corrupt file is refused all the same.
-    """
-    return preprocess(data, (8, 8), max_pixels)
-
-
-def preprocess(data: bytes, size: tuple[int, int], max_pixels: int = MAX_PIXELS) -> Decoded:
-    """Decode `data` and produce the model input: upright, RGB, plain resize to `size` (width, height)."""
-    img = open_image(data, max_pixels)
-    fmt = img.format or "?"
-    orientation = orientation_of(img)
-    swap = orientation in (5, 6, 7, 8)
-    width, height = (img.height, img.width) if swap else img.size
-    # The frame we resize to is the stored one; transposing the small result is cheaper than the big one.
-    target = (size[1], size[0]) if swap else size
-    try:
-        if fmt == "JPEG":
-            # Decode at 1/2, 1/4 or 1/8 scale in libjpeg when the target is that small: 6x faster.
-            img.draft("RGB", target)
-        img.seek(0)  # first frame of an animation
-        img.load()
-        if img.mode != "RGB":
-            img = img.convert("RGB")
-        img = img.resize(target, Image.Resampling.BILINEAR, reducing_gap=3.0)
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise NotAnImage(f"the image data is truncated or corrupt ({e}); send the complete file") from e
-    if orientation != 1:
-        img = img.transpose(_ORIENTATION[orientation])
-    pixels = np.asarray(img, dtype=np.uint8)[np.newaxis, ...]
-    return Decoded(fmt, CONTENT_TYPES.get(fmt, "application/octet-stream"), width, height, pixels)
-
-
-# ---------------------------------------------------------------------------------------------------------
 # Postprocessing (pure)
 # ---------------------------------------------------------------------------------------------------------
 
@@ -432,9 +292,10 @@ def postprocess(
 
 @dataclass
 class Result:
-    decoded: Decoded
+    decoded: imaging.Decoded
     detections: list[Detection]
     timings: dict[str, float]  # milliseconds: preprocess, wait, invoke, postprocess
+    fingerprint: str  # the model and threshold that produced `detections` (Detector.fingerprint)
 
 
 class _Model:
@@ -485,8 +346,12 @@ class Detector:
     """Detects objects in image bytes. Safe to call from many threads.
 
     `pool` interpreters of `threads` CPU threads each serve concurrent callers; while none is free a
-    caller waits. The model is loaded on first use and again whenever the file appears or changes, so a
-    server started without a model starts detecting once `make model` has put one in place.
+    caller waits. The model is loaded on first use and again whenever the file appears or changes (its
+    size or mtime), so a server started without a model starts detecting once `make model` has put one
+    in place, and a better model dropped over the old one is picked up without a restart:
+    - a changed file that loads replaces the model; detections under way finish on the old one;
+    - a changed file that fails to load leaves the last good model serving, and `info()` shows why;
+    - a deleted file leaves the loaded model serving, and `info()` says the file is gone.
     """
 
     def __init__(
@@ -496,7 +361,7 @@ class Detector:
         threshold: float = 0.5,
         threads: int | None = None,
         pool: int | None = None,
-        max_pixels: int = MAX_PIXELS,
+        max_pixels: int = imaging.MAX_PIXELS,
         interpreter_class: Any = None,
     ):
         self.model_path = model_path
@@ -514,6 +379,7 @@ class Detector:
             self.runtime = getattr(interpreter_class, "__module__", "custom")
         self._interpreter_class = interpreter_class
         self._model: _Model | None = None
+        self._model_stat: tuple | None = None  # the file's (mtime, size) when _model was loaded from it
         self._lock = threading.Lock()
         self._failed_stat: tuple | None = None
         self._error: ModelError | None = None
@@ -528,14 +394,18 @@ class Detector:
         return (st.st_mtime_ns, st.st_size)
 
     def load(self) -> _Model:
-        """The loaded model, loading it now if needed; raises ModelMissing or ModelInvalid."""
+        """The model to use now, (re)loading the file if it appeared or changed.
+
+        Raises ModelMissing or ModelInvalid only when there is no good model at all.
+        """
+        stat = self._stat()
         model = self._model
-        if model is not None:
-            return model
+        if model is not None and (stat == self._model_stat or stat is None or stat == self._failed_stat):
+            return model  # unchanged; or gone / known bad, and the last good model keeps serving
         with self._lock:
-            if self._model is not None:
-                return self._model
-            stat = self._stat()
+            model = self._model
+            if model is not None and (stat == self._model_stat or stat is None or stat == self._failed_stat):
+                return model
             if self._error is not None and stat == self._failed_stat:
                 raise self._error  # the same file failed before; do not reload it on every request
             try:
@@ -548,21 +418,25 @@ class Detector:
                         f"no detection model at {self.model_path}; run `make model` (or `python detect.py --fetch`) "
                         "or point DETECT_MODEL at a .tflite detection model"
                     )
-                self._model = _Model(self.model_path, self._interpreter_class, self.pool, self.threads)
+                loaded = _Model(self.model_path, self._interpreter_class, self.pool, self.threads)
             except ModelError as e:
                 self._failed_stat, self._error = stat, e
-                raise
-            self._error = None
+                if model is None:
+                    raise
+                log.error("%s changed but cannot be used (%s); still serving the model loaded before", self.model_path, e)
+                return model
+            self._model, self._model_stat = loaded, stat
+            self._error = self._failed_stat = None
             log.info(
-                "loaded %s (%s, input %dx%d, %d labels, %d interpreter(s) x %d thread(s))",
-                self.model_path, self.runtime, *self._model.size, len(self._model.labels), self.pool, self.threads,
+                "%s %s (%s, input %dx%d, %d labels, %d interpreter(s) x %d thread(s))",
+                "reloaded" if model is not None else "loaded", self.model_path, self.runtime, *loaded.size,
+                len(loaded.labels), self.pool, self.threads,
             )
-            return self._model
+            return loaded
 
     def fingerprint(self, threshold: float | None = None) -> str:
         """What identifies a detection result: the model file's digest and the threshold."""
-        model = self.load()
-        return f"{model.sha256[:16]}@{self.threshold if threshold is None else threshold:g}"
+        return _fingerprint(self.load(), self.threshold if threshold is None else threshold)
 
     @property
     def ready(self) -> bool:
@@ -594,24 +468,33 @@ class Detector:
             model = self.load()
         except ModelError as e:
             out.update(ready=False, error=str(e))
-        else:
-            out["input_size"] = list(model.size)
+            return out
+        out["input_size"] = list(model.size)
+        if self._stat() is None:
+            out["error"] = f"the model file {self.model_path} is gone; still serving the model loaded before"
+        elif self._error is not None:
+            out["error"] = f"{self._error} (still serving the model loaded before)"
         return out
 
     # -- detection ---------------------------------------------------------------------------------------
 
     def detect(self, data: bytes, threshold: float | None = None) -> Result:
         """Decode `data`, run the model and return the detections (see `postprocess`)."""
-        model = self.load()
+        model = self.load()  # this call's model, even if the file is replaced meanwhile
+        threshold = self.threshold if threshold is None else threshold
         t0 = time.perf_counter()
-        decoded = preprocess(data, model.size, self.max_pixels)
+        decoded = imaging.preprocess(data, model.size, self.max_pixels)
         t1 = time.perf_counter()
         wait, invoke, raw = model.invoke(decoded.pixels)
         t2 = time.perf_counter()
-        detections = postprocess(*raw, model.labels, self.threshold if threshold is None else threshold)
+        detections = postprocess(*raw, model.labels, threshold)
         t3 = time.perf_counter()
         timings = {"preprocess": t1 - t0, "wait": wait, "invoke": invoke, "postprocess": t3 - t2}
-        return Result(decoded, detections, {k: v * 1000 for k, v in timings.items()})
+        return Result(decoded, detections, {k: v * 1000 for k, v in timings.items()}, _fingerprint(model, threshold))
+
+
+def _fingerprint(model: _Model, threshold: float) -> str:
+    return f"{model.sha256[:16]}@{threshold:g}"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -658,7 +541,7 @@ def main(argv: Iterable[str] | None = None) -> int:
         except ModelError as e:
             log.error("%s", e)
             return 2
-        except (DetectError, OSError) as e:
+        except (imaging.ImageError, OSError) as e:
             print(json.dumps({"file": photo, "error": str(e)}), flush=True)
             status = 1
             continue

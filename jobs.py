@@ -19,11 +19,10 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import fetch
 import imgur
-import store
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +37,19 @@ class UnknownJob(JobError):
     """No job with that id (never was, or forgotten: finished jobs beyond the bound are dropped)."""
 
 
-class InvalidBatch(JobError):
-    """The list of URLs is not acceptable; `problems` names each bad entry."""
+@dataclass(frozen=True)
+class BatchProblem:
+    """One bad entry of a batch: its position, the value given and why it cannot be used."""
 
-    def __init__(self, message: str, problems: list[str] | None = None):
+    index: int
+    value: Any
+    reason: str
+
+
+class InvalidBatch(JobError):
+    """The list of URLs is not acceptable; `problems` names each bad entry (empty when the batch as a whole is)."""
+
+    def __init__(self, message: str, problems: list[BatchProblem] | None = None):
         super().__init__(message)
         self.problems = problems or []
 
@@ -58,11 +66,6 @@ class Closed(JobError):
     """The service is shutting down and takes no new jobs."""
 
 
-def iso_ms(t: float | None) -> str | None:
-    """A clock reading as the API writes times (store.iso_ms), or None."""
-    return None if t is None else store.iso_ms(int(round(t * 1000)))
-
-
 @dataclass
 class Item:
     url: str
@@ -71,9 +74,6 @@ class Item:
     deletehash: str | None = None
     error: str | None = None
     started: float | None = field(default=None, repr=False)  # monotonic, while a worker has it
-
-    def view(self) -> dict[str, Any]:
-        return {"url": self.url, "status": self.status, "link": self.link, "deletehash": self.deletehash, "error": self.error}
 
 
 @dataclass
@@ -93,21 +93,30 @@ class Job:
             return PENDING
         return IN_PROGRESS
 
-    def view(self) -> dict[str, Any]:
-        """The job as the API shows it (a copy: safe to serialise outside the lock)."""
-        return {
-            "id": self.id,
-            "created": iso_ms(self.created),
-            "finished": iso_ms(self.finished),
-            "status": self.status,
-            "uploaded": {
-                # "still waiting to be processed", as the brief says: not started or under way
-                "pending": [i.url for i in self.items if i.status in (PENDING, IN_PROGRESS)],
-                "complete": [i.link for i in self.items if i.status == COMPLETE],
-                "failed": [i.url for i in self.items if i.status == FAILED],
-            },
-            "items": [i.view() for i in self.items],
-        }
+    def snapshot(self) -> JobView:
+        """A copy of the job as it is now (safe to read outside the lock)."""
+        items = tuple(ItemView(i.url, i.status, i.link, i.deletehash, i.error) for i in self.items)
+        return JobView(self.id, self.created, self.finished, self.status, items)
+
+
+@dataclass(frozen=True)
+class ItemView:
+    url: str
+    status: str
+    link: str | None
+    deletehash: str | None
+    error: str | None
+
+
+@dataclass(frozen=True)
+class JobView:
+    """A job at one moment: times are clock readings (seconds), `finished` None until every URL is done."""
+
+    id: str
+    created: float
+    finished: float | None
+    status: str
+    items: tuple[ItemView, ...]
 
 
 class Jobs:
@@ -151,29 +160,30 @@ class Jobs:
 
     # -- submitting --------------------------------------------------------------------------------------
 
-    def check(self, urls: Any) -> list[str]:
-        """The URLs of a batch, de-duplicated (first kept, order kept); InvalidBatch names each bad entry."""
-        if not isinstance(urls, list):
-            raise InvalidBatch('`urls` must be a JSON array of http(s) URLs: {"urls": ["https://..."]}')
+    def check(self, urls: Sequence[Any]) -> list[str]:
+        """The URLs of a batch, de-duplicated (first kept, order kept); InvalidBatch names each bad entry.
+
+        Every entry is looked at (a bad one past the limit must not slip through), unless the list is
+        absurdly long.
+        """
         if not urls:
-            raise InvalidBatch("`urls` is empty; send between 1 and %d URLs" % self.max_urls)
+            raise InvalidBatch(f"the batch is empty; send between 1 and {self.max_urls:,} URLs")
         if len(urls) > 10 * self.max_urls:  # do not even look through a list that absurd
-            raise InvalidBatch(f"`urls` has {len(urls):,} entries; a job takes at most {self.max_urls:,} URLs")
+            raise InvalidBatch(f"the batch has {len(urls):,} entries; a job takes at most {self.max_urls:,} URLs")
         problems = []
         for n, url in enumerate(urls):
             if not isinstance(url, str):
-                problems.append(f"urls[{n}] is {type(url).__name__ if url is not None else 'null'}, not a string")
+                problems.append(BatchProblem(n, url, f"is {type(url).__name__ if url is not None else 'null'}, not a string"))
                 continue
             try:
                 fetch.check_url(url.strip())
             except fetch.InvalidURL as e:
-                problems.append(f"urls[{n}] ({url[:100]!r}): {e}")
+                problems.append(BatchProblem(n, url, str(e)))
         if problems:
-            shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
-            raise InvalidBatch("some entries of `urls` are not http(s) URLs: " + "; ".join(shown), shown)
+            raise InvalidBatch(f"{len(problems)} of the {len(urls)} entries are not http(s) URLs", problems)
         unique = list(dict.fromkeys(u.strip() for u in urls))
         if len(unique) > self.max_urls:
-            raise InvalidBatch(f"`urls` has {len(unique):,} different URLs; a job takes at most {self.max_urls:,}")
+            raise InvalidBatch(f"the batch has {len(unique):,} different URLs; a job takes at most {self.max_urls:,}")
         return unique
 
     def submit(self, urls: Iterable[str]) -> Job:
@@ -207,12 +217,12 @@ class Jobs:
 
     # -- reading -----------------------------------------------------------------------------------------
 
-    def get(self, job_id: str) -> dict[str, Any]:
+    def get(self, job_id: str) -> JobView:
         with self._lock:
             job = self._jobs.get(job_id)
             if job is None:
                 raise UnknownJob(f"there is no job {job_id!r}; jobs live in memory and a restart forgets them")
-            return job.view()
+            return job.snapshot()
 
     def uploaded(self) -> list[str]:
         """Every Imgur link uploaded since the service started, oldest first."""

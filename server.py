@@ -1,27 +1,31 @@
 """The HTTP layer: the only module that imports Bottle or speaks HTTP.
 
-`make_app(settings, detector=...)` builds the Bottle app from parts handed in; `main()` reads flags and
-environment, builds the parts and serves the app with waitress. Every error, Bottle's own 404/405 and
-unexpected 500s included, leaves as `application/problem+json`; domain errors become HTTP statuses in
-one table, `ERROR_STATUS`.
+`build_parts(settings, **overrides)` builds every part of the service (store, detector, fetcher, ingest,
+Imgur client, jobs) for `main()` and the tests alike; `make_app(settings, parts)` builds the Bottle app
+from them; `main()` reads flags and environment and serves the app with waitress. This module parses
+requests, writes the response JSON of every resource (images and jobs) and serves the page's files.
+Every error, Bottle's own 404/405 and unexpected 500s included, leaves as `application/problem+json`;
+domain errors become HTTP statuses in one table, `ERROR_STATUS`.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import datetime
 import functools
-import hashlib
+import io
 import json
 import logging
 import os
 import re
 import signal
 import sys
+import time
 import urllib.parse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import Any
+from typing import Any, Callable
 
 import bottle
 import waitress
@@ -32,7 +36,9 @@ import waitress.wasyncore
 
 import detect
 import fetch
+import imaging
 import imgur
+import ingest
 import jobs as jobs_mod
 import settings as settings_mod
 import store
@@ -43,9 +49,10 @@ log = logging.getLogger(__name__)
 
 # Domain errors -> HTTP status. The first matching class (in MRO order of the raised error) wins.
 ERROR_STATUS: dict[type[BaseException], int] = {
-    detect.TooManyPixels: 413,
-    detect.NotAnImage: 422,  # UnsupportedFormat included
+    imaging.TooManyPixels: 413,
+    imaging.NotAnImage: 422,  # UnsupportedFormat included
     detect.ModelError: 503,  # ModelMissing, ModelInvalid
+    ingest.InvalidLabel: 400,
     fetch.InvalidURL: 400,
     fetch.BlockedAddress: 400,
     fetch.TooLarge: 413,
@@ -155,17 +162,6 @@ _FALSE = {"false", "0", "off", "no", ""}
 _DATA_URI = re.compile(r"^data:([\w.+-]+/[\w.+-]+)?((?:;[\w-]+=[^;,]*)*)(;base64)?,", re.I)
 
 
-@dataclass
-class NewImageRequest:
-    """POST /images, whichever way it came: exactly one of `data` and `url`."""
-
-    data: bytes | None
-    url: str | None
-    label: str | None
-    detect: bool
-    name: str | None  # file name or URL, for a generated label
-
-
 def _media_type() -> str:
     return (bottle.request.content_type or "").split(";", 1)[0].strip().lower()
 
@@ -193,17 +189,6 @@ def _decode_base64(text: str, max_bytes: int) -> bytes:
     return data
 
 
-def _check_label(label: Any) -> str | None:
-    if label is None:
-        return None
-    if not isinstance(label, str):
-        raise ClientError(400, "`label` must be a string (or left out to have one generated)")
-    label = label.strip()
-    if len(label) > store.LABEL_MAX:
-        raise ClientError(400, f"`label` is {len(label)} characters long; the limit is {store.LABEL_MAX}")
-    return label or None
-
-
 def _check_url(url: Any) -> str:
     if not isinstance(url, str) or not url.strip():
         raise ClientError(400, "`url` must be an http(s) URL string")
@@ -213,6 +198,26 @@ def _check_url(url: Any) -> str:
 
 def _is_json(kind: str) -> bool:
     return kind == "application/json" or kind.endswith("+json")
+
+
+def read_body(limit: int) -> bytes:
+    """The request body, read once into memory, at most `limit` bytes (413 beyond).
+
+    Bottle spools bodies over its class-wide MEMFILE_MAX (100 KB) to a temporary file and refuses them
+    for request.json; raising that limit is process-wide state. Reading the body here instead, bounded by
+    this app's own limit, and handing Bottle the bytes in memory keeps each app's limit its own.
+    """
+    env = bottle.request.environ
+    cached = env.get("bottle.request.body")
+    if cached is None:
+        length = bottle.request.content_length
+        if length > limit:
+            raise ClientError(413, f"the body is larger than {limit:,} bytes; send a smaller image")
+        data = env["wsgi.input"].read(length if length >= 0 else limit + 1) if "wsgi.input" in env else b""
+        if len(data) > limit:
+            raise ClientError(413, f"the body is larger than {limit:,} bytes; send a smaller image")
+        cached = env["wsgi.input"] = env["bottle.request.body"] = io.BytesIO(data)
+    return cached.getvalue()
 
 
 def _json_object(fields: tuple[str, ...], example: str) -> dict[str, Any]:
@@ -229,7 +234,7 @@ def _json_object(fields: tuple[str, ...], example: str) -> dict[str, Any]:
     return body
 
 
-def _read_new_image(max_bytes: int) -> NewImageRequest:
+def _read_new_image(max_bytes: int) -> ingest.Submission:
     kind = _media_type()
     if _is_json(kind):
         body = _json_object(("image", "url", "label", "detect"), '{"image": "<base64>"} or {"url": "https://..."}')
@@ -241,11 +246,11 @@ def _read_new_image(max_bytes: int) -> NewImageRequest:
         want = body.get("detect", False)
         if not isinstance(want, bool):
             raise ClientError(400, "`detect` must be true or false")
-        label = _check_label(body.get("label"))
+        label = ingest.check_label(body.get("label"))
         if "url" in body:
             url = _check_url(url)
-            return NewImageRequest(None, url, label, want, url)
-        return NewImageRequest(_decode_base64(image, max_bytes), None, label, want, None)
+            return ingest.Submission(None, url, label, want, url)
+        return ingest.Submission(_decode_base64(image, max_bytes), None, label, want, None)
     if kind in ("multipart/form-data", "application/x-www-form-urlencoded"):  # a form with only `url` is the latter
         forms, files = bottle.request.forms, bottle.request.files
         upload = files.get("image")
@@ -255,16 +260,16 @@ def _read_new_image(max_bytes: int) -> NewImageRequest:
         raw = (forms.getunicode("detect") or "").strip().lower()
         if raw not in _TRUE | _FALSE:
             raise ClientError(400, "`detect` must be true/1/on or false/0/off")
-        label = _check_label(forms.getunicode("label"))
+        label = ingest.check_label(forms.getunicode("label"))
         if url is not None:
             url = _check_url(url)
-            return NewImageRequest(None, url, label, raw in _TRUE, url)
+            return ingest.Submission(None, url, label, raw in _TRUE, url)
         data = upload.file.read(max_bytes + 1)
         if len(data) > max_bytes:
             raise ClientError(413, f"the image is larger than {max_bytes:,} bytes (MAX_IMAGE_BYTES); send a smaller one")
         if not data:
             raise ClientError(400, "the file part `image` is empty")
-        return NewImageRequest(data, None, label, raw in _TRUE, upload.raw_filename)
+        return ingest.Submission(data, None, label, raw in _TRUE, upload.raw_filename)
     raise ClientError(
         415, f"Content-Type {kind or '(none)'} is not accepted; send application/json or multipart/form-data"
     )
@@ -327,6 +332,26 @@ def _openapi_document() -> dict[str, Any]:
     return doc
 
 
+def iso_ms(ms: int | None) -> str | None:
+    """The API's one time format, ISO 8601 UTC with milliseconds and Z: 2017-12-22T16:48:29.123Z."""
+    if ms is None:
+        return None
+    t = datetime.datetime.fromtimestamp(ms / 1000, tz=datetime.timezone.utc)
+    return t.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
+
+
+def _clock_ms(t: float | None) -> int | None:
+    return None if t is None else int(round(t * 1000))
+
+
+def found_json(d: store.Found) -> dict[str, Any]:
+    return {
+        "label": d.label,
+        "confidence": d.confidence,
+        "box": {"x_min": d.x_min, "y_min": d.y_min, "x_max": d.x_max, "y_max": d.y_max},
+    }
+
+
 def image_json(rec: store.ImageRecord, data: bytes | None = None) -> dict[str, Any]:
     out = {
         "id": rec.id,
@@ -334,19 +359,52 @@ def image_json(rec: store.ImageRecord, data: bytes | None = None) -> dict[str, A
         "label_generated": rec.label_generated,
         "detection_enabled": rec.detection_enabled,
         "objects": rec.objects,
-        "detections": [d.to_dict() for d in rec.detections],
+        "detections": [found_json(d) for d in rec.detections],
         "width": rec.width,
         "height": rec.height,
         "content_type": rec.content_type,
         "size": rec.size,
         "sha256": rec.sha256,
         "source_url": rec.source_url,
-        "created_at": rec.created_at,
+        "created_at": iso_ms(rec.created_ms),
         "file_url": f"/images/{rec.id}/file",
     }
     if data is not None:
         out["data"] = base64.b64encode(data).decode("ascii")
     return out
+
+
+def job_json(job: jobs_mod.JobView) -> dict[str, Any]:
+    items = job.items
+    return {
+        "id": job.id,
+        "created": iso_ms(_clock_ms(job.created)),
+        "finished": iso_ms(_clock_ms(job.finished)),
+        "status": job.status,
+        "uploaded": {
+            # "still waiting to be processed", as the brief says: not started or under way
+            "pending": [i.url for i in items if i.status in (jobs_mod.PENDING, jobs_mod.IN_PROGRESS)],
+            "complete": [i.link for i in items if i.status == jobs_mod.COMPLETE],
+            "failed": [i.url for i in items if i.status == jobs_mod.FAILED],
+        },
+        "items": [
+            {"url": i.url, "status": i.status, "link": i.link, "deletehash": i.deletehash, "error": i.error}
+            for i in items
+        ],
+    }
+
+
+def batch_detail(e: jobs_mod.InvalidBatch) -> str:
+    """An InvalidBatch in the request's own terms: which entries of `urls` are wrong, and why."""
+    if not e.problems:
+        return f"`urls`: {e}"
+    shown = [
+        f"urls[{p.index}] {p.reason}" if not isinstance(p.value, str) else f"urls[{p.index}] ({p.value[:100]!r}): {p.reason}"
+        for p in e.problems[:20]
+    ]
+    if len(e.problems) > 20:
+        shown.append(f"... and {len(e.problems) - 20} more")
+    return "some entries of `urls` are not http(s) URLs: " + "; ".join(shown)
 
 
 def _json(value: Any, status: int = 200, headers: dict[str, str] | None = None) -> bottle.HTTPResponse:
@@ -368,18 +426,78 @@ def _etag_matches(header: str | None, etag: str) -> bool:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def make_app(
-    settings: Any, *, detector: detect.Detector, images: store.Store, fetcher: fetch.Fetcher, jobs: jobs_mod.Jobs
-) -> bottle.Bottle:
-    """Build the WSGI app from its parts. Nothing here touches the network or starts a thread."""
+@dataclass
+class Parts:
+    """Every part of the service, built once by `build_parts` and closed once by `close()`."""
+
+    settings: Any
+    images: store.Store
+    detector: detect.Detector
+    fetcher: fetch.Fetcher
+    ingest: ingest.Ingest
+    jobs: jobs_mod.Jobs
+    uploader: imgur.ImgurClient | None = None
+    closers: list[Callable[[], Any]] = field(default_factory=list, repr=False)
+
+    def close(self, jobs_timeout: float = 10.0) -> None:
+        """Stop the upload jobs (waiting for uploads under way, up to a deadline) and close the database."""
+        self.jobs.close(timeout=jobs_timeout)  # logs what it abandoned; closes the Imgur client
+        self.images.shutdown()
+
+
+def build_parts(
+    settings: Any,
+    *,
+    detector: detect.Detector | None = None,
+    uploader: imgur.ImgurClient | None | bool = True,
+    now: Callable[[], float] = time.time,
+    resolve: Callable[..., Any] | None = None,
+    connect: Callable[..., Any] | None = None,
+) -> Parts:
+    """Build every part from `settings`; the keyword arguments are the seams tests use.
+
+    `detector`: a ready Detector (tests share one loaded model); `uploader`: an ImgurClient, None for
+    uploads off, or True to build one from the IMGUR_* settings; `now`: the jobs' clock; `resolve` and
+    `connect`: fetch.Fetcher's DNS and socket seams. Raises store.StoreError or OSError when the
+    database cannot be opened.
+    """
+    if detector is None:
+        detector = detect.Detector(
+            settings.model, threshold=settings.detect_threshold, threads=settings.detect_threads,
+            max_pixels=settings.max_pixels,
+        )
+    images = store.Store(settings.db)
+    fetcher = fetch.Fetcher(
+        max_bytes=settings.max_image_bytes, allow_private=settings.allow_private_urls,
+        timeout=settings.fetch_timeout, resolve=resolve, connect=connect,
+    )
+    if uploader is True:
+        uploader = None
+        if settings.imgur_client_id:
+            uploader = imgur.ImgurClient(
+                client_id=settings.imgur_client_id,
+                client_secret=settings.imgur_client_secret,
+                refresh_token=settings.imgur_refresh_token,
+                api_url=settings.imgur_api_url,
+            )
+    jobs = jobs_mod.Jobs(
+        uploader=uploader or None, fetcher=fetcher, workers=settings.upload_workers, max_urls=settings.job_max_urls,
+        max_backlog=settings.upload_backlog, keep_finished=settings.jobs_kept, now=now,
+    )
+    pipeline = ingest.Ingest(images=images, detector=detector, fetcher=fetcher, max_pixels=settings.max_pixels)
+    return Parts(settings, images, detector, fetcher, pipeline, jobs, uploader or None)
+
+
+def make_app(settings: Any, parts: Parts) -> bottle.Bottle:
+    """Build the WSGI app from its parts. Nothing here touches the network or starts a thread, and
+    nothing changes Bottle's process-wide state: each app keeps its own limits."""
     app = bottle.Bottle()
     app.config["imgsvc.settings"] = settings
     app.default_error_handler = _bottle_error
     app.install(_json_errors)
-    # Bottle refuses bodies over MEMFILE_MAX (100 KB by default) for request.json and forms; a base64
-    # photo is megabytes. This is a class attribute in Bottle, so it holds for the whole process.
-    bottle.BaseRequest.MEMFILE_MAX = body_limit(settings)
     max_bytes = settings.max_image_bytes
+    limit = body_limit(settings)
+    images, detector, jobs = parts.images, parts.detector, parts.jobs
 
     @app.hook("before_request")
     def _connect():
@@ -400,46 +518,13 @@ def make_app(
 
     @app.post("/images")
     def create_image():
-        if (bottle.request.content_length or 0) > body_limit(settings):
-            raise ClientError(413, f"the body is larger than {body_limit(settings):,} bytes; send a smaller image")
+        if (bottle.request.content_length or 0) > limit:
+            raise ClientError(413, f"the body is larger than {limit:,} bytes; send a smaller image")
         include = bottle.request.query.get("include")
         if include not in (None, "data"):  # checked first: a failed request stores nothing
             raise ClientError(400, "`include` takes one value, data (to return the stored bytes as base64)")
-        req = _read_new_image(max_bytes)
-        if req.detect:
-            detector.load()  # 503 now, before any download, when there is no model
-        source_url = None
-        if req.url is not None:
-            download = fetcher.fetch(req.url)
-            data, source_url = download.data, req.url
-        else:
-            data = req.data
-        sha256 = hashlib.sha256(data).hexdigest()
-        found: tuple[store.Found, ...] = ()
-        detected_with = None
-        if req.detect:
-            detected_with = detector.fingerprint()
-            cached = images.cached_detections(sha256, detected_with)
-            if cached is None:
-                result = detector.detect(data)
-                decoded = result.decoded
-                found = tuple(
-                    store.Found(d.label, d.confidence, d.box.x_min, d.box.y_min, d.box.x_max, d.box.y_max)
-                    for d in result.detections
-                )
-            else:
-                decoded, found = detect.inspect(data), cached
-        else:
-            decoded = detect.inspect(data)
-        label, generated = store.make_label(req.label, found, req.name, sha256)
-        rec = images.add(
-            store.NewImage(
-                data=data, sha256=sha256, content_type=decoded.content_type, width=decoded.width,
-                height=decoded.height, label=label, label_generated=generated, detection_enabled=req.detect,
-                detections=found, detected_with=detected_with, source_url=source_url,
-            )
-        )
-        log.info("stored image %d (%s, %d bytes, %d objects)", rec.id, rec.content_type, rec.size, len(found))
+        read_body(limit)
+        rec, data = parts.ingest.add(_read_new_image(max_bytes))
         body = image_json(rec, data if include == "data" else None)
         return _json(body, headers={"Location": f"/images/{rec.id}"})
 
@@ -502,13 +587,21 @@ def make_app(
             raise imgur.NotConfigured("Imgur uploads are off: set IMGUR_CLIENT_ID (see README) and restart the service")
         if not _is_json(_media_type()):
             raise ClientError(415, 'send application/json: {"urls": ["https://..."]}')
+        read_body(limit)
         body = _json_object(("urls",), '{"urls": ["https://...", ...]}')
-        job = jobs.submit(jobs.check(body.get("urls")))
+        urls = body.get("urls")
+        if not isinstance(urls, list):
+            raise ClientError(400, '`urls` must be a JSON array of http(s) URLs: {"urls": ["https://..."]}')
+        try:
+            checked = jobs.check(urls)
+        except jobs_mod.InvalidBatch as e:
+            raise ClientError(400, batch_detail(e)) from None
+        job = jobs.submit(checked)
         return _json({"jobId": job.id}, status=202, headers={"Location": f"/v1/images/upload/{job.id}"})
 
     @app.get("/v1/images/upload/<jobId>")
     def get_job(jobId):  # noqa: N803 - documented as {jobId}, as the brief writes it
-        return jobs.get(jobId)
+        return job_json(jobs.get(jobId))
 
     @app.get("/v1/images")
     def uploaded_links():
@@ -589,43 +682,30 @@ def main(argv: list[str] | None = None) -> int:
     except settings_mod.SettingError as e:
         print(f"server.py: {e}", file=sys.stderr)
         return 2
-    detector = detect.Detector(settings.model, threshold=settings.detect_threshold, threads=settings.detect_threads)
-    if not detector.ready:
-        log.warning("object detection is unavailable until a model is present: %s", detector.error)
     try:
-        images = store.Store(settings.db)
+        parts = build_parts(settings)
     except (store.StoreError, OSError) as e:
         log.error("cannot open the database %s: %s", settings.db, e)
         return 1
-    fetcher = fetch.Fetcher(max_bytes=settings.max_image_bytes, allow_private=settings.allow_private_urls)
-    uploader = None
-    if settings.imgur_client_id:
-        uploader = imgur.ImgurClient(
-            client_id=settings.imgur_client_id,
-            client_secret=settings.imgur_client_secret,
-            refresh_token=settings.imgur_refresh_token,
-            api_url=settings.imgur_api_url,
-        )
-        log.info("Imgur uploads on (%s)", "to the account" if uploader.account else "anonymous")
+    if not parts.detector.ready:
+        log.warning("object detection is unavailable until a model is present: %s", parts.detector.error)
+    if parts.uploader is not None:
+        log.info("Imgur uploads on (%s)", "to the account" if parts.uploader.account else "anonymous")
     else:
         log.info("Imgur uploads off: IMGUR_CLIENT_ID is unset")
-    jobs = jobs_mod.Jobs(
-        uploader=uploader, fetcher=fetcher, workers=settings.upload_workers, max_urls=settings.job_max_urls,
-        max_backlog=settings.upload_backlog, keep_finished=settings.jobs_kept,
-    )
-    app = make_app(settings, detector=detector, images=images, fetcher=fetcher, jobs=jobs)
+    app = make_app(settings, parts)
     server = waitress.create_server(
         app,
         host=settings.host,
         port=settings.port,
-        threads=8,
+        threads=settings.waitress_threads,
         max_request_body_size=body_limit(settings),
         # waitress stops accepting at connection_limit (default 100), and a client sending one header
         # byte a second never looks idle: 100 such sockets locked everyone else out (bench/soak.py).
         # Idle channels cost waitress little; poll() because select() stops at descriptor 1024.
-        connection_limit=1000,
+        connection_limit=settings.connection_limit,
         asyncore_use_poll=True,
-        channel_timeout=60,
+        channel_timeout=settings.channel_timeout,
         ident="imgsvc",
     )
     # One listening socket gives one server; a host name with several addresses gives one per address.
@@ -645,8 +725,7 @@ def main(argv: list[str] | None = None) -> int:
         log.info("stopping on %s", e)
     finally:
         server.close()
-        jobs.close()  # waits for uploads under way, up to a deadline, and logs what it abandoned
-        images.shutdown()
+        parts.close()  # waits for uploads under way, up to a deadline, and logs what it abandoned
     return 0
 
 

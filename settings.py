@@ -1,7 +1,9 @@
 """Every setting of the service, declared once.
 
-Each `Setting` has its environment variable, optional command-line flag, default and help line; the
-README table and `python server.py --help` are both made from `SETTINGS`, and a test keeps README true.
+`Settings` is a frozen dataclass: each field carries its environment variable, optional command-line
+flag, default and help line, so a type checker sees every setting. `SETTINGS`, the list that
+`python server.py --help` and README's table (`markdown_table()`, held to README by a test) come from,
+is derived from it.
 Flags win over the environment, which wins over the default.
 """
 
@@ -9,8 +11,8 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass, field, make_dataclass
-from typing import Any, Callable
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Mapping
 
 
 class SettingError(ValueError):
@@ -54,15 +56,24 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:  # also refuses nan
+        raise ValueError(f"expected a number > 0, got {text!r}")
+    return value
+
+
 def _str(text: str) -> str:
     return text
 
 
 @dataclass(frozen=True)
 class Setting:
-    name: str  # attribute on Settings
+    """How one field of `Settings` is read: its environment variable, flag, parser and help line."""
+
+    name: str  # the attribute on Settings
     env: str
-    default: Any
+    default: Any  # a value, or a callable computed when Settings is made
     help: str
     flag: str | None = None
     parse: Callable[[str], Any] = _str
@@ -77,88 +88,102 @@ def _cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-SETTINGS: tuple[Setting, ...] = (
-    Setting("host", "HOST", "127.0.0.1", "Address to listen on; 0.0.0.0 to serve the LAN.", flag="--host"),
-    Setting("port", "PORT", 8080, "TCP port to listen on.", flag="--port", parse=_port),
-    Setting("db", "IMAGES_DB", "data/images.db", "SQLite file holding images, bytes and detections.", flag="--db"),
-    Setting(
-        "model",
-        "DETECT_MODEL",
-        "models/efficientdet_lite0.tflite",
-        "TFLite detection model (a path). `make model` fetches the default.",
-        flag="--model",
-    ),
-    Setting(
-        "detect_threshold",
-        "DETECT_THRESHOLD",
-        0.5,
-        "Lowest confidence a detection needs to be reported (0..1].",
-        parse=_fraction,
-    ),
-    Setting(
-        "detect_threads",
-        "DETECT_THREADS",
-        _cpu_count,
-        "CPU threads for inference; also how many detections run at once.",
+def _setting(env: str, default: Any, help: str, **spec: Any) -> Any:
+    """A dataclass field of Settings that carries its Setting (the name is filled in from the field)."""
+    meta = {"setting": dict(env=env, default=default, help=help, **spec)}
+    if callable(default):
+        return field(default_factory=default, metadata=meta)
+    return field(default=default, metadata=meta, repr=not spec.get("secret", False))
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting of the service: the one declaration. README's table and --help are made from it."""
+
+    host: str = _setting("HOST", "127.0.0.1", "Address to listen on; 0.0.0.0 to serve the LAN.", flag="--host")
+    port: int = _setting("PORT", 8080, "TCP port to listen on (0 picks a free one and logs it).", flag="--port", parse=_port)
+    db: str = _setting(
+        "IMAGES_DB", "data/images.db", "SQLite file holding images, bytes and detections (created with its folder).",
+        flag="--db",
+    )
+    model: str = _setting(
+        "DETECT_MODEL", "models/efficientdet_lite0.tflite",
+        "TFLite detection model (a path). `make model` fetches the default.", flag="--model",
+    )
+    detect_threshold: float = _setting(
+        "DETECT_THRESHOLD", 0.5, "Lowest confidence a detection needs to be reported (0..1].", parse=_fraction
+    )
+    detect_threads: int = _setting(
+        "DETECT_THREADS", _cpu_count, "CPU threads for inference; also how many detections run at once.",
+        parse=_positive_int, default_doc="number of CPU cores",
+    )
+    max_pixels: int = _setting(
+        "MAX_PIXELS", 50_000_000,
+        "Largest image accepted, in pixels, checked from its header before decoding (413 beyond).",
         parse=_positive_int,
-        default_doc="number of CPU cores",
-    ),
-    Setting("imgur_client_id", "IMGUR_CLIENT_ID", "", "Imgur application client id; uploads are off while unset.", secret=True),
-    Setting(
-        "imgur_client_secret",
-        "IMGUR_CLIENT_SECRET",
-        "",
-        "Imgur client secret; with IMGUR_REFRESH_TOKEN, uploads go to that account.",
+    )
+    imgur_client_id: str = _setting(
+        "IMGUR_CLIENT_ID", "", "Imgur application client id; uploads are off while unset.", secret=True
+    )
+    imgur_client_secret: str = _setting(
+        "IMGUR_CLIENT_SECRET", "", "Imgur client secret; with IMGUR_REFRESH_TOKEN, uploads go to that account.",
         secret=True,
-    ),
-    Setting("imgur_refresh_token", "IMGUR_REFRESH_TOKEN", "", "Imgur OAuth refresh token of the account.", secret=True),
-    Setting("imgur_api_url", "IMGUR_API_URL", "https://api.imgur.com", "Base URL of the Imgur API."),
-    Setting(
-        "allow_private_urls",
-        "ALLOW_PRIVATE_URLS",
-        False,
+    )
+    imgur_refresh_token: str = _setting("IMGUR_REFRESH_TOKEN", "", "Imgur OAuth refresh token of the account.", secret=True)
+    imgur_api_url: str = _setting("IMGUR_API_URL", "https://api.imgur.com", "Base URL of the Imgur API.")
+    allow_private_urls: bool = _setting(
+        "ALLOW_PRIVATE_URLS", False,
         "Let URL downloads reach loopback/LAN addresses (tests, trusted LANs). Size and time limits stay.",
-        flag="--allow-private-urls",
-        parse=_bool,
-    ),
-    Setting(
-        "max_image_bytes",
-        "MAX_IMAGE_BYTES",
-        20 * 1024 * 1024,
-        "Largest image accepted, uploaded or downloaded, in bytes.",
+        flag="--allow-private-urls", parse=_bool,
+    )
+    max_image_bytes: int = _setting(
+        "MAX_IMAGE_BYTES", 20 * 1024 * 1024, "Largest image accepted, uploaded or downloaded, in bytes.",
         parse=_positive_int,
-    ),
-    Setting("upload_workers", "UPLOAD_WORKERS", 4, "Threads uploading to Imgur; 0 runs uploads inline (tests).", parse=_non_negative_int),
-    Setting("job_max_urls", "JOB_MAX_URLS", 1000, "Most URLs one upload job may hold (after duplicates are removed).", parse=_positive_int),
-    Setting(
-        "upload_backlog",
-        "UPLOAD_BACKLOG",
-        5000,
+    )
+    fetch_timeout: float = _setting(
+        "FETCH_TIMEOUT", 10, "Seconds one URL download may take in all (connect, redirects, body).",
+        parse=_positive_float,
+    )
+    upload_workers: int = _setting(
+        "UPLOAD_WORKERS", 4, "Threads uploading to Imgur; 0 runs uploads inline (tests).", parse=_non_negative_int
+    )
+    job_max_urls: int = _setting(
+        "JOB_MAX_URLS", 1000, "Most URLs one upload job may hold (after duplicates are removed).", parse=_positive_int
+    )
+    upload_backlog: int = _setting(
+        "UPLOAD_BACKLOG", 5000,
         "Most URLs waiting or under way across all jobs; past it, new jobs get 503 with Retry-After.",
         parse=_positive_int,
-    ),
-    Setting("jobs_kept", "JOBS_KEPT", 1000, "Finished jobs remembered; older ones are forgotten first.", parse=_positive_int),
-)
+    )
+    jobs_kept: int = _setting(
+        "JOBS_KEPT", 1000, "Finished jobs remembered; older ones are forgotten first.", parse=_positive_int
+    )
+    waitress_threads: int = _setting(
+        "WAITRESS_THREADS", 8, "Threads answering HTTP requests.", parse=_positive_int
+    )
+    connection_limit: int = _setting(
+        "CONNECTION_LIMIT", 1000, "Most client connections open at once; waitress stops accepting beyond it.",
+        parse=_positive_int,
+    )
+    channel_timeout: int = _setting(
+        "CHANNEL_TIMEOUT", 60, "Seconds a client connection may stay silent before it is closed.", parse=_positive_int
+    )
 
+    def public(self) -> dict[str, Any]:
+        """The settings safe to show or log (secrets reduced to whether they are set)."""
+        return {s.name: bool(v) if s.secret else v for s in SETTINGS for v in [getattr(self, s.name)]}
+
+
+SETTINGS: tuple[Setting, ...] = tuple(Setting(name=f.name, **f.metadata["setting"]) for f in fields(Settings))
 _BY_NAME = {s.name: s for s in SETTINGS}
 
 
-def _settings_public(self) -> dict[str, Any]:
-    """The settings safe to show or log (secrets reduced to whether they are set)."""
-    return {s.name: bool(v) if s.secret else v for s in SETTINGS for v in [getattr(self, s.name)]}
-
-
-# The one place defaults live is SETTINGS; the dataclass is made from it. A callable default is computed
-# when the Settings is made (the CPU count of the machine it runs on).
-Settings = make_dataclass(
-    "Settings",
-    [
-        (s.name, Any, field(default_factory=s.default) if callable(s.default) else field(default=s.default, repr=not s.secret))
-        for s in SETTINGS
-    ],
-    frozen=True,
-    namespace={"public": _settings_public, "__doc__": "Resolved settings; attribute names are SETTINGS' names."},
-)
+def markdown_table() -> str:
+    """README's settings table, made from SETTINGS (a test holds README to it exactly)."""
+    rows = ["| variable | flag | default | meaning |", "|---|---|---|---|"]
+    for s in SETTINGS:
+        rows.append(f"| `{s.env}` | {f'`{s.flag}`' if s.flag else ''} | {default_text(s)} | {s.help} |")
+    return "\n".join(rows)
 
 
 def _parse(setting: Setting, text: str) -> Any:
@@ -198,7 +223,7 @@ def default_text(s: Setting) -> str:
     return str(s.default)
 
 
-def load(argv: list[str] | None = None, environ: dict[str, str] | None = None, **overrides: Any) -> Settings:
+def load(argv: list[str] | None = None, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
     """Settings from flags (`argv`), then `environ`, then defaults; `overrides` win over all (tests)."""
     environ = os.environ if environ is None else environ
     values: dict[str, Any] = {}
@@ -217,3 +242,13 @@ def load(argv: list[str] | None = None, environ: dict[str, str] | None = None, *
     if unknown:
         raise SettingError(f"unknown setting(s): {', '.join(sorted(unknown))}")
     return Settings(**values)
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] == ["--markdown"]:
+        print(markdown_table())  # command-line output: README's settings table
+    else:
+        print("usage: python settings.py --markdown   (prints README's settings table)", file=sys.stderr)
+        sys.exit(2)

@@ -1,4 +1,4 @@
-"""Images, their bytes and their detections in one SQLite file (Peewee).
+"""Images, their bytes and their detections in one database (Peewee), SQLite by default.
 
 One file holds everything, so a backup is one copy. WAL with synchronous=FULL: an acknowledged image
 survives a power cut (a Pi gets unplugged). Writes take the write lock up front (BEGIN IMMEDIATE) so two
@@ -6,23 +6,25 @@ writers queue on the busy timeout instead of failing half-way. Bytes live in the
 sha256, stored once however many images use them; listing never reads them. Detections live in their
 own table, indexed by (name, image) so `objects=dog` walks an index newest first.
 
-The database is late-bound (peewee's `SqliteDatabase(None)` + `init()`): `Store(path)` opens it. Peewee
-keeps one connection per thread; request threads connect and close around each request (server.py's
-hooks), worker threads use `store.connection()`.
+A `Store` owns its database object: `Store(target)` asks `open_backend()` for the backend that serves
+`target` (today a SQLite file path) and binds its own table classes to that backend's database, so two
+stores on two files in one process are independent. Everything SQLite-specific (pragmas, WAL,
+AUTOINCREMENT, busy handling, what its errors mean) lives in `SqliteBackend`. Peewee keeps one
+connection per thread; request threads connect and close around each request (server.py's hooks),
+worker threads use `store.connection()`. The store returns domain records (`ImageRecord`, `Found`) and
+writes no API JSON.
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime
 import logging
 import os
 import re
 import time
-import urllib.parse
-from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, Sequence
+from types import SimpleNamespace
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import peewee as pw
 from playhouse.pool import PooledSqliteDatabase
@@ -31,12 +33,6 @@ from playhouse.sqlite_ext import AutoIncrementField
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 2  # 2: image ids are never reused (AUTOINCREMENT)
-LABEL_MAX = 200
-
-# A pool: a request's close() hands its connection back instead of closing it. Closing SQLite's last
-# connection checkpoints and deletes the WAL (a second fsync per write), and reopening costs the pragmas
-# again; both were measurable in bench/api.py.
-db = PooledSqliteDatabase(None)
 
 
 class StoreError(Exception):
@@ -56,68 +52,6 @@ class StoreUnavailable(StoreError):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Schema
-# ---------------------------------------------------------------------------------------------------------
-
-
-class _Base(pw.Model):
-    class Meta:
-        database = db
-        legacy_table_names = False
-
-
-class Setting(_Base):
-    """Key/value facts about the database itself (the schema version)."""
-
-    key = pw.TextField(primary_key=True)
-    value = pw.TextField()
-
-
-class Blob(_Base):
-    sha256 = pw.FixedCharField(64, primary_key=True)
-    data = pw.BlobField()
-
-
-class Image(_Base):
-    # AUTOINCREMENT: a plain INTEGER PRIMARY KEY hands out the largest id again once it is deleted, and
-    # /images/{id}/file is served as immutable, so an id must never name other bytes later.
-    id = AutoIncrementField()
-    sha256 = pw.FixedCharField(64, index=True)
-    label = pw.TextField()
-    label_generated = pw.BooleanField()
-    detection_enabled = pw.BooleanField()
-    # What produced the detections (model file digest and threshold), so identical bytes analysed the
-    # same way reuse them instead of running the model again.
-    detected_with = pw.TextField(null=True)
-    content_type = pw.TextField()
-    size = pw.IntegerField()
-    width = pw.IntegerField()
-    height = pw.IntegerField()
-    source_url = pw.TextField(null=True)
-    created_ms = pw.BigIntegerField()  # milliseconds since the epoch, UTC
-
-
-class Detection(_Base):
-    image = pw.ForeignKeyField(Image, on_delete="CASCADE", backref="detections", index=False)
-    name = pw.TextField()  # the label, lower-cased: what objects= searches
-    label = pw.TextField()
-    confidence = pw.FloatField()
-    x_min = pw.FloatField()
-    y_min = pw.FloatField()
-    x_max = pw.FloatField()
-    y_max = pw.FloatField()
-
-    class Meta:
-        indexes = (
-            (("image", "confidence"), False),  # an image's detections, and the cascade on delete
-            (("name", "image", "confidence"), False),  # objects=: walk one name newest first
-        )
-
-
-MODELS = (Setting, Blob, Image, Detection)
-
-
-# ---------------------------------------------------------------------------------------------------------
 # Records
 # ---------------------------------------------------------------------------------------------------------
 
@@ -132,13 +66,6 @@ class Found:
     y_min: float
     x_max: float
     y_max: float
-
-    def to_dict(self) -> dict:
-        return {
-            "label": self.label,
-            "confidence": self.confidence,
-            "box": {"x_min": self.x_min, "y_min": self.y_min, "x_max": self.x_max, "y_max": self.y_max},
-        }
 
 
 @dataclass(frozen=True)
@@ -156,6 +83,7 @@ class NewImage:
     detections: Sequence[Found] = ()
     detected_with: str | None = None
     source_url: str | None = None
+    created_ms: int | None = None  # None: now (by the store's clock)
 
 
 @dataclass(frozen=True)
@@ -170,87 +98,79 @@ class ImageRecord:
     width: int
     height: int
     source_url: str | None
-    created_ms: int
+    created_ms: int  # milliseconds since the epoch, UTC
     detections: tuple[Found, ...] = field(default=())
 
     @property
     def objects(self) -> list[str]:
         return sorted({d.label for d in self.detections})
 
-    @property
-    def created_at(self) -> str:
-        return iso_ms(self.created_ms)
-
-
-def iso_ms(ms: int) -> str:
-    """ISO 8601 UTC with milliseconds and Z: 2017-12-22T16:48:29.123Z."""
-    t = datetime.datetime.fromtimestamp(ms / 1000, tz=datetime.timezone.utc)
-    return t.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
-
 
 # ---------------------------------------------------------------------------------------------------------
-# Labels
-# ---------------------------------------------------------------------------------------------------------
-
-_IRREGULAR = {"person": "people", "mouse": "mice", "knife": "knives", "sheep": "sheep", "skis": "skis", "scissors": "scissors"}
-
-
-def plural(noun: str) -> str:
-    head, _, last = noun.rpartition(" ")
-    if last in _IRREGULAR:
-        word = _IRREGULAR[last]
-    elif re.search(r"(s|x|z|ch|sh)$", last):
-        word = last + "es"
-    elif re.search(r"[^aeiou]y$", last):
-        word = last[:-1] + "ies"
-    else:
-        word = last + "s"
-    return f"{head} {word}" if head else word
-
-
-def describe(labels: Iterable[str], most: int = 3) -> str | None:
-    """A readable phrase for what was found: "2 dogs", "person and dog", "3 people, kite and 2 more"."""
-    counts = Counter(labels)
-    if not counts:
-        return None
-    # Most frequent first; ties keep the order of first appearance (detections come highest confidence first).
-    parts = [name if n == 1 else f"{n} {plural(name)}" for name, n in counts.most_common()]
-    if len(parts) > most:
-        rest = len(parts) - (most - 1)
-        parts = parts[: most - 1] + [f"{rest} more"]
-    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
-
-
-def name_hint(name: str | None) -> str | None:
-    """A label from a file name or a URL's last path segment: "golden-retriever.jpg" -> "golden-retriever"."""
-    if not name:
-        return None
-    if "://" in name:
-        name = urllib.parse.urlsplit(name).path.rstrip("/").rpartition("/")[2]
-    name = urllib.parse.unquote(name.replace("\\", "/").rpartition("/")[2])
-    stem, dot, ext = name.rpartition(".")
-    if dot and stem and 1 <= len(ext) <= 5:
-        name = stem
-    name = " ".join(name.split()).strip(" .")
-    return name[:LABEL_MAX] or None
-
-
-def make_label(user: str | None, found: Sequence[Found], hint: str | None, sha256: str) -> tuple[str, bool]:
-    """(label, generated): the user's, else what was found, else the name, else "untitled <sha8>"."""
-    if user is not None and user.strip():
-        return user.strip()[:LABEL_MAX], False
-    return describe(d.label for d in found) or name_hint(hint) or f"untitled {sha256[:8]}", True
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The store
+# Schema: table classes made per database, so each Store binds its own
 # ---------------------------------------------------------------------------------------------------------
 
 
-_FULL = re.compile(r"database or disk is full", re.I)
+def _tables(database: pw.Database, id_field: Callable[[], pw.Field]) -> SimpleNamespace:
+    class _Base(pw.Model):
+        class Meta:
+            legacy_table_names = False
+
+    _Base._meta.set_database(database)
+
+    class Setting(_Base):
+        """Key/value facts about the database itself (the schema version)."""
+
+        key = pw.TextField(primary_key=True)
+        value = pw.TextField()
+
+    class Blob(_Base):
+        sha256 = pw.FixedCharField(64, primary_key=True)
+        data = pw.BlobField()
+
+    class Image(_Base):
+        # Ids are never reused: /images/{id}/file is served as immutable, so an id must never name other
+        # bytes later (the backend's id field: AUTOINCREMENT on SQLite).
+        id = id_field()
+        sha256 = pw.FixedCharField(64, index=True)
+        label = pw.TextField()
+        label_generated = pw.BooleanField()
+        detection_enabled = pw.BooleanField()
+        # What produced the detections (model file digest and threshold), so identical bytes analysed the
+        # same way reuse them instead of running the model again.
+        detected_with = pw.TextField(null=True)
+        content_type = pw.TextField()
+        size = pw.IntegerField()
+        width = pw.IntegerField()
+        height = pw.IntegerField()
+        source_url = pw.TextField(null=True)
+        created_ms = pw.BigIntegerField()  # milliseconds since the epoch, UTC
+
+    class Detection(_Base):
+        image = pw.ForeignKeyField(Image, on_delete="CASCADE", backref="detections", index=False)
+        name = pw.TextField()  # the label, lower-cased: what objects= searches
+        label = pw.TextField()
+        confidence = pw.FloatField()
+        x_min = pw.FloatField()
+        y_min = pw.FloatField()
+        x_max = pw.FloatField()
+        y_max = pw.FloatField()
+
+        class Meta:
+            indexes = (
+                (("image", "confidence"), False),  # an image's detections, and the cascade on delete
+                (("name", "image", "confidence"), False),  # objects=: walk one name newest first
+            )
+
+    return SimpleNamespace(Setting=Setting, Blob=Blob, Image=Image, Detection=Detection, all=(Setting, Blob, Image, Detection))
 
 
-def _chain(e: BaseException) -> Iterator[BaseException]:
+# ---------------------------------------------------------------------------------------------------------
+# Backends
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _chain(e: BaseException | None) -> Iterator[BaseException]:
     seen = set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
@@ -258,42 +178,23 @@ def _chain(e: BaseException) -> Iterator[BaseException]:
         e = e.__cause__ or e.__context__
 
 
-def _translate(e: pw.DatabaseError) -> StoreError:
-    # On a full disk SQLite rolls the transaction back itself; peewee's own ROLLBACK then fails ("no
-    # transaction is active") and that error hides the real one, which is still in the chain.
-    texts = [str(x) for x in _chain(e)]
-    text = texts[0]
-    if any(_FULL.search(t) for t in texts):
-        return StoreFull("the disk holding the database is full; free some space and try again")
-    if "locked" in text or "busy" in text:
-        return StoreUnavailable("the database is busy; try again in a moment")
-    return StoreUnavailable(f"the database cannot be used: {text}")
+class SqliteBackend:
+    """One SQLite file: pooled connections, WAL, synchronous=FULL, a busy timeout, AUTOINCREMENT ids."""
 
+    name = "sqlite"
+    _FULL = re.compile(r"database or disk is full", re.I)
 
-@contextlib.contextmanager
-def _errors() -> Iterator[None]:
-    try:
-        yield
-    except (pw.OperationalError, pw.DatabaseError) as e:
-        if isinstance(e, pw.IntegrityError):
-            raise
-        raise _translate(e) from e
-
-
-class Store:
-    """The image store. Thread-safe: peewee gives each thread its own connection."""
-
-    def __init__(self, path: str, *, now: Callable[[], float] = time.time, busy_timeout_ms: int = 10_000):
+    def __init__(self, path: str, *, busy_timeout_ms: int = 10_000, max_connections: int = 64):
         self.path = path
-        self.now = now
+        self.description = path
         folder = os.path.dirname(os.path.abspath(path))
         os.makedirs(folder, exist_ok=True)
-        # init() keeps pooled connections, which would still point at a previous file: drop them.
-        if not db.deferred:
-            db.close_all()
-        db.init(
+        # A pool: a request's close() hands its connection back instead of closing it. Closing SQLite's
+        # last connection checkpoints and deletes the WAL (a second fsync per write), and reopening costs
+        # the pragmas again; both were measurable in bench/api.py.
+        self.database = PooledSqliteDatabase(
             path,
-            max_connections=64,  # more than waitress' threads plus the upload workers
+            max_connections=max_connections,  # more than waitress' threads plus the upload workers
             stale_timeout=600,
             check_same_thread=False,  # pooled connections move between threads, one thread at a time
             pragmas={
@@ -304,35 +205,131 @@ class Store:
                 "cache_size": -8000,  # 8 MB page cache per connection
             },
         )
+
+    id_field = staticmethod(AutoIncrementField)
+
+    def write(self) -> Any:
+        """A write transaction that holds the write lock from its start (writers queue, never fail half-way)."""
+        return self.database.atomic("IMMEDIATE")
+
+    def translate(self, e: pw.DatabaseError) -> StoreError:
+        # On a full disk SQLite rolls the transaction back itself; peewee's own ROLLBACK then fails ("no
+        # transaction is active") and that error hides the real one, which is still in the chain.
+        texts = [str(x) for x in _chain(e)]
+        text = texts[0]
+        if any(self._FULL.search(t) for t in texts):
+            return StoreFull("the disk holding the database is full; free some space and try again")
+        if "locked" in text or "busy" in text:
+            return StoreUnavailable("the database is busy; try again in a moment")
+        return StoreUnavailable(f"the database cannot be used: {text}")
+
+    def next_id(self) -> int:
+        """The id the next image gets (inside a write transaction): past every id ever handed out."""
+        seq = self.database.execute_sql("SELECT seq FROM sqlite_sequence WHERE name = 'image'").fetchone()
+        top = self.database.execute_sql("SELECT MAX(id) FROM image").fetchone()
+        return max(seq[0] if seq else 0, top[0] or 0) + 1
+
+    def migrate_v1_to_v2(self, tables: SimpleNamespace) -> None:
+        """Rebuild `image` with AUTOINCREMENT (SQLite cannot alter a primary key), keeping every id."""
+        db = self.database
+        log.info("migrating %s to schema version 2 (image ids never reused)", self.path)
+
+        class ImageV2(tables.Image):
+            class Meta:
+                table_name = "image_v2"
+
+        # Off for the swap: dropping the old table must not cascade to the detections. Outside the
+        # transaction, because SQLite ignores this pragma inside one.
+        db.execute_sql("PRAGMA foreign_keys = OFF")
+        try:
+            with self.write():
+                ImageV2.create_table()
+                columns = ", ".join(f'"{f.column_name}"' for f in tables.Image._meta.sorted_fields)
+                db.execute_sql(f"INSERT INTO image_v2 ({columns}) SELECT {columns} FROM image")
+                db.execute_sql("DROP TABLE image")
+                db.execute_sql("ALTER TABLE image_v2 RENAME TO image")
+                db.execute_sql("DROP INDEX IF EXISTS image_v2_sha256")  # create_tables makes image_sha256
+                broken = db.execute_sql("PRAGMA foreign_key_check").fetchall()
+                if broken:
+                    raise StoreUnavailable(f"migrating {self.path} would break {len(broken)} references; nothing changed")
+                tables.Setting.update(value="2").where(tables.Setting.key == "schema_version").execute()
+        finally:
+            db.execute_sql("PRAGMA foreign_keys = ON")
+
+
+def open_backend(target: str, **options: Any) -> SqliteBackend:
+    """The backend that serves `target`: a file path is SQLite (the only backend so far)."""
+    if re.match(r"^[a-z][a-z0-9+.-]*://", target, re.I):
+        raise StoreUnavailable(
+            f"IMAGES_DB takes a SQLite file path; {target.split('://', 1)[0]}:// databases are not supported yet"
+        )
+    return SqliteBackend(target, **options)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The store
+# ---------------------------------------------------------------------------------------------------------
+
+
+class Store:
+    """The image store. Thread-safe: peewee gives each thread its own connection."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        now: Callable[[], float] = time.time,
+        busy_timeout_ms: int = 10_000,
+        backend: Callable[..., SqliteBackend] = open_backend,
+    ):
+        self.now = now
+        self.backend = backend(target, busy_timeout_ms=busy_timeout_ms)
+        self.path = self.backend.description
+        self._db = self.backend.database
+        self._t = _tables(self._db, self.backend.id_field)
         with self.connection():
             self._migrate()
+
+    @property
+    def database(self) -> pw.Database:
+        """The Peewee database this store owns (for tests and maintenance: PRAGMAs, integrity checks)."""
+        return self._db
+
+    @contextlib.contextmanager
+    def _errors(self) -> Iterator[None]:
+        try:
+            yield
+        except (pw.OperationalError, pw.DatabaseError) as e:
+            if isinstance(e, pw.IntegrityError):
+                raise
+            raise self.backend.translate(e) from e
 
     # -- connections -------------------------------------------------------------------------------------
 
     def shutdown(self) -> None:
         """Close every pooled connection (at exit, and in tests before the file goes)."""
         self.close()
-        db.close_all()
+        self._db.close_all()
 
     def connect(self) -> None:
-        with _errors():
-            db.connect(reuse_if_open=True)
+        with self._errors():
+            self._db.connect(reuse_if_open=True)
 
     def close(self) -> None:
-        if not db.is_closed():
-            db.close()
+        if not self._db.is_closed():
+            self._db.close()
 
     @contextlib.contextmanager
     def connection(self) -> Iterator[None]:
         """A connection for this thread for the block (worker threads; requests use connect/close)."""
-        opened = db.is_closed()
+        opened = self._db.is_closed()
         if opened:
-            db.connect()
+            self.connect()
         try:
             yield
         finally:
             if opened:
-                db.close()
+                self._db.close()
 
     def _migrate(self) -> None:
         version = self._version()
@@ -342,56 +339,32 @@ class Store:
                 "upgrade the service or use another IMAGES_DB"
             )
         if version == 1:
-            self._v1_to_v2()
-        with db.atomic("IMMEDIATE"):
-            db.create_tables(MODELS, safe=True)
-            Setting.insert(key="schema_version", value=str(SCHEMA_VERSION)).on_conflict_replace().execute()
+            self.backend.migrate_v1_to_v2(self._t)
+        with self.backend.write():
+            self._db.create_tables(self._t.all, safe=True)
+            self._t.Setting.insert(key="schema_version", value=str(SCHEMA_VERSION)).on_conflict_replace().execute()
 
-    @staticmethod
-    def _version() -> int | None:
-        if not db.table_exists("setting"):
+    def _version(self) -> int | None:
+        if not self._db.table_exists("setting"):
             return None
+        Setting = self._t.Setting
         row = Setting.get_or_none(Setting.key == "schema_version")
         return int(row.value) if row else None
 
-    def _v1_to_v2(self) -> None:
-        """Rebuild `image` with AUTOINCREMENT (SQLite cannot alter a primary key), keeping every id."""
-        log.info("migrating %s to schema version 2 (image ids never reused)", self.path)
-
-        class ImageV2(Image):
-            class Meta:
-                table_name = "image_v2"
-
-        # Off for the swap: dropping the old table must not cascade to the detections. Outside the
-        # transaction, because SQLite ignores this pragma inside one.
-        db.execute_sql("PRAGMA foreign_keys = OFF")
-        try:
-            with db.atomic("IMMEDIATE"):
-                ImageV2.create_table()
-                columns = ", ".join(f'"{f.column_name}"' for f in Image._meta.sorted_fields)
-                db.execute_sql(f"INSERT INTO image_v2 ({columns}) SELECT {columns} FROM image")
-                db.execute_sql("DROP TABLE image")
-                db.execute_sql("ALTER TABLE image_v2 RENAME TO image")
-                db.execute_sql("DROP INDEX IF EXISTS image_v2_sha256")  # create_tables makes image_sha256
-                broken = db.execute_sql("PRAGMA foreign_key_check").fetchall()
-                if broken:
-                    raise StoreUnavailable(f"migrating {self.path} would break {len(broken)} references; nothing changed")
-                Setting.update(value="2").where(Setting.key == "schema_version").execute()
-        finally:
-            db.execute_sql("PRAGMA foreign_keys = ON")
-
     @property
     def schema_version(self) -> int:
+        Setting = self._t.Setting
         return int(Setting.get(Setting.key == "schema_version").value)
 
     # -- writes ------------------------------------------------------------------------------------------
 
     def add(self, new: NewImage) -> ImageRecord:
         """Store an image (and its bytes, unless those are stored already) in one transaction."""
-        created_ms = int(self.now() * 1000)
-        with _errors(), db.atomic("IMMEDIATE"):
-            Blob.insert(sha256=new.sha256, data=new.data).on_conflict_ignore().execute()
-            image = Image.create(
+        t = self._t
+        created_ms = int(self.now() * 1000) if new.created_ms is None else new.created_ms
+        with self._errors(), self.backend.write():
+            t.Blob.insert(sha256=new.sha256, data=new.data).on_conflict_ignore().execute()
+            image = t.Image.create(
                 sha256=new.sha256,
                 label=new.label,
                 label_generated=new.label_generated,
@@ -405,45 +378,85 @@ class Store:
                 created_ms=created_ms,
             )
             if new.detections:
-                Detection.insert_many(
-                    [
-                        {
-                            "image": image.id,
-                            "name": d.label.lower(),
-                            "label": d.label,
-                            "confidence": d.confidence,
-                            "x_min": d.x_min,
-                            "y_min": d.y_min,
-                            "x_max": d.x_max,
-                            "y_max": d.y_max,
-                        }
-                        for d in new.detections
-                    ]
-                ).execute()
+                t.Detection.insert_many([self._detection_row(image.id, d) for d in new.detections]).execute()
         return ImageRecord(
             image.id, new.sha256, new.label, new.label_generated, new.detection_enabled, new.content_type,
             len(new.data), new.width, new.height, new.source_url, created_ms, tuple(new.detections),
         )
 
+    @staticmethod
+    def _detection_row(image_id: int, d: Found) -> dict[str, Any]:
+        return {
+            "image": image_id, "name": d.label.lower(), "label": d.label, "confidence": d.confidence,
+            "x_min": d.x_min, "y_min": d.y_min, "x_max": d.x_max, "y_max": d.y_max,
+        }
+
+    def add_many(self, images: Iterable[NewImage], *, batch: int = 10_000) -> int:
+        """Store many images fast (bulk loads, benchmarks): `batch` per transaction, ids in order.
+
+        The same tables and rules as `add()` (bytes once by sha256, ids never reused), without building
+        a record per image. Returns how many were stored.
+        """
+        db, stored, chunk = self._db, 0, []
+
+        def flush() -> None:
+            with self._errors(), self.backend.write():
+                first = self.backend.next_id()
+                blobs = {n.sha256: n.data for n in chunk}
+                self._t.Blob.insert_many(list(blobs.items()), fields=["sha256", "data"]).on_conflict_ignore().execute()
+                cursor, p = db.cursor(), db.param  # plain executemany: peewee's per-row query building was most of a fill
+                now_ms = int(self.now() * 1000)
+                cursor.executemany(
+                    "INSERT INTO image (id, sha256, label, label_generated, detection_enabled, detected_with, "
+                    f"content_type, size, width, height, source_url, created_ms) VALUES ({', '.join([p] * 12)})",
+                    [
+                        (first + i, n.sha256, n.label, n.label_generated, n.detection_enabled, n.detected_with,
+                         n.content_type, len(n.data), n.width, n.height, n.source_url,
+                         now_ms if n.created_ms is None else n.created_ms)
+                        for i, n in enumerate(chunk)
+                    ],
+                )
+                cursor.executemany(
+                    "INSERT INTO detection (image_id, name, label, confidence, x_min, y_min, x_max, y_max) "
+                    f"VALUES ({', '.join([p] * 8)})",
+                    [
+                        (first + i, d.label.lower(), d.label, d.confidence, d.x_min, d.y_min, d.x_max, d.y_max)
+                        for i, n in enumerate(chunk)
+                        for d in n.detections
+                    ],
+                )
+
+        with self.connection():
+            for new in images:
+                chunk.append(new)
+                if len(chunk) >= batch:
+                    flush()
+                    stored += len(chunk)
+                    chunk = []
+            if chunk:
+                flush()
+                stored += len(chunk)
+        return stored
+
     def delete(self, image_id: int) -> None:
         """Delete an image; its bytes go too when no other image uses them."""
-        with _errors(), db.atomic("IMMEDIATE"):
-            image = Image.get_or_none(Image.id == image_id)
+        with self._errors(), self.backend.write():
+            image = self._t.Image.get_or_none(self._t.Image.id == image_id)
             if image is None:
                 raise NotFound(f"there is no image {image_id}")
             image.delete_instance()  # detections go by ON DELETE CASCADE
-            if not Image.select().where(Image.sha256 == image.sha256).exists():
-                Blob.delete().where(Blob.sha256 == image.sha256).execute()
+            if not self._t.Image.select().where(self._t.Image.sha256 == image.sha256).exists():
+                self._t.Blob.delete().where(self._t.Blob.sha256 == image.sha256).execute()
 
     # -- reads -------------------------------------------------------------------------------------------
 
     def cached_detections(self, sha256: str, detected_with: str) -> tuple[Found, ...] | None:
         """Detections stored for these bytes by the same model and threshold, or None."""
-        with _errors():
+        with self._errors():
             image = (
-                Image.select(Image.id)
-                .where((Image.sha256 == sha256) & (Image.detected_with == detected_with))
-                .order_by(Image.id.desc())
+                self._t.Image.select(self._t.Image.id)
+                .where((self._t.Image.sha256 == sha256) & (self._t.Image.detected_with == detected_with))
+                .order_by(self._t.Image.id.desc())
                 .first()
             )
             if image is None:
@@ -451,7 +464,7 @@ class Store:
             return self._detections([image.id]).get(image.id, ())
 
     def get(self, image_id: int) -> ImageRecord:
-        with _errors():
+        with self._errors():
             records = self._records("WHERE id = ?", [image_id])
         if not records:
             raise NotFound(f"there is no image {image_id}")
@@ -459,11 +472,11 @@ class Store:
 
     def file(self, image_id: int) -> tuple[bytes, str, str]:
         """(bytes, content type, sha256) of an image."""
-        with _errors():
+        with self._errors():
             row = (
-                Image.select(Image.content_type, Blob.data, Blob.sha256)
-                .join(Blob, on=(Image.sha256 == Blob.sha256))
-                .where(Image.id == image_id)
+                self._t.Image.select(self._t.Image.content_type, self._t.Blob.data, self._t.Blob.sha256)
+                .join(self._t.Blob, on=(self._t.Image.sha256 == self._t.Blob.sha256))
+                .where(self._t.Image.id == image_id)
                 .tuples()
                 .first()
             )
@@ -487,7 +500,7 @@ class Store:
         `min_confidence` when given.
         """
         names = sorted({n.strip().lower() for n in objects if n.strip()})
-        with _errors():
+        with self._errors():
             if names:
                 ids = self._ids_with(names, match_all, min_confidence, before, limit + 1)
                 more = len(ids) > limit
@@ -542,13 +555,12 @@ class Store:
                 params += cond_args + below_args + [limit]
             sql = f"SELECT image_id FROM ({' UNION '.join(walks)}) ORDER BY image_id DESC LIMIT ?"
             params.append(limit)
-        return [row[0] for row in db.execute_sql(sql, params).fetchall()]
+        return [row[0] for row in self._db.execute_sql(sql, params).fetchall()]
 
-    @staticmethod
-    def _rough_count(name: str, cap: int = 5000) -> int:
+    def _rough_count(self, name: str, cap: int = 5000) -> int:
         """How many detections carry `name`, counted up to `cap` (an index walk of at most `cap` rows)."""
         sql = "SELECT COUNT(*) FROM (SELECT 1 FROM detection WHERE name = ? LIMIT ?)"
-        return db.execute_sql(sql, [name, cap]).fetchone()[0]
+        return self._db.execute_sql(sql, [name, cap]).fetchone()[0]
 
     # Hot reads use plain SQL and tuples: peewee's per-value conversion was most of a 100-image page.
     _IMAGE_COLUMNS = (
@@ -563,12 +575,12 @@ class Store:
             "SELECT image_id, label, confidence, x_min, y_min, x_max, y_max FROM detection "
             f"WHERE image_id IN ({','.join('?' * len(ids))}) ORDER BY image_id, confidence DESC"
         )
-        for image_id, *rest in db.execute_sql(sql, ids).fetchall():
+        for image_id, *rest in self._db.execute_sql(sql, ids).fetchall():
             out.setdefault(image_id, []).append(Found(*rest))
         return {k: tuple(v) for k, v in out.items()}
 
     def _records(self, where: str, params: list) -> list[ImageRecord]:
-        rows = db.execute_sql(f"SELECT {self._IMAGE_COLUMNS} FROM image {where}", params).fetchall()
+        rows = self._db.execute_sql(f"SELECT {self._IMAGE_COLUMNS} FROM image {where}", params).fetchall()
         found = self._detections([r[0] for r in rows])
         return [
             ImageRecord(i, sha, label, bool(gen), bool(det), ct, size, w, h, url, ms, found.get(i, ()))
@@ -577,13 +589,13 @@ class Store:
 
     def objects(self) -> list[tuple[str, int]]:
         """Every name found so far with the number of images holding it, most common first."""
-        with _errors():
-            rows = db.execute_sql(
+        with self._errors():
+            rows = self._db.execute_sql(
                 "SELECT name, COUNT(DISTINCT image_id) AS n FROM detection GROUP BY name ORDER BY n DESC, name"
             ).fetchall()
         return [(name, n) for name, n in rows]
 
     def count(self) -> tuple[int, int]:
         """(images, distinct byte blobs): for tests and health."""
-        with _errors():
-            return Image.select().count(), Blob.select().count()
+        with self._errors():
+            return self._t.Image.select().count(), self._t.Blob.select().count()

@@ -69,15 +69,16 @@ def photo(images_dir):
 
 
 class Service:
-    """The app built from real parts, and those parts (for assertions on what was stored)."""
+    """The app built from real parts (server.build_parts, as main() builds them), and those parts."""
 
-    def __init__(self, settings, detector, images, fetcher, jobs):
+    def __init__(self, settings, parts):
         import webtest
 
         import server
 
-        self.settings, self.detector, self.store, self.fetcher, self.jobs = settings, detector, images, fetcher, jobs
-        self.wsgi = server.make_app(settings, detector=detector, images=images, fetcher=fetcher, jobs=jobs)
+        self.settings, self.parts = settings, parts
+        self.detector, self.store, self.fetcher, self.jobs = parts.detector, parts.images, parts.fetcher, parts.jobs
+        self.wsgi = server.make_app(settings, parts)
         self.client = webtest.TestApp(self.wsgi)
 
     def counts(self) -> tuple[int, int]:
@@ -95,32 +96,21 @@ def make_service(tmp_path, detector):
     """
     import time
 
-    import fetch
-    import jobs
+    import server
     import settings
-    import store
 
     made = []
 
     def make(detector=detector, uploader=None, now=time.time, resolve=None, connect=None, **overrides):
-        fetch_timeout = overrides.pop("fetch_timeout", 10.0)
         overrides.setdefault("allow_private_urls", True)
         s = settings.load([], {}, db=str(tmp_path / f"images{len(made)}.db"), model=detector.model_path, **overrides)
-        f = fetch.Fetcher(
-            max_bytes=s.max_image_bytes, allow_private=s.allow_private_urls, timeout=fetch_timeout,
-            resolve=resolve, connect=connect,
-        )
-        j = jobs.Jobs(
-            uploader=uploader, fetcher=f, workers=s.upload_workers, max_urls=s.job_max_urls,
-            max_backlog=s.upload_backlog, keep_finished=s.jobs_kept, now=now,
-        )
-        made.append(Service(s, detector, store.Store(s.db), f, j))
+        parts = server.build_parts(s, detector=detector, uploader=uploader, now=now, resolve=resolve, connect=connect)
+        made.append(Service(s, parts))
         return made[-1]
 
     yield make
     for service in made:
-        service.jobs.close(timeout=5)
-        service.store.shutdown()
+        service.parts.close(jobs_timeout=5)
 
 
 @pytest.fixture

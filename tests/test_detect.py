@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 import detect
+import imaging
 from loopback import Loopback, dropped, ok, status
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -159,16 +160,16 @@ def _png_header_only(width: int, height: int) -> bytes:
 @pytest.mark.parametrize(
     "data, error",
     [
-        (b"", detect.NotAnImage),
-        (os.urandom(4096), detect.NotAnImage),
-        (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n", detect.UnsupportedFormat),
-        (b"\xc5\xd0\xd3\xc6" + b"\x00" * 64, detect.UnsupportedFormat),
-        (b"%PDF-1.7\n1 0 obj\n<<>>\nendobj\n", detect.UnsupportedFormat),
-        (b"II*\x00\x08\x00\x00\x00" + b"\x00" * 64, detect.UnsupportedFormat),
-        (b"MM\x00*\x00\x00\x00\x08" + b"\x00" * 64, detect.UnsupportedFormat),
-        (b"8BPS\x00\x01" + b"\x00" * 64, detect.UnsupportedFormat),
-        (b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00", detect.UnsupportedFormat),
-        (b"<svg xmlns='http://www.w3.org/2000/svg'/>", detect.UnsupportedFormat),
+        (b"", imaging.NotAnImage),
+        (os.urandom(4096), imaging.NotAnImage),
+        (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n", imaging.UnsupportedFormat),
+        (b"\xc5\xd0\xd3\xc6" + b"\x00" * 64, imaging.UnsupportedFormat),
+        (b"%PDF-1.7\n1 0 obj\n<<>>\nendobj\n", imaging.UnsupportedFormat),
+        (b"II*\x00\x08\x00\x00\x00" + b"\x00" * 64, imaging.UnsupportedFormat),
+        (b"MM\x00*\x00\x00\x00\x08" + b"\x00" * 64, imaging.UnsupportedFormat),
+        (b"8BPS\x00\x01" + b"\x00" * 64, imaging.UnsupportedFormat),
+        (b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00", imaging.UnsupportedFormat),
+        (b"<svg xmlns='http://www.w3.org/2000/svg'/>", imaging.UnsupportedFormat),
     ],
     ids=["empty", "random", "eps", "eps-binary", "pdf", "tiff-le", "tiff-be", "psd", "heic", "svg"],
 )
@@ -181,13 +182,13 @@ def test_bytes_that_are_not_an_allowed_image(detector, data, error):
 def test_a_real_tiff_is_refused_by_name(detector, photo):
     buf = io.BytesIO()
     Image.open(io.BytesIO(photo("pets.jpg"))).save(buf, "TIFF")
-    with pytest.raises(detect.UnsupportedFormat, match="TIFF"):
+    with pytest.raises(imaging.UnsupportedFormat, match="TIFF"):
         detector.detect(buf.getvalue())
 
 
 def test_truncated_jpeg(detector, photo):
     data = photo("cat_1080p.jpg")
-    with pytest.raises(detect.NotAnImage, match="truncated or corrupt"):
+    with pytest.raises(imaging.NotAnImage, match="truncated or corrupt"):
         detector.detect(data[: len(data) // 2])
 
 
@@ -199,9 +200,9 @@ def test_decompression_bomb_is_refused_without_decoding(detector):
     bomb = _png_header_only(30000, 30000)
     assert len(bomb) < 200_000
     before = _max_rss_mb()
-    with pytest.raises(detect.TooManyPixels, match="limit is 50,000,000 pixels"):
+    with pytest.raises(imaging.TooManyPixels, match="limit is 50,000,000 pixels"):
         detector.detect(bomb)
-    with pytest.raises(detect.TooManyPixels, match="8000x8000"):  # under Pillow's own guard: ours says the size
+    with pytest.raises(imaging.TooManyPixels, match="8000x8000"):  # under Pillow's own guard: ours says the size
         detector.detect(_png_header_only(8000, 8000))
     # Decoding it would need 2.7 GB; refusing it must not grow the process by more than a few MB.
     assert _max_rss_mb() - before < 50
@@ -209,7 +210,7 @@ def test_decompression_bomb_is_refused_without_decoding(detector):
 
 def test_pixel_limit_is_a_parameter(model_path, photo):
     small = detect.Detector(model_path, threads=1, pool=1, max_pixels=1000 * 1000)
-    with pytest.raises(detect.TooManyPixels, match="1920x1080"):
+    with pytest.raises(imaging.TooManyPixels, match="1920x1080"):
         small.detect(photo("cat_1080p.jpg"))
 
 
@@ -474,3 +475,94 @@ def test_cli_without_a_model_says_how_to_get_one(tmp_path, images_dir):
         cwd=ROOT, capture_output=True, text=True, timeout=60,
     )
     assert proc.returncode == 2 and "make model" in proc.stderr and proc.stdout == ""
+
+
+# --------------------------------------------------------------------------------------------------------
+# The model file changes under a running detector
+# --------------------------------------------------------------------------------------------------------
+
+
+def _relabelled(model_path: str, dest, rename: dict[str, str]) -> None:
+    """The same network with another labelmap.txt appended: a different file that loads, with other names."""
+    import zipfile
+
+    labels = detect.load_labels(model_path)
+    _strip_labels(model_path, dest)
+    with zipfile.ZipFile(dest, "a") as z:
+        z.writestr("labelmap.txt", "\n".join(rename.get(label, label) for label in labels) + "\n")
+
+
+def _replace(path, write) -> None:
+    """Write the new file beside `path` and rename it over (as `make model` does), with a new mtime."""
+    tmp = path.with_name(path.name + ".new")
+    write(tmp)
+    st = os.stat(path)
+    os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    os.replace(tmp, path)
+
+
+def test_a_changed_model_file_is_loaded_again(tmp_path, model_path, photo):
+    path = tmp_path / "model.tflite"
+    shutil.copy(model_path, path)
+    d = detect.Detector(str(path), threads=1, pool=1)
+    first = d.detect(photo("pets.jpg"))
+    assert "dog" in labels_found(first)
+    _replace(path, lambda p: _relabelled(model_path, p, {"dog": "hound"}))
+    second = d.detect(photo("pets.jpg"))
+    assert "hound" in labels_found(second) and "dog" not in labels_found(second)
+    assert second.fingerprint != first.fingerprint  # cached detections of the old model are not reused
+    assert "error" not in d.info()
+
+
+def test_detections_under_way_finish_on_the_old_model(tmp_path, model_path, photo):
+    from ai_edge_litert.interpreter import Interpreter
+
+    entered, release = threading.Event(), threading.Event()
+
+    class Held(Interpreter):
+        """The real interpreter; invoke() waits while the test holds it."""
+
+        def invoke(self):
+            if not release.is_set():
+                entered.set()
+                assert release.wait(10)
+            return super().invoke()
+
+    path = tmp_path / "model.tflite"
+    shutil.copy(model_path, path)
+    d = detect.Detector(str(path), threads=1, pool=1, interpreter_class=Held)
+    d.load()
+    out = {}
+    t = threading.Thread(target=lambda: out.setdefault("old", d.detect(photo("pets.jpg"))))
+    t.start()
+    assert entered.wait(10)  # a detection is inside the old model's interpreter
+    _replace(path, lambda p: _relabelled(model_path, p, {"dog": "hound"}))
+    release.set()
+    new = d.detect(photo("pets.jpg"))  # loads the new file meanwhile
+    t.join(10)
+    assert "dog" in labels_found(out["old"]) and "hound" in labels_found(new)
+
+
+def test_a_changed_file_that_fails_to_load_leaves_the_good_model_serving(tmp_path, model_path, photo):
+    path = tmp_path / "model.tflite"
+    shutil.copy(model_path, path)
+    d = detect.Detector(str(path), threads=1, pool=1)
+    assert "dog" in labels_found(d.detect(photo("pets.jpg")))
+    _replace(path, lambda p: p.write_bytes(b"half a model" * 100))
+    assert "dog" in labels_found(d.detect(photo("pets.jpg")))  # still the last good model
+    info = d.info()
+    assert info["ready"] is True and "labelmap.txt" in info["error"] and "still serving" in info["error"]
+    _replace(path, lambda p: shutil.copy(model_path, p))  # fixed: the error goes
+    assert "dog" in labels_found(d.detect(photo("pets.jpg")))
+    assert "error" not in d.info()
+
+
+def test_a_deleted_model_file_leaves_the_loaded_model_serving(tmp_path, model_path, photo):
+    path = tmp_path / "model.tflite"
+    shutil.copy(model_path, path)
+    d = detect.Detector(str(path), threads=1, pool=1)
+    d.load()
+    os.unlink(path)
+    assert "dog" in labels_found(d.detect(photo("pets.jpg")))
+    info = d.info()
+    assert info["ready"] is True and "is gone" in info["error"]

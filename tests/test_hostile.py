@@ -550,7 +550,7 @@ def test_hostile_content_from_a_url(open_service, fake, content_host, path, code
 
 def test_gif_with_10000_frames_costs_one_frame(open_service, content_host):
     """An 8.8 MB GIF of 10,000 500x500 frames (all of them decoded: about 8 s). The service reads the
-    first frame only (detect.preprocess seeks frame 0), so it is accepted quickly, with the right size,
+    first frame only (imaging.preprocess seeks frame 0), so it is accepted quickly, with the right size,
     both with and without detection, and memory does not grow by anything like 10,000 frames."""
     service = open_service()
     url = content_host.url("/frames.gif")

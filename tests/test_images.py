@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 import detect
+import ingest
 import store
 from loopback import Loopback, drip, ok, redirect, status
 from helpers import ISO_MS, assert_problem, b64, jpeg  # noqa: E402
@@ -369,8 +370,8 @@ def test_database_pragmas_schema_version_and_reopen(service, photo):
     conn.close()
     reopened = store.Store(service.settings.db)
     with reopened.connection():
-        assert store.db.execute_sql("PRAGMA synchronous").fetchone()[0] == 2  # FULL
-        assert store.db.execute_sql("PRAGMA busy_timeout").fetchone()[0] >= 1000
+        assert reopened.database.execute_sql("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+        assert reopened.database.execute_sql("PRAGMA busy_timeout").fetchone()[0] >= 1000
         assert reopened.get(img["id"]).objects == ["dog"]
 
 
@@ -416,7 +417,7 @@ def test_concurrent_writers(service):
     ],
 )
 def test_describe(labels, phrase):
-    assert store.describe(labels) == phrase
+    assert ingest.describe(labels) == phrase
 
 
 @pytest.mark.parametrize(
@@ -431,7 +432,7 @@ def test_describe(labels, phrase):
     ],
 )
 def test_name_hint(hint, label):
-    assert store.name_hint(hint) == label
+    assert ingest.name_hint(hint) == label
 
 
 def test_a_new_store_never_reuses_connections_to_the_previous_file(tmp_path):
@@ -447,6 +448,37 @@ def test_a_new_store_never_reuses_connections_to_the_previous_file(tmp_path):
         second.shutdown()
 
 
+def test_two_stores_in_one_process_are_independent(tmp_path):
+    """Each Store owns its database: writes, reads and closing one never touch the other."""
+    a, b = store.Store(str(tmp_path / "a.db")), store.Store(str(tmp_path / "b.db"))
+    try:
+        errors = []
+
+        def fill(s, label, n):
+            try:
+                with s.connection():
+                    for i in range(n):
+                        data = f"{label}{i}".encode()
+                        s.add(store.NewImage(data, hashlib.sha256(data).hexdigest(), "image/png", 1, 1, label, False, False))
+            except Exception as e:  # pragma: no cover - reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=fill, args=(a, "a", 20)), threading.Thread(target=fill, args=(b, "b", 7))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        a.shutdown()  # closing one store's connections leaves the other working
+        with b.connection():
+            assert b.count() == (7, 7) and {r.label for r in b.list()[0]} == {"b"}
+        with a.connection():
+            assert a.count() == (20, 20) and {r.label for r in a.list()[0]} == {"a"}
+    finally:
+        a.shutdown()
+        b.shutdown()
+
+
 def test_match_all_with_a_name_nothing_has_is_empty(gallery):
     service, _ = gallery
     assert service.client.get("/images?objects=person,unicorn&match=all").json == []
@@ -457,8 +489,8 @@ def test_a_full_disk_is_store_full_not_a_rollback_error(tmp_path):
     s = store.Store(str(tmp_path / "full.db"))
     try:
         with s.connection():
-            pages = store.db.execute_sql("PRAGMA page_count").fetchone()[0]
-            store.db.execute_sql(f"PRAGMA max_page_count = {pages + 30}")  # about 120 KB more, per connection
+            pages = s.database.execute_sql("PRAGMA page_count").fetchone()[0]
+            s.database.execute_sql(f"PRAGMA max_page_count = {pages + 30}")  # about 120 KB more, per connection
             stored = 0
             with pytest.raises(store.StoreFull, match="disk holding the database is full"):
                 for i in range(100):
@@ -467,7 +499,7 @@ def test_a_full_disk_is_store_full_not_a_rollback_error(tmp_path):
                     stored += 1
             assert 0 < stored < 100
             assert s.count() == (stored, stored)  # the failed one left nothing behind
-            assert store.db.execute_sql("PRAGMA integrity_check").fetchone()[0] == "ok"
+            assert s.database.execute_sql("PRAGMA integrity_check").fetchone()[0] == "ok"
     finally:
         s.shutdown()
 
@@ -512,11 +544,11 @@ def test_a_version_1_database_is_migrated_keeping_ids_and_detections(tmp_path, p
             data = b"new bytes"
             new = s.add(store.NewImage(data, hashlib.sha256(data).hexdigest(), "image/png", 1, 1, "n", False, False))
             assert new.id == 4
-            assert store.db.execute_sql("PRAGMA integrity_check").fetchone()[0] == "ok"
-            assert store.db.execute_sql("PRAGMA foreign_key_check").fetchall() == []
-            assert "AUTOINCREMENT" in store.db.execute_sql("SELECT sql FROM sqlite_master WHERE name = 'image'").fetchone()[0]
+            assert s.database.execute_sql("PRAGMA integrity_check").fetchone()[0] == "ok"
+            assert s.database.execute_sql("PRAGMA foreign_key_check").fetchall() == []
+            assert "AUTOINCREMENT" in s.database.execute_sql("SELECT sql FROM sqlite_master WHERE name = 'image'").fetchone()[0]
             s.delete(1)  # the cascade to detections still works on the rebuilt table
-            assert store.db.execute_sql("SELECT COUNT(*) FROM detection WHERE image_id = 1").fetchone()[0] == 0
+            assert s.database.execute_sql("SELECT COUNT(*) FROM detection WHERE image_id = 1").fetchone()[0] == 0
     finally:
         s.shutdown()
 

@@ -13,6 +13,7 @@ import urllib.request
 
 import pytest
 import detect
+import imaging
 import server
 import settings
 from helpers import assert_problem  # noqa: E402
@@ -68,8 +69,8 @@ def test_unexpected_error_is_a_500_without_traceback_and_is_logged(service, capl
 def test_domain_errors_map_to_their_status(service):
     wsgi = service.wsgi
     errors = {
-        "/bomb": (detect.TooManyPixels("too big"), 413),
-        "/junk": (detect.UnsupportedFormat("tiff"), 422),
+        "/bomb": (imaging.TooManyPixels("too big"), 413),
+        "/junk": (imaging.UnsupportedFormat("tiff"), 422),
         "/nomodel": (detect.ModelMissing("run make model"), 503),
     }
     for path, (error, _) in errors.items():
@@ -215,13 +216,19 @@ def test_server_starts_without_a_model_and_says_so_once(tmp_path):
 def test_a_database_that_cannot_be_opened_is_a_503(service, tmp_path):
     import store
 
-    service.store.shutdown()
-    store.db.init(str(tmp_path / "no-such-dir" / "x.db"))  # the folder does not exist: sqlite cannot open it
+    import os
+    import shutil
+
+    service.store.shutdown()  # no pooled connection left: the next request must open the file again
+    db = service.settings.db
+    os.rename(db, db + ".moved")
+    os.mkdir(db)  # a folder where the file was: sqlite cannot open it
     try:
         detail = assert_problem(service.client.get("/images", status=503), 503)
         assert "database" in detail
     finally:
-        store.db.init(service.settings.db)
+        shutil.rmtree(db)
+        os.rename(db + ".moved", db)
 
 
 def test_sigterm_stops_the_server_right_after_a_keep_alive_client_leaves(tmp_path, model_path):
