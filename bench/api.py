@@ -41,6 +41,7 @@ import numpy as np  # noqa: E402
 from PIL import Image, JpegImagePlugin  # noqa: E402
 
 import detect  # noqa: E402
+import ingest  # noqa: E402
 import settings as settings_mod  # noqa: E402
 import store  # noqa: E402
 from serverproc import ServerProcess  # noqa: E402  (bench/serverproc.py)
@@ -125,36 +126,33 @@ def fill(path: str, rows: int, model: str, seed: int = 1) -> dict[str, float]:
         blobs.append((hashlib.sha256(data).hexdigest(), data))
     detected_with = "0123456789abcdef@0.5"
     start_ms = int(time.time() * 1000) - rows * 60_000
-    images, detections, with_dog = [], [], 0
-    for image_id in range(1, rows + 1):
-        found = rng.choices(names, weights, k=rng.randint(1, 5))
-        confidences = sorted((round(rng.uniform(0.5, 0.99), 4) for _ in found), reverse=True)
-        with_dog += "dog" in found
-        sha, data = blobs[image_id % len(blobs)]
-        images.append((
-            image_id, sha, store.describe(found), 1, 1, detected_with, "image/jpeg", len(data), 640, 480, None,
-            start_ms + image_id * 60_000,
-        ))
-        for name, confidence in zip(found, confidences):
-            x0, y0 = rng.random() * 0.6, rng.random() * 0.6
-            detections.append((image_id, name, name, confidence, x0, y0, x0 + 0.3, y0 + 0.3))
+    counted = {"detections": 0, "with_dog": 0}
+
+    def images():
+        for image_id in range(1, rows + 1):
+            found = rng.choices(names, weights, k=rng.randint(1, 5))
+            confidences = sorted((round(rng.uniform(0.5, 0.99), 4) for _ in found), reverse=True)
+            counted["with_dog"] += "dog" in found
+            counted["detections"] += len(found)
+            sha, data = blobs[image_id % len(blobs)]
+            boxes = []
+            for name, confidence in zip(found, confidences):
+                x0, y0 = rng.random() * 0.6, rng.random() * 0.6
+                boxes.append(store.Found(name, confidence, x0, y0, x0 + 0.3, y0 + 0.3))
+            yield store.NewImage(
+                data, sha, "image/jpeg", 640, 480, ingest.describe(found), True, True, tuple(boxes), detected_with,
+                None, start_ms + image_id * 60_000,
+            )
+
     images_store = store.Store(path)  # creates the schema
-    with images_store.connection():
-        conn = store.db.connection()
-        with store.db.atomic():
-            conn.executemany("INSERT INTO blob (sha256, data) VALUES (?, ?)", blobs)
-            conn.executemany(
-                "INSERT INTO image (id, sha256, label, label_generated, detection_enabled, detected_with, "
-                "content_type, size, width, height, source_url, created_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                images,
-            )
-            conn.executemany(
-                "INSERT INTO detection (image_id, name, label, confidence, x_min, y_min, x_max, y_max) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                detections,
-            )
-        store.db.execute_sql("PRAGMA wal_checkpoint(TRUNCATE)")
-    return {"seconds": time.perf_counter() - t0, "detections": len(detections), "dog_share": with_dog / rows}
+    try:
+        images_store.add_many(images())  # the store's public bulk load, ids 1..rows in order
+        with images_store.connection():
+            images_store.database.execute_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+    finally:
+        images_store.shutdown()
+    detections, with_dog = counted["detections"], counted["with_dog"]
+    return {"seconds": time.perf_counter() - t0, "detections": detections, "dog_share": with_dog / rows}
 
 
 # ---------------------------------------------------------------------------------------------------------
