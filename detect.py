@@ -151,15 +151,17 @@ def fetch_model(
 
 def _load_runtime() -> tuple[Any, str]:
     try:
-        from ai_edge_litert.interpreter import Interpreter
         from importlib.metadata import version
+
+        from ai_edge_litert.interpreter import Interpreter
 
         return Interpreter, f"ai-edge-litert {version('ai-edge-litert')}"
     except ImportError:
         pass
     try:
-        from tflite_runtime.interpreter import Interpreter
         from importlib.metadata import version
+
+        from tflite_runtime.interpreter import Interpreter
 
         return Interpreter, f"tflite-runtime {version('tflite-runtime')}"
     except ImportError:
@@ -211,7 +213,7 @@ def output_roles(interpreter: Any) -> dict[str, int]:
     if get_ops is not None:
         for op in get_ops():
             if op.get("op_name") == "TFLite_Detection_PostProcess" and len(op["outputs"]) == 4:
-                roles = dict(zip(_OUTPUT_ROLES, (int(i) for i in op["outputs"])))
+                roles = dict(zip(_OUTPUT_ROLES, (int(i) for i in op["outputs"]), strict=True))
                 if set(roles.values()) <= outputs:
                     return roles
     roles = {}

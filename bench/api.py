@@ -136,7 +136,7 @@ def fill(path: str, rows: int, model: str, seed: int = 1) -> dict[str, float]:
             counted["detections"] += len(found)
             sha, data = blobs[image_id % len(blobs)]
             boxes = []
-            for name, confidence in zip(found, confidences):
+            for name, confidence in zip(found, confidences, strict=True):
                 x0, y0 = rng.random() * 0.6, rng.random() * 0.6
                 boxes.append(store.Found(name, confidence, x0, y0, x0 + 0.3, y0 + 0.3))
             yield store.NewImage(

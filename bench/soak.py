@@ -522,7 +522,7 @@ def scenario_kill9(ctx: Ctx) -> None:
         outs: list[list] = [[] for _ in range(writers)]
         with ctx.server(f"{S}-{rnd}", db) as srv:
 
-            def writer(i: int) -> None:
+            def writer(i: int, outs=outs, stop=stop) -> None:
                 client, out = Client(srv.host, srv.port, timeout=30), outs[i]
                 try:
                     while not stop.is_set():

@@ -31,3 +31,32 @@ def assert_problem(res, code: int) -> str:
     assert isinstance(body["detail"], str) and body["detail"].strip()
     assert "Traceback" not in res.text and 'File "' not in res.text
     return body["detail"]
+
+
+def _status_kb(key: str, pid: str = "self") -> int:
+    with open(f"/proc/{pid}/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no {key} in /proc/{pid}/status")
+
+
+def reset_peak_rss(pid: str = "self") -> None:
+    """Start a new peak: VmHWM drops to the current RSS (Linux `clear_refs` 5). Skips where /proc is not."""
+    import pytest
+
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+    except OSError as e:
+        pytest.skip(f"cannot reset the peak RSS here ({e}); this check needs Linux /proc")
+
+
+def peak_rss_mb(pid: str = "self") -> float:
+    """The peak RSS (VmHWM) since the last reset_peak_rss, in MB."""
+    return _status_kb("VmHWM", pid) / 1024
+
+
+def rss_mb(pid: str = "self") -> float:
+    """The RSS now (VmRSS), in MB."""
+    return _status_kb("VmRSS", pid) / 1024

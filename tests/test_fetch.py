@@ -35,7 +35,7 @@ from fetch import (  # noqa: E402
     blocked_reason,
     check_url,
 )
-from loopback import Loopback, dropped, drip, ok, redirect, respond, status  # noqa: E402
+from loopback import Loopback, drip, dropped, ok, redirect, respond, status  # noqa: E402
 
 PUBLIC_IP = "93.184.216.34"
 

@@ -13,9 +13,8 @@ from PIL import Image
 import detect
 import ingest
 import store
-from loopback import Loopback, drip, ok, redirect, status
 from helpers import ISO_MS, assert_problem, b64, jpeg  # noqa: E402
-
+from loopback import Loopback, drip, ok, redirect, status
 
 
 def post_json(service, body, status=200, **kw):
@@ -260,7 +259,7 @@ def gallery(service, photo):
     """pets (dogs), cat, coupleanddog (people, dog), traffic (cars), dragonfly (nothing): ids 1..5."""
     names = ["pets.jpg", "cat.bmp", "coupleanddog.jpeg", "traffic_0001.bmp", "dragonfly.bmp"]
     ids = [post_json(service, {"image": b64(photo(n)), "detect": True}).json["id"] for n in names]
-    return service, dict(zip(names, ids))
+    return service, dict(zip(names, ids, strict=True))
 
 
 def ids_of(res):

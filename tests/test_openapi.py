@@ -23,8 +23,8 @@ import detect
 import imgur
 import server
 from fake_imgur import FakeImgur
-from loopback import Loopback, ok
 from helpers import b64  # noqa: E402
+from loopback import Loopback, ok
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOC_PATH = os.path.join(ROOT, "openapi.json")

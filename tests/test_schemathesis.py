@@ -40,9 +40,9 @@ import schemathesis
 from hypothesis import strategies as st
 from hypothesis.configuration import set_hypothesis_home_dir
 from schemathesis.specs.openapi.formats import unregister_string_format
+from test_server import start_server, stop_server
 
 from fake_imgur import FakeImgur
-from test_server import start_server, stop_server
 
 # Hypothesis writes caches (the constants it finds in loaded modules, already while collecting) under
 # its home directory, `.hypothesis/` in the working directory by default: keep them out of the repo.

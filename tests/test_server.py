@@ -12,6 +12,7 @@ import urllib.error
 import urllib.request
 
 import pytest
+
 import detect
 import imaging
 import server
@@ -174,7 +175,9 @@ def stop_server(proc, timeout: float = 15) -> str:
         proc.kill()
         proc.wait()
         proc.drain.join(5)
-        raise AssertionError(f"the server did not stop within {timeout} s of SIGTERM:\n" + "".join(proc.log_lines()))
+        raise AssertionError(
+            f"the server did not stop within {timeout} s of SIGTERM:\n" + "".join(proc.log_lines())
+        ) from None
     proc.drain.join(5)
     return "".join(proc.log_lines())
 
@@ -214,7 +217,6 @@ def test_server_starts_without_a_model_and_says_so_once(tmp_path):
 
 
 def test_a_database_that_cannot_be_opened_is_a_503(service, tmp_path):
-    import store
 
     import os
     import shutil
