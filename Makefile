@@ -25,8 +25,9 @@ run: $(VENV)/.run-deps
 	  echo "make: could not fetch the model; the server starts and detection answers 503 until it is present"
 	$(PY) server.py
 
-## make test: the whole pytest suite. Set TESTDATA_DIR and DETECT_MODEL, or run `make testdata` first.
+## make test: ruff (ruff.toml), then the whole pytest suite. Set TESTDATA_DIR and DETECT_MODEL, or run `make testdata` first.
 test: $(VENV)/.dev-deps
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
 ## make model: download the default model (sha256 checked) into models/.

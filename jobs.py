@@ -158,6 +158,18 @@ class Jobs:
     def configured(self) -> bool:
         return self.uploader is not None
 
+    @property
+    def seconds_per_url(self) -> float:
+        """How long a URL has been holding a worker (a moving average): what Retry-After is made from."""
+        with self._lock:
+            return self._seconds_per_url
+
+    @seconds_per_url.setter
+    def seconds_per_url(self, value: float) -> None:
+        """Start the estimate from a known pace (an operator who knows the URLs are slow; tests)."""
+        with self._lock:
+            self._seconds_per_url = float(value)
+
     # -- submitting --------------------------------------------------------------------------------------
 
     def check(self, urls: Sequence[Any]) -> list[str]:

@@ -470,8 +470,8 @@ def test_retry_after_follows_how_long_urls_take(make_service, fake, host, gate):
     service = make_service(uploader=client(fake), upload_workers=1, upload_backlog=2)
     submit(service, [host.url("/pets.jpg")])
     assert service.jobs.wait(timeout=30)
-    assert service.jobs._seconds_per_url < 1.0  # a quick URL pulled the average down from its start
-    service.jobs._seconds_per_url = 10.0  # as if each URL took 10 s (the download deadline)
+    assert service.jobs.seconds_per_url < 1.0  # a quick URL pulled the average down from its start
+    service.jobs.seconds_per_url = 10.0  # as if each URL took 10 s (the download deadline)
     submit(service, [host.url("/gated.bmp"), host.url("/cat.bmp")])
     res = submit(service, [host.url(f"/n/{i}.jpg") for i in range(3)], status=503)
     assert res.headers["Retry-After"] == "30"  # 3 URLs over the limit x 10 s / 1 worker
