@@ -8,9 +8,8 @@ import pytest
 
 import imgur
 from fake_imgur import OVER_CAPACITY, FakeImgur, answer
-from loopback import Loopback, drip, ok, status
 from helpers import ISO_MS, assert_problem  # noqa: E402
-
+from loopback import Loopback, drip, ok, status
 
 
 class Clock:
@@ -136,7 +135,7 @@ def test_two_hundred_urls_in_three_jobs_each_end_in_exactly_one_list(make_servic
     ids = [submit(service, b).json["jobId"] for b in batches]
     assert service.jobs.wait(timeout=60)
     links = []
-    for job_id, batch in zip(ids, batches):
+    for job_id, batch in zip(ids, batches, strict=True):
         view = service.client.get(f"/v1/images/upload/{job_id}").json
         lists = view["uploaded"]
         assert view["status"] == "complete" and lists["pending"] == []

@@ -10,10 +10,10 @@ import re
 import pytest
 from PIL import Image
 from playwright import sync_api as playwright_api
+from test_server import ROOT, start_server, stop_server
 
 from fake_imgur import FakeImgur
 from loopback import Loopback, ok, status
-from test_server import ROOT, start_server, stop_server
 
 OUT = os.path.join(ROOT, "test-output")
 CHROMIUM = "/usr/bin/chromium"
@@ -125,9 +125,9 @@ def test_upload_with_detection_draws_two_dog_boxes(page, images_dir):
     assert "2 dogs" in page.text_content("#detail-title")
     # Boxes sit where the API says, relative to the picture as displayed (±1%).
     image = page.evaluate("() => fetch('/images?limit=1').then(r => r.json())")[0]
-    for (label, *drawn), d in zip(box_rects(page), image["detections"]):
+    for (label, *drawn), d in zip(box_rects(page), image["detections"], strict=True):
         want = [d["box"][k] for k in ("x_min", "y_min", "x_max", "y_max")]
-        assert label == d["label"] and all(abs(a - b) < 0.01 for a, b in zip(drawn, want)), (drawn, want)
+        assert label == d["label"] and all(abs(a - b) < 0.01 for a, b in zip(drawn, want, strict=True)), (drawn, want)
     shot(page, "detail-desktop")
 
 
@@ -148,8 +148,8 @@ def test_boxes_follow_exif_rotation_and_any_display_size(page, images_dir, tmp_p
     page.wait_for_timeout(100)  # let layout settle after the resize
     small = box_rects(page)
     assert [b[0] for b in big] == ["dog", "dog"] and len(small) == 2
-    for a, b in zip(big, small):
-        assert all(abs(x - y) < 0.01 for x, y in zip(a[1:], b[1:]))
+    for a, b in zip(big, small, strict=True):
+        assert all(abs(x - y) < 0.01 for x, y in zip(a[1:], b[1:], strict=True))
     shot(page, "detail-phone-rotated")
 
 
