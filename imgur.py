@@ -36,6 +36,14 @@ log = logging.getLogger(__name__)
 # MAX_IMAGE_BYTES anyway.
 MAX_STILL_BYTES = 20 * 1024 * 1024
 
+# A credit reset further away than this is not believed: Imgur's credits come back within a day.
+MAX_CREDIT_PAUSE = 24 * 3600.0
+# An id or deletehash: Imgur's are a few base-62 characters.
+_HANDLE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+# A host name as DNS spells it; anything else (a backslash, a percent sign) a browser may read differently.
+_DNS_NAME = re.compile(r"[a-z0-9-]+(\.[a-z0-9-]+)*")
+_MAX_LINK = 2048
+
 _FORMATS = (
     (b"\xff\xd8\xff", "JPEG", "image/jpeg"),
     (b"\x89PNG\r\n\x1a\n", "PNG", "image/png"),
@@ -403,8 +411,7 @@ class ImgurClient:
         status = res.status
         doc = res.json()
         if status == 200 and isinstance(doc, dict) and isinstance(doc.get("data"), dict) and doc["data"].get("link"):
-            d = doc["data"]
-            return Upload(str(d.get("id", "")), str(d["link"]), d.get("deletehash"))
+            return self._checked_upload(doc["data"])
         reason = reason_from(status, res.body)
         over_capacity = "over capacity" in reason.lower()
         if status in (401, 403) and not over_capacity and _says_token_invalid(status, reason):
@@ -415,6 +422,57 @@ class ImgurClient:
         if status == 200:  # 200 without a link: not what Imgur promises, not worth repeating
             raise Rejected(f"Imgur answered 200 without a link: {res.body[:200]!r}", status)
         raise Rejected(reason, status)
+
+    def _checked_upload(self, d: dict) -> Upload:
+        """The Upload a 200 describes, or Rejected (not retried: the image may be on Imgur already)."""
+        link = d["link"]
+        if not link_accepted(link, self.api_url):
+            raise Rejected(
+                f"Imgur answered 200, but its link {_shown(link)} is not an https link on imgur.com; "
+                "the upload is not counted",
+                200,
+            )
+        for name in ("id", "deletehash"):
+            value = d.get(name)
+            if value is not None and not (isinstance(value, str) and _HANDLE.fullmatch(value)):
+                raise Rejected(
+                    f"Imgur answered 200, but its {name} {_shown(value)} is not up to 64 letters, digits, "
+                    "'_' or '-'; the upload is not counted",
+                    200,
+                )
+        return Upload(d.get("id") or "", link, d.get("deletehash"))
+
+
+def link_accepted(link: Any, api_url: str) -> bool:
+    """True for an https link on imgur.com or a subdomain, or on `api_url`'s own host when that is not
+    Imgur's (a stand-in in tests or on a LAN). Nothing else an answer says counts as an upload."""
+    if not isinstance(link, str) or len(link) > _MAX_LINK or not link.isascii():
+        return False
+    if any(c <= " " or c in "\x7f\\" for c in link):  # spaces, controls, a backslash browsers read as "/"
+        return False
+    try:
+        parts = urllib.parse.urlsplit(link)
+        port = parts.port
+    except ValueError:
+        return False
+    host = parts.hostname or ""
+    if parts.username is not None or parts.password is not None or not host:
+        return False
+    api = urllib.parse.urlsplit(api_url)
+    api_host = (api.hostname or "").lower()
+    if _is_imgur(host):
+        return parts.scheme == "https" and port in (None, 443) and bool(_DNS_NAME.fullmatch(host))
+    return not _is_imgur(api_host) and host == api_host and parts.scheme in ("https", api.scheme)
+
+
+def _is_imgur(host: str) -> bool:
+    return host == "imgur.com" or host.endswith(".imgur.com")
+
+
+def _shown(value: Any) -> str:
+    """A value from an answer, quoted and cut short enough to go into a reason."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 class _TokenInvalid(Exception):
