@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import email.utils
 import http.client
+import io
 import json
 import logging
+import math
 import random
 import re
 import socket
+import ssl
 import threading
 import time
 import urllib.parse
@@ -180,8 +183,96 @@ class _Retry(Exception):
         self.wait = wait
 
 
+class _AnswerTooLarge(Exception):
+    """Imgur's answer passed the byte budget of one attempt."""
+
+
+class _BoundedReader(io.RawIOBase):
+    """The socket of one answer: every recv waits at most until the deadline, and stops at the budget.
+
+    http.client reads an answer in many recv calls; a plain socket timeout restarts with each, so an
+    answer dripped one byte at a time would never time out.
+    """
+
+    def __init__(self, raw: io.RawIOBase, sock: socket.socket, left: Callable[[], float], budget: int):
+        super().__init__()
+        self._raw, self._sock, self._left, self._budget = raw, sock, left, budget
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        if self._budget <= 0:
+            raise _AnswerTooLarge()
+        self._sock.settimeout(self._left())
+        view = memoryview(buffer)
+        n = self._raw.readinto(view[: min(len(view), self._budget)])
+        self._budget -= n or 0
+        return n
+
+    def close(self) -> None:
+        self._raw.close()  # releases the socket's file reference, as http.client's own reader does
+        super().close()
+
+
+class _BoundedSocket:
+    """What http.client.HTTPResponse takes from a socket: makefile(), here deadline- and budget-bound."""
+
+    def __init__(self, sock: socket.socket, left: Callable[[], float], budget: int):
+        self._sock, self._left, self._budget = sock, left, budget
+
+    def makefile(self, mode: str = "rb", *args, **kwargs) -> io.BufferedReader:
+        raw = self._sock.makefile("rb", buffering=0)
+        return io.BufferedReader(_BoundedReader(raw, self._sock, self._left, self._budget))
+
+
+class _Connection(http.client.HTTPConnection):
+    """A kept-alive connection to Imgur on which each exchange ends at `deadline` (time.monotonic()).
+
+    Connecting, the TLS handshake, sending and every read of the answer get only the time left, so one
+    attempt never outlives its deadline however the other side dribbles; an answer stops at `budget`
+    bytes, status line and headers included.
+    """
+
+    def __init__(self, host: str, port: int | None, ssl_context: ssl.SSLContext | None, budget: int):
+        if ssl_context is not None:
+            self.default_port = http.client.HTTPS_PORT
+        super().__init__(host, port)
+        self._ssl_context = ssl_context
+        self.budget = budget
+        self.deadline = math.inf
+        self.response_class = self._bounded_response
+
+    def left(self) -> float:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the attempt's deadline passed")
+        return left
+
+    def connect(self) -> None:
+        self.timeout = self.left()
+        super().connect()
+        if self._ssl_context is not None:
+            self.sock.settimeout(self.left())
+            self.sock = self._ssl_context.wrap_socket(self.sock, server_hostname=self.host)
+
+    def send(self, data) -> None:
+        if self.sock is None:
+            self.connect()
+        self.sock.settimeout(self.left())  # sendall's timeout bounds the whole call (Python 3.5+)
+        super().send(data)
+
+    def _bounded_response(self, sock: socket.socket, *args, **kwargs) -> http.client.HTTPResponse:
+        return http.client.HTTPResponse(_BoundedSocket(sock, self.left, self.budget), *args, **kwargs)
+
+
 class ImgurClient:
-    """Uploads to Imgur. Thread-safe; `close()` ends every wait at once."""
+    """Uploads to Imgur. Thread-safe; `close()` ends every wait at once.
+
+    Each attempt (connect, send, the whole answer) has max(`timeout`, size / `min_upload_rate`) seconds;
+    at most `max_answer_bytes` of an answer are read. `now`, `sleep`, `rand` and `ssl_context` are seams
+    for tests.
+    """
 
     def __init__(
         self,
@@ -191,6 +282,8 @@ class ImgurClient:
         refresh_token: str = "",
         api_url: str = "https://api.imgur.com",
         timeout: float = 60.0,
+        min_upload_rate: float = 128 * 1024,
+        max_answer_bytes: int = 1024 * 1024,
         retries: int = 3,
         backoff: float = 1.0,
         max_wait: float = 120.0,
@@ -198,18 +291,23 @@ class ImgurClient:
         now: Callable[[], float] = time.time,
         sleep: Callable[[float], None] | None = None,
         rand: Callable[[], float] = random.random,
+        ssl_context: ssl.SSLContext | None = None,
     ):
         if not client_id:
             raise NotConfigured("Imgur uploads are off: set IMGUR_CLIENT_ID (and optionally the secret and refresh token)")
         parts = urllib.parse.urlsplit(api_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"IMGUR_API_URL must be an http(s) URL, got {api_url!r}")
+        if not timeout > 0 or not min_upload_rate > 0 or not max_answer_bytes > 0:
+            raise ValueError("timeout, min_upload_rate and max_answer_bytes must be positive")
         self.client_id = client_id
         self.client_secret = client_secret
         self.refresh_token = refresh_token
         self.api_url = api_url.rstrip("/")
         self._parts = parts
-        self.timeout = timeout
+        self.timeout = timeout  # seconds an attempt may take at least, however small the image
+        self.min_upload_rate = min_upload_rate  # bytes/s: a big image's attempt may take size / rate
+        self.max_answer_bytes = max_answer_bytes  # Imgur's answers are about 1 KB
         self.retries = retries
         self.backoff = backoff
         self.max_wait = max_wait  # longest Retry-After we wait for before giving up on a URL
@@ -218,11 +316,14 @@ class ImgurClient:
         self._stopping = threading.Event()
         self._sleep = sleep or self._interruptible_sleep
         self._rand = rand
+        self._ssl_context = ssl_context
+        if parts.scheme == "https" and ssl_context is None:
+            self._ssl_context = ssl.create_default_context()
         self._lock = threading.Lock()
         self._local = threading.local()
         # Its own lock: a token refresh makes a request while holding self._lock.
         self._connections_lock = threading.Lock()
-        self._connections: set[http.client.HTTPConnection] = set()
+        self._connections: set[_Connection] = set()
         self._token: str | None = None
         self._token_expires = 0.0
         self._paused_until = 0.0
@@ -252,7 +353,7 @@ class ImgurClient:
 
     # -- HTTP --------------------------------------------------------------------------------------------
 
-    def _connection(self) -> tuple[http.client.HTTPConnection, bool]:
+    def _connection(self) -> tuple[_Connection, bool]:
         """This thread's keep-alive connection to Imgur, and whether it was just made.
 
         Reusing it saves a TCP and TLS handshake per upload, which on the real Imgur costs more than
@@ -261,8 +362,7 @@ class ImgurClient:
         conn = getattr(self._local, "conn", None)
         if conn is not None:
             return conn, False
-        cls = http.client.HTTPSConnection if self._parts.scheme == "https" else http.client.HTTPConnection
-        conn = cls(self._parts.hostname, self._parts.port, timeout=self.timeout)
+        conn = _Connection(self._parts.hostname, self._parts.port, self._ssl_context, self.max_answer_bytes)
         self._local.conn = conn
         with self._connections_lock:
             self._connections.add(conn)
@@ -276,19 +376,40 @@ class ImgurClient:
             with self._connections_lock:
                 self._connections.discard(conn)
 
+    def attempt_seconds(self, size: int) -> float:
+        """How long one attempt that sends `size` bytes may take: connect, send and the whole answer."""
+        return max(self.timeout, size / self.min_upload_rate)
+
     def _request(self, method: str, path: str, body: bytes, headers: dict[str, str]) -> _Response:
-        """One HTTP exchange. Connection errors and timeouts become _Retry."""
+        """One HTTP exchange, ending at its deadline.
+
+        Connection errors and a passed deadline become _Retry: both are what a busy or distant Imgur
+        does now and then, and the retries are few. An answer over max_answer_bytes is Rejected, not
+        retried: Imgur's are about 1 KB, so whatever sent it is broken or hostile, the upload may have
+        gone through already, and trying again would send the whole image into the same thing.
+        """
         target = (self._parts.path.rstrip("/") or "") + path
         headers = {"Content-Length": str(len(body)), **headers}
+        seconds = self.attempt_seconds(len(body))
+        deadline = time.monotonic() + seconds
         while True:
             conn, fresh = self._connection()
+            conn.deadline = deadline
             try:
                 conn.request(method, target, body=body, headers=headers)
                 res = conn.getresponse()
+                if res.length is not None and res.length > self.max_answer_bytes:
+                    raise _AnswerTooLarge()
                 data = res.read()
+            except _AnswerTooLarge:
+                self._drop_connection()
+                raise Rejected(f"Imgur's answer is larger than {self.max_answer_bytes:,} bytes (IMGUR_MAX_ANSWER_BYTES); not retried") from None
             except (socket.timeout, TimeoutError) as e:
                 self._drop_connection()
-                raise _Retry(f"Imgur did not answer within {self.timeout:g} s") from e
+                raise _Retry(
+                    f"Imgur did not answer within {seconds:g} s (the deadline per attempt: IMGUR_TIMEOUT, "
+                    "or the size at IMGUR_MIN_UPLOAD_RATE bytes/s for a big image)"
+                ) from e
             except (OSError, http.client.HTTPException) as e:
                 self._drop_connection()
                 if not fresh and isinstance(e, (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)):

@@ -140,3 +140,181 @@ def test_a_job_whose_imgur_answers_a_javascript_link_fails_that_url_and_lists_no
         assert "is not an https link on imgur.com" in view["items"][0]["error"]
         assert view["items"][0]["link"] is None and view["items"][0]["deletehash"] is None
         assert service.client.get("/v1/images").json == {"uploaded": []}
+
+
+# --------------------------------------------------------------------------------------------------------
+# At most max_answer_bytes of an answer
+# --------------------------------------------------------------------------------------------------------
+
+CAP = 64 * 1024
+BIG = json.dumps({"data": {**GOOD, "pad": [{}] * (CAP // 2)}, "success": True, "status": 200}).encode()  # ~4 x CAP
+
+
+def declared(h):
+    read_body(h)
+    respond(h, 200, BIG, "application/json")
+
+
+def lied_length(h):  # says 10 GB: nothing may be allocated for it
+    read_body(h)
+    h.send_response(200)
+    h.send_header("Content-Length", str(10 * 2**30))
+    h.end_headers()
+    h.wfile.write(BIG)
+
+
+def close_delimited(h):
+    read_body(h)
+    h.send_response(200)
+    h.send_header("Content-Type", "application/json")
+    h.send_header("Connection", "close")
+    h.end_headers()
+    h.close_connection = True
+    for i in range(0, len(BIG), 4096):
+        h.wfile.write(BIG[i : i + 4096])
+
+
+def chunked(h):
+    read_body(h)
+    h.send_response(200)
+    h.send_header("Content-Type", "application/json")
+    h.send_header("Transfer-Encoding", "chunked")
+    h.end_headers()
+    for i in range(0, len(BIG), 4096):
+        piece = BIG[i : i + 4096]
+        h.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+    h.wfile.write(b"0\r\n\r\n")
+
+
+def many_headers(h):
+    read_body(h)
+    h.send_response(200)
+    for i in range(60):
+        h.send_header(f"X-Pad-{i}", "p" * 2000)
+    body = json.dumps({"data": GOOD}).encode()
+    h.send_header("Content-Length", str(len(body)))
+    h.end_headers()
+    h.wfile.write(body)
+
+
+@pytest.mark.parametrize("route", [declared, lied_length, close_delimited, chunked, many_headers])
+def test_an_answer_over_the_cap_fails_the_url_unretried(route):
+    with Loopback({"/3/image": route}) as srv:
+        c = client(srv, max_answer_bytes=CAP)
+        started = time.monotonic()
+        with pytest.raises(imgur.Rejected, match="larger than 65,536 bytes .IMGUR_MAX_ANSWER_BYTES"):
+            c.upload(IMAGE)
+        assert time.monotonic() - started < 2 and srv.hits["/3/image"] == 1
+        srv.routes["/3/image"] = answering(GOOD)  # the connection it came on is not used again
+        assert c.upload(IMAGE).link == GOOD["link"]
+        c.close()
+
+
+def test_an_answer_just_under_the_cap_is_read():
+    body = json.dumps({"data": GOOD, "pad": "x" * (CAP - 1000)}).encode()
+    with Loopback({"/3/image": lambda h: (read_body(h), respond(h, 200, body, "application/json"))}) as srv:
+        assert client(srv, max_answer_bytes=CAP).upload(IMAGE).link == GOOD["link"]
+
+
+# --------------------------------------------------------------------------------------------------------
+# One deadline per attempt
+# --------------------------------------------------------------------------------------------------------
+
+
+def drip_headers(h):
+    read_body(h)
+    for byte in b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Slow: " + b"s" * 200:
+        if h.server.stopping.wait(0.02):
+            return
+        h.wfile.write(bytes([byte]))
+        h.wfile.flush()
+
+
+def drip_body(h):
+    read_body(h)
+    body = json.dumps({"data": GOOD}).encode() + b" " * 500
+    h.send_response(200)
+    h.send_header("Content-Length", str(len(body)))
+    h.end_headers()
+    for byte in body:
+        if h.server.stopping.wait(0.02):
+            return
+        h.wfile.write(bytes([byte]))
+        h.wfile.flush()
+
+
+def never_reads(h):
+    h.server.stopping.wait(5)  # takes no body: the client's send blocks once the socket buffers are full
+
+
+@pytest.mark.parametrize("route, size", [(drip_headers, 0), (drip_body, 0), (never_reads, 16 * 2**20)])
+def test_an_attempt_ends_at_its_deadline_however_imgur_dribbles(route, size):
+    data = IMAGE + b"\0" * size
+    with Loopback({"/3/image": route}) as srv:
+        sleeps = Sleeps()
+        c = client(srv, timeout=0.3, min_upload_rate=1e12, retries=1, sleep=sleeps)
+        started = time.monotonic()
+        with pytest.raises(imgur.Unavailable, match=r"did not answer within 0.3 s .*IMGUR_TIMEOUT.*gave up after 2 attempts"):
+            c.upload(data)
+        took = time.monotonic() - started
+        assert 0.6 <= took < 1.5, took  # two attempts of 0.3 s each, however long each recv or send waits
+        assert len(sleeps.calls) == 1  # a slow attempt is retried, like any timeout
+        c.close()
+
+
+def test_a_big_upload_gets_longer_in_proportion_to_its_size():
+    c = imgur.ImgurClient(client_id="x")
+    assert c.attempt_seconds(1000) == 60.0
+    assert c.attempt_seconds(20 * 2**20) == 160.0  # 20 MB at 128 KB/s
+
+    def slow(h):
+        read_body(h)
+        h.server.stopping.wait(0.5)
+        respond(h, 200, json.dumps({"data": GOOD}).encode(), "application/json")
+
+    with Loopback({"/3/image": slow}) as srv:
+        with pytest.raises(imgur.Unavailable, match="within 0.2 s"):
+            client(srv, timeout=0.2, retries=0).upload(IMAGE)
+        # The same image and the same slow answer, at a rate that gives this size 1.5 s:
+        assert client(srv, timeout=0.2, min_upload_rate=len(IMAGE) / 1.5, retries=0).upload(IMAGE).link
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory):
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl command not available to make a test certificate")
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    result = subprocess.run(
+        [
+            openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+            "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+        ],
+        capture_output=True,
+        timeout=30,
+    )
+    if result.returncode != 0:
+        pytest.skip(f"openssl could not make a certificate: {result.stderr.decode(errors='replace')}")
+    return cert, key
+
+
+def test_https_keeps_one_verified_connection_and_its_handshake_is_under_the_deadline(certificate):
+    cert, key = certificate
+    server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_context.load_cert_chain(cert, key)
+    trusting = ssl.create_default_context(cafile=str(cert))
+    with Loopback({"/3/image": answering(GOOD)}) as srv:
+        srv.server.socket = server_context.wrap_socket(srv.server.socket, server_side=True, do_handshake_on_connect=False)
+        c = imgur.ImgurClient(client_id="x", api_url=f"https://127.0.0.1:{srv.port}", ssl_context=trusting)
+        assert [c.upload(IMAGE).link for _ in range(2)] == [GOOD["link"]] * 2
+        assert srv.server.connections_made == 1
+        c.close()
+        with pytest.raises(imgur.Unavailable, match="could not reach Imgur"):  # the system's CAs do not trust it
+            imgur.ImgurClient(client_id="x", api_url=f"https://127.0.0.1:{srv.port}", retries=0).upload(IMAGE)
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # accepts (in the kernel), never says a word
+        c = imgur.ImgurClient(client_id="x", api_url=f"https://127.0.0.1:{silent.getsockname()[1]}", ssl_context=trusting, timeout=0.3, retries=0)
+        started = time.monotonic()
+        with pytest.raises(imgur.Unavailable, match="within 0.3 s"):
+            c.upload(IMAGE)
+        assert time.monotonic() - started < 1
