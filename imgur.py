@@ -147,7 +147,18 @@ def reason_from(status: int, body: bytes, content_type: str | None = None) -> st
     return f"Imgur answered {status} {phrase}" + (f": {message}" if message else "")
 
 
+def safe_filename(name: str) -> str:
+    """`name` with every character but A-Z a-z 0-9 . _ - replaced by "_", at most 100 of them.
+
+    The name comes from a job's URL; a quote, CR/LF or backslash in it could otherwise end the
+    `filename="..."` parameter and add fields of its own. Multipart escaping rules differ between
+    servers, so the name is reduced instead of escaped.
+    """
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name)[:100] or "image"
+
+
 def _multipart(fields: dict[str, str], file_field: str, data: bytes, filename: str, content_type: str) -> tuple[bytes, str]:
+    filename = safe_filename(filename)
     boundary = uuid.uuid4().hex
     out = bytearray()
     for name, value in fields.items():

@@ -318,3 +318,40 @@ def test_https_keeps_one_verified_connection_and_its_handshake_is_under_the_dead
         with pytest.raises(imgur.Unavailable, match="within 0.3 s"):
             c.upload(IMAGE)
         assert time.monotonic() - started < 1
+
+
+# --------------------------------------------------------------------------------------------------------
+# The file name sent
+# --------------------------------------------------------------------------------------------------------
+
+
+def _parts(content_type: str, body: bytes):
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+        f"Content-Type: {content_type}\r\n\r\n".encode() + body
+    )
+    return list(message.iter_parts())
+
+
+@pytest.mark.parametrize(
+    "name, sent",
+    [
+        ('q";name="title', "q__name__title"),
+        ("a.jpg\r\nContent-Type: text/html", "a.jpg__Content-Type__text_html"),
+        ("back\\slash.png", "back_slash.png"),
+        ("caf\u00e9.jpg", "caf_.jpg"),
+        ("", "image"),
+        ("n" * 300, "n" * 100),
+    ],
+)
+def test_the_file_name_cannot_break_out_of_its_multipart_header(name, sent):
+    seen = {}
+
+    def image(h):
+        seen["type"], seen["body"] = h.headers["Content-Type"], read_body(h)
+        respond(h, 200, json.dumps({"data": GOOD}).encode(), "application/json")
+
+    with Loopback({"/3/image": image}) as srv:
+        client(srv).upload(IMAGE, filename=name)
+    parts = _parts(seen["type"], seen["body"])
+    assert [p["Content-Disposition"] for p in parts] == ['form-data; name="type"', f'form-data; name="image"; filename="{sent}"']
+    assert parts[1].get_payload(decode=True) == IMAGE
