@@ -11,6 +11,12 @@ Imgur's errors come in several shapes (`{"data": {"error": ...}}`, `{"errors": [
 backoff and jitter, honouring Retry-After / X-Post-Rate-Limit-Reset. When the response says the user's
 or the client's credits are used up, every upload pauses until the reset instead of burning requests.
 
+Imgur's answers are not trusted further than they must be: each attempt (connect, send, the whole answer)
+ends at one deadline, max(timeout, size / min_upload_rate); at most max_answer_bytes of an answer are
+read; a 200 counts only with an https link on imgur.com (or on the API URL's own host when that is a
+stand-in) and a sane id and deletehash. The file name sent is reduced to characters that cannot break
+out of its multipart header.
+
 This module never imports Bottle; it raises the errors below and server.py / jobs.py deal with them.
 """
 
@@ -119,7 +125,7 @@ def reason_from(status: int, body: bytes, content_type: str | None = None) -> st
     message = None
     try:
         doc = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: "[[[[..." nested deeper than Python recurses
         doc = None
     if isinstance(doc, dict):
         data = doc.get("data")
@@ -142,7 +148,9 @@ def reason_from(status: int, body: bytes, content_type: str | None = None) -> st
             # An HTML page: its <title>, else its first words.
             title = re.search(r"<title>(.*?)</title>", text, re.I | re.S)
             plain = title.group(1) if title else re.sub(r"<[^>]+>", " ", text)
-            message = " ".join(plain.split())[:200] or None
+            message = plain
+    # One line of bounded length: the reason is kept with the job, shown to its owner and logged.
+    message = " ".join(str(message).split())[:200] if message else None
     phrase = http.client.responses.get(status, "error")
     return f"Imgur answered {status} {phrase}" + (f": {message}" if message else "")
 
@@ -181,7 +189,7 @@ class _Response:
     def json(self) -> Any:
         try:
             return json.loads(self.body)
-        except ValueError:
+        except (ValueError, RecursionError):
             return None
 
 
@@ -437,13 +445,11 @@ class ImgurClient:
         h = res.headers
         until = 0.0
         if h.get("x-ratelimit-userremaining", "").strip() == "0":
-            until = max(until, _number(h.get("x-ratelimit-userreset")) or self.now() + 3600)
+            until = max(until, _reset_at(h.get("x-ratelimit-userreset"), self.now()))
         if h.get("x-ratelimit-clientremaining", "").strip() == "0":
-            reset = _number(h.get("x-ratelimit-clientreset"))
-            # Imgur documents no reset for the daily client credits; when a reset is sent it may be
-            # an epoch or a number of seconds.
-            until = max(until, (reset if reset and reset > 1e9 else self.now() + (reset or 3600)))
-        if until:
+            # Imgur documents no reset for the daily client credits; an hour unless one is sent.
+            until = max(until, _reset_at(h.get("x-ratelimit-clientreset"), self.now()))
+        if until > self.now():  # a reset already past: the credits are back
             with self._lock:
                 if until > self._paused_until:
                     self._paused_until = until
@@ -485,8 +491,13 @@ class ImgurClient:
             res = self._request("POST", "/oauth2/token", body, {"Content-Type": "application/x-www-form-urlencoded"})
         except _Retry as e:
             raise Unavailable(f"could not refresh the Imgur access token: {e.reason}") from e
+        except Rejected as e:
+            raise Rejected(f"could not refresh the Imgur access token: {e}", e.status) from None
         doc = res.json()
         token = doc.get("access_token") if isinstance(doc, dict) else None
+        # It goes into a header: printable ASCII without spaces, of sane length.
+        if isinstance(token, str) and not re.fullmatch(r"[\x21-\x7e]{1,2048}", token):
+            raise Rejected(f"Imgur's token endpoint answered a malformed access token ({_shown(token)})", res.status)
         if res.status != 200 or not token:
             raise Rejected(
                 "could not refresh the Imgur access token ("
@@ -621,7 +632,20 @@ def _number(value: str | None) -> float | None:
         n = float(value) if value is not None and value.strip() else None
     except ValueError:
         return None
-    return n if n is not None and n >= 0 and n == n else None
+    return n if n is not None and n >= 0 and math.isfinite(n) else None
+
+
+def _reset_at(value: str | None, now: float) -> float:
+    """When used-up credits come back, from an X-RateLimit-*Reset header.
+
+    Imgur documents a Unix time, and has been seen (2025) sending seconds from now instead
+    (`x-ratelimit-userreset: 3600`): a number below 1e9 (2001) is taken as seconds. Absent or 0 means
+    an hour; more than a day away is not believed.
+    """
+    reset = _number(value)
+    if not reset:
+        return now + 3600
+    return min(reset if reset > 1e9 else now + reset, now + MAX_CREDIT_PAUSE)
 
 
 def _retry_after(headers: dict[str, str], now: float) -> float | None:

@@ -355,3 +355,74 @@ def test_the_file_name_cannot_break_out_of_its_multipart_header(name, sent):
     parts = _parts(seen["type"], seen["body"])
     assert [p["Content-Disposition"] for p in parts] == ['form-data; name="type"', f'form-data; name="image"; filename="{sent}"']
     assert parts[1].get_payload(decode=True) == IMAGE
+
+
+# --------------------------------------------------------------------------------------------------------
+# Credit resets, and other numbers and texts from Imgur
+# --------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fake():
+    with FakeImgur() as f:
+        yield f
+
+
+def credits_client(fake, clock, **kw):
+    sleeps = Sleeps(clock)
+    return imgur.ImgurClient(client_id=fake.client_id, api_url=fake.url, now=lambda: clock[0], sleep=sleeps, **kw), sleeps
+
+
+def test_a_user_reset_sent_as_seconds_from_now_pauses_that_long(fake):
+    clock = [1_800_000_000.0]
+    c, sleeps = credits_client(fake, clock, max_pause=7200)
+    fake.success_headers = {"X-RateLimit-UserRemaining": "0", "X-RateLimit-UserReset": "3600"}  # as seen in 2025
+    c.upload(IMAGE)
+    fake.success_headers = {}
+    c.upload(IMAGE)
+    assert sleeps.calls == [3600.0] and len(fake.uploads) == 2
+
+
+def test_a_user_reset_in_seconds_beyond_max_pause_fails_fast_without_burning_a_request(fake):
+    clock = [1_800_000_000.0]
+    c, sleeps = credits_client(fake, clock, max_pause=600)
+    fake.success_headers = {"X-RateLimit-UserRemaining": "0", "X-RateLimit-UserReset": "3600"}
+    c.upload(IMAGE)
+    with pytest.raises(imgur.Unavailable, match="credits are used up until 2027-01-15 09:00 UTC"):
+        c.upload(IMAGE)
+    assert len(fake.uploads) == 1
+
+
+@pytest.mark.parametrize("reset, pause", [("1e300", 86400.0), ("99999999999999999999", 86400.0), ("inf", 3600.0), ("nan", 3600.0)])
+def test_an_absurd_reset_is_capped_at_a_day(fake, reset, pause):
+    clock = [1_800_000_000.0]
+    c, sleeps = credits_client(fake, clock, max_pause=2 * 86400)
+    fake.success_headers = {"X-RateLimit-UserRemaining": "0", "X-RateLimit-UserReset": reset}
+    c.upload(IMAGE)
+    fake.success_headers = {}
+    c.upload(IMAGE)
+    assert sleeps.calls == [pause]  # a day at most; "inf" and "nan" are no reset at all: an hour
+
+
+def test_json_nested_too_deep_is_a_reason_not_a_crash(fake):
+    assert imgur.reason_from(500, b"[" * 100_000) == "Imgur answered 500 Internal Server Error: " + "[" * 200
+    fake.script.append(answer(200, b"[" * 100_000))
+    with pytest.raises(imgur.Rejected, match="200 without a link"):
+        imgur.ImgurClient(client_id=fake.client_id, api_url=fake.url).upload(IMAGE)
+
+
+def test_a_huge_error_message_becomes_a_short_single_line_reason():
+    reason = imgur.reason_from(400, json.dumps({"data": {"error": "bad\r\nimage " * 50_000}}).encode())
+    assert reason.startswith("Imgur answered 400 Bad Request: bad image bad image") and len(reason) < 260 and "\n" not in reason
+
+
+def test_a_malformed_access_token_is_a_rejection_not_a_crash():
+    def token(h):
+        read_body(h)
+        respond(h, 200, json.dumps({"access_token": "tok\r\nX-Evil: 1", "expires_in": 3600}).encode(), "application/json")
+
+    with Loopback({"/oauth2/token": token}) as srv:
+        c = imgur.ImgurClient(client_id="c", client_secret="s", refresh_token="r", api_url=srv.url(""), sleep=Sleeps())
+        with pytest.raises(imgur.Rejected, match="malformed access token"):
+            c.upload(IMAGE)
+        assert srv.hits["/3/image"] == 0
