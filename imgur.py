@@ -11,6 +11,12 @@ Imgur's errors come in several shapes (`{"data": {"error": ...}}`, `{"errors": [
 backoff and jitter, honouring Retry-After / X-Post-Rate-Limit-Reset. When the response says the user's
 or the client's credits are used up, every upload pauses until the reset instead of burning requests.
 
+Imgur's answers are not trusted further than they must be: each attempt (connect, send, the whole answer)
+ends at one deadline, max(timeout, size / min_upload_rate); at most max_answer_bytes of an answer are
+read; a 200 counts only with an https link on imgur.com (or on the API URL's own host when that is a
+stand-in) and a sane id and deletehash. The file name sent is reduced to characters that cannot break
+out of its multipart header.
+
 This module never imports Bottle; it raises the errors below and server.py / jobs.py deal with them.
 """
 
@@ -18,11 +24,14 @@ from __future__ import annotations
 
 import email.utils
 import http.client
+import io
 import json
 import logging
+import math
 import random
 import re
 import socket
+import ssl
 import threading
 import time
 import urllib.parse
@@ -35,6 +44,14 @@ log = logging.getLogger(__name__)
 # Imgur's limit for still images; animated GIFs may be larger (200 MB), but our downloads stop at
 # MAX_IMAGE_BYTES anyway.
 MAX_STILL_BYTES = 20 * 1024 * 1024
+
+# A credit reset further away than this is not believed: Imgur's credits come back within a day.
+MAX_CREDIT_PAUSE = 24 * 3600.0
+# An id or deletehash: Imgur's are a few base-62 characters.
+_HANDLE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+# A host name as DNS spells it; anything else (a backslash, a percent sign) a browser may read differently.
+_DNS_NAME = re.compile(r"[a-z0-9-]+(\.[a-z0-9-]+)*")
+_MAX_LINK = 2048
 
 _FORMATS = (
     (b"\xff\xd8\xff", "JPEG", "image/jpeg"),
@@ -108,7 +125,7 @@ def reason_from(status: int, body: bytes, content_type: str | None = None) -> st
     message = None
     try:
         doc = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: "[[[[..." nested deeper than Python recurses
         doc = None
     if isinstance(doc, dict):
         data = doc.get("data")
@@ -131,12 +148,25 @@ def reason_from(status: int, body: bytes, content_type: str | None = None) -> st
             # An HTML page: its <title>, else its first words.
             title = re.search(r"<title>(.*?)</title>", text, re.I | re.S)
             plain = title.group(1) if title else re.sub(r"<[^>]+>", " ", text)
-            message = " ".join(plain.split())[:200] or None
+            message = plain
+    # One line of bounded length: the reason is kept with the job, shown to its owner and logged.
+    message = " ".join(str(message).split())[:200] if message else None
     phrase = http.client.responses.get(status, "error")
     return f"Imgur answered {status} {phrase}" + (f": {message}" if message else "")
 
 
+def safe_filename(name: str) -> str:
+    """`name` with every character but A-Z a-z 0-9 . _ - replaced by "_", at most 100 of them.
+
+    The name comes from a job's URL; a quote, CR/LF or backslash in it could otherwise end the
+    `filename="..."` parameter and add fields of its own. Multipart escaping rules differ between
+    servers, so the name is reduced instead of escaped.
+    """
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name)[:100] or "image"
+
+
 def _multipart(fields: dict[str, str], file_field: str, data: bytes, filename: str, content_type: str) -> tuple[bytes, str]:
+    filename = safe_filename(filename)
     boundary = uuid.uuid4().hex
     out = bytearray()
     for name, value in fields.items():
@@ -159,7 +189,7 @@ class _Response:
     def json(self) -> Any:
         try:
             return json.loads(self.body)
-        except ValueError:
+        except (ValueError, RecursionError):
             return None
 
 
@@ -172,8 +202,96 @@ class _Retry(Exception):
         self.wait = wait
 
 
+class _AnswerTooLarge(Exception):
+    """Imgur's answer passed the byte budget of one attempt."""
+
+
+class _BoundedReader(io.RawIOBase):
+    """The socket of one answer: every recv waits at most until the deadline, and stops at the budget.
+
+    http.client reads an answer in many recv calls; a plain socket timeout restarts with each, so an
+    answer dripped one byte at a time would never time out.
+    """
+
+    def __init__(self, raw: io.RawIOBase, sock: socket.socket, left: Callable[[], float], budget: int):
+        super().__init__()
+        self._raw, self._sock, self._left, self._budget = raw, sock, left, budget
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        if self._budget <= 0:
+            raise _AnswerTooLarge()
+        self._sock.settimeout(self._left())
+        view = memoryview(buffer)
+        n = self._raw.readinto(view[: min(len(view), self._budget)])
+        self._budget -= n or 0
+        return n
+
+    def close(self) -> None:
+        self._raw.close()  # releases the socket's file reference, as http.client's own reader does
+        super().close()
+
+
+class _BoundedSocket:
+    """What http.client.HTTPResponse takes from a socket: makefile(), here deadline- and budget-bound."""
+
+    def __init__(self, sock: socket.socket, left: Callable[[], float], budget: int):
+        self._sock, self._left, self._budget = sock, left, budget
+
+    def makefile(self, mode: str = "rb", *args, **kwargs) -> io.BufferedReader:
+        raw = self._sock.makefile("rb", buffering=0)
+        return io.BufferedReader(_BoundedReader(raw, self._sock, self._left, self._budget))
+
+
+class _Connection(http.client.HTTPConnection):
+    """A kept-alive connection to Imgur on which each exchange ends at `deadline` (time.monotonic()).
+
+    Connecting, the TLS handshake, sending and every read of the answer get only the time left, so one
+    attempt never outlives its deadline however the other side dribbles; an answer stops at `budget`
+    bytes, status line and headers included.
+    """
+
+    def __init__(self, host: str, port: int | None, ssl_context: ssl.SSLContext | None, budget: int):
+        if ssl_context is not None:
+            self.default_port = http.client.HTTPS_PORT
+        super().__init__(host, port)
+        self._ssl_context = ssl_context
+        self.budget = budget
+        self.deadline = math.inf
+        self.response_class = self._bounded_response
+
+    def left(self) -> float:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the attempt's deadline passed")
+        return left
+
+    def connect(self) -> None:
+        self.timeout = self.left()
+        super().connect()
+        if self._ssl_context is not None:
+            self.sock.settimeout(self.left())
+            self.sock = self._ssl_context.wrap_socket(self.sock, server_hostname=self.host)
+
+    def send(self, data) -> None:
+        if self.sock is None:
+            self.connect()
+        self.sock.settimeout(self.left())  # sendall's timeout bounds the whole call (Python 3.5+)
+        super().send(data)
+
+    def _bounded_response(self, sock: socket.socket, *args, **kwargs) -> http.client.HTTPResponse:
+        return http.client.HTTPResponse(_BoundedSocket(sock, self.left, self.budget), *args, **kwargs)
+
+
 class ImgurClient:
-    """Uploads to Imgur. Thread-safe; `close()` ends every wait at once."""
+    """Uploads to Imgur. Thread-safe; `close()` ends every wait at once.
+
+    Each attempt (connect, send, the whole answer) has max(`timeout`, size / `min_upload_rate`) seconds;
+    at most `max_answer_bytes` of an answer are read. `now`, `sleep`, `rand` and `ssl_context` are seams
+    for tests.
+    """
 
     def __init__(
         self,
@@ -183,6 +301,8 @@ class ImgurClient:
         refresh_token: str = "",
         api_url: str = "https://api.imgur.com",
         timeout: float = 60.0,
+        min_upload_rate: float = 128 * 1024,
+        max_answer_bytes: int = 1024 * 1024,
         retries: int = 3,
         backoff: float = 1.0,
         max_wait: float = 120.0,
@@ -190,18 +310,23 @@ class ImgurClient:
         now: Callable[[], float] = time.time,
         sleep: Callable[[float], None] | None = None,
         rand: Callable[[], float] = random.random,
+        ssl_context: ssl.SSLContext | None = None,
     ):
         if not client_id:
             raise NotConfigured("Imgur uploads are off: set IMGUR_CLIENT_ID (and optionally the secret and refresh token)")
         parts = urllib.parse.urlsplit(api_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"IMGUR_API_URL must be an http(s) URL, got {api_url!r}")
+        if not timeout > 0 or not min_upload_rate > 0 or not max_answer_bytes > 0:
+            raise ValueError("timeout, min_upload_rate and max_answer_bytes must be positive")
         self.client_id = client_id
         self.client_secret = client_secret
         self.refresh_token = refresh_token
         self.api_url = api_url.rstrip("/")
         self._parts = parts
-        self.timeout = timeout
+        self.timeout = timeout  # seconds an attempt may take at least, however small the image
+        self.min_upload_rate = min_upload_rate  # bytes/s: a big image's attempt may take size / rate
+        self.max_answer_bytes = max_answer_bytes  # Imgur's answers are about 1 KB
         self.retries = retries
         self.backoff = backoff
         self.max_wait = max_wait  # longest Retry-After we wait for before giving up on a URL
@@ -210,11 +335,14 @@ class ImgurClient:
         self._stopping = threading.Event()
         self._sleep = sleep or self._interruptible_sleep
         self._rand = rand
+        self._ssl_context = ssl_context
+        if parts.scheme == "https" and ssl_context is None:
+            self._ssl_context = ssl.create_default_context()
         self._lock = threading.Lock()
         self._local = threading.local()
         # Its own lock: a token refresh makes a request while holding self._lock.
         self._connections_lock = threading.Lock()
-        self._connections: set[http.client.HTTPConnection] = set()
+        self._connections: set[_Connection] = set()
         self._token: str | None = None
         self._token_expires = 0.0
         self._paused_until = 0.0
@@ -244,7 +372,7 @@ class ImgurClient:
 
     # -- HTTP --------------------------------------------------------------------------------------------
 
-    def _connection(self) -> tuple[http.client.HTTPConnection, bool]:
+    def _connection(self) -> tuple[_Connection, bool]:
         """This thread's keep-alive connection to Imgur, and whether it was just made.
 
         Reusing it saves a TCP and TLS handshake per upload, which on the real Imgur costs more than
@@ -253,8 +381,7 @@ class ImgurClient:
         conn = getattr(self._local, "conn", None)
         if conn is not None:
             return conn, False
-        cls = http.client.HTTPSConnection if self._parts.scheme == "https" else http.client.HTTPConnection
-        conn = cls(self._parts.hostname, self._parts.port, timeout=self.timeout)
+        conn = _Connection(self._parts.hostname, self._parts.port, self._ssl_context, self.max_answer_bytes)
         self._local.conn = conn
         with self._connections_lock:
             self._connections.add(conn)
@@ -268,19 +395,40 @@ class ImgurClient:
             with self._connections_lock:
                 self._connections.discard(conn)
 
+    def attempt_seconds(self, size: int) -> float:
+        """How long one attempt that sends `size` bytes may take: connect, send and the whole answer."""
+        return max(self.timeout, size / self.min_upload_rate)
+
     def _request(self, method: str, path: str, body: bytes, headers: dict[str, str]) -> _Response:
-        """One HTTP exchange. Connection errors and timeouts become _Retry."""
+        """One HTTP exchange, ending at its deadline.
+
+        Connection errors and a passed deadline become _Retry: both are what a busy or distant Imgur
+        does now and then, and the retries are few. An answer over max_answer_bytes is Rejected, not
+        retried: Imgur's are about 1 KB, so whatever sent it is broken or hostile, the upload may have
+        gone through already, and trying again would send the whole image into the same thing.
+        """
         target = (self._parts.path.rstrip("/") or "") + path
         headers = {"Content-Length": str(len(body)), **headers}
+        seconds = self.attempt_seconds(len(body))
+        deadline = time.monotonic() + seconds
         while True:
             conn, fresh = self._connection()
+            conn.deadline = deadline
             try:
                 conn.request(method, target, body=body, headers=headers)
                 res = conn.getresponse()
+                if res.length is not None and res.length > self.max_answer_bytes:
+                    raise _AnswerTooLarge()
                 data = res.read()
+            except _AnswerTooLarge:
+                self._drop_connection()
+                raise Rejected(f"Imgur's answer is larger than {self.max_answer_bytes:,} bytes (IMGUR_MAX_ANSWER_BYTES); not retried") from None
             except (socket.timeout, TimeoutError) as e:
                 self._drop_connection()
-                raise _Retry(f"Imgur did not answer within {self.timeout:g} s") from e
+                raise _Retry(
+                    f"Imgur did not answer within {seconds:g} s (the deadline per attempt: IMGUR_TIMEOUT, "
+                    "or the size at IMGUR_MIN_UPLOAD_RATE bytes/s for a big image)"
+                ) from e
             except (OSError, http.client.HTTPException) as e:
                 self._drop_connection()
                 if not fresh and isinstance(e, (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)):
@@ -297,13 +445,11 @@ class ImgurClient:
         h = res.headers
         until = 0.0
         if h.get("x-ratelimit-userremaining", "").strip() == "0":
-            until = max(until, _number(h.get("x-ratelimit-userreset")) or self.now() + 3600)
+            until = max(until, _reset_at(h.get("x-ratelimit-userreset"), self.now()))
         if h.get("x-ratelimit-clientremaining", "").strip() == "0":
-            reset = _number(h.get("x-ratelimit-clientreset"))
-            # Imgur documents no reset for the daily client credits; when a reset is sent it may be
-            # an epoch or a number of seconds.
-            until = max(until, (reset if reset and reset > 1e9 else self.now() + (reset or 3600)))
-        if until:
+            # Imgur documents no reset for the daily client credits; an hour unless one is sent.
+            until = max(until, _reset_at(h.get("x-ratelimit-clientreset"), self.now()))
+        if until > self.now():  # a reset already past: the credits are back
             with self._lock:
                 if until > self._paused_until:
                     self._paused_until = until
@@ -345,8 +491,13 @@ class ImgurClient:
             res = self._request("POST", "/oauth2/token", body, {"Content-Type": "application/x-www-form-urlencoded"})
         except _Retry as e:
             raise Unavailable(f"could not refresh the Imgur access token: {e.reason}") from e
+        except Rejected as e:
+            raise Rejected(f"could not refresh the Imgur access token: {e}", e.status) from None
         doc = res.json()
         token = doc.get("access_token") if isinstance(doc, dict) else None
+        # It goes into a header: printable ASCII without spaces, of sane length.
+        if isinstance(token, str) and not re.fullmatch(r"[\x21-\x7e]{1,2048}", token):
+            raise Rejected(f"Imgur's token endpoint answered a malformed access token ({_shown(token)})", res.status)
         if res.status != 200 or not token:
             raise Rejected(
                 "could not refresh the Imgur access token ("
@@ -403,8 +554,7 @@ class ImgurClient:
         status = res.status
         doc = res.json()
         if status == 200 and isinstance(doc, dict) and isinstance(doc.get("data"), dict) and doc["data"].get("link"):
-            d = doc["data"]
-            return Upload(str(d.get("id", "")), str(d["link"]), d.get("deletehash"))
+            return self._checked_upload(doc["data"])
         reason = reason_from(status, res.body)
         over_capacity = "over capacity" in reason.lower()
         if status in (401, 403) and not over_capacity and _says_token_invalid(status, reason):
@@ -415,6 +565,57 @@ class ImgurClient:
         if status == 200:  # 200 without a link: not what Imgur promises, not worth repeating
             raise Rejected(f"Imgur answered 200 without a link: {res.body[:200]!r}", status)
         raise Rejected(reason, status)
+
+    def _checked_upload(self, d: dict) -> Upload:
+        """The Upload a 200 describes, or Rejected (not retried: the image may be on Imgur already)."""
+        link = d["link"]
+        if not link_accepted(link, self.api_url):
+            raise Rejected(
+                f"Imgur answered 200, but its link {_shown(link)} is not an https link on imgur.com; "
+                "the upload is not counted",
+                200,
+            )
+        for name in ("id", "deletehash"):
+            value = d.get(name)
+            if value is not None and not (isinstance(value, str) and _HANDLE.fullmatch(value)):
+                raise Rejected(
+                    f"Imgur answered 200, but its {name} {_shown(value)} is not up to 64 letters, digits, "
+                    "'_' or '-'; the upload is not counted",
+                    200,
+                )
+        return Upload(d.get("id") or "", link, d.get("deletehash"))
+
+
+def link_accepted(link: Any, api_url: str) -> bool:
+    """True for an https link on imgur.com or a subdomain, or on `api_url`'s own host when that is not
+    Imgur's (a stand-in in tests or on a LAN). Nothing else an answer says counts as an upload."""
+    if not isinstance(link, str) or len(link) > _MAX_LINK or not link.isascii():
+        return False
+    if any(c <= " " or c in "\x7f\\" for c in link):  # spaces, controls, a backslash browsers read as "/"
+        return False
+    try:
+        parts = urllib.parse.urlsplit(link)
+        port = parts.port
+    except ValueError:
+        return False
+    host = parts.hostname or ""
+    if parts.username is not None or parts.password is not None or not host:
+        return False
+    api = urllib.parse.urlsplit(api_url)
+    api_host = (api.hostname or "").lower()
+    if _is_imgur(host):
+        return parts.scheme == "https" and port in (None, 443) and bool(_DNS_NAME.fullmatch(host))
+    return not _is_imgur(api_host) and host == api_host and parts.scheme in ("https", api.scheme)
+
+
+def _is_imgur(host: str) -> bool:
+    return host == "imgur.com" or host.endswith(".imgur.com")
+
+
+def _shown(value: Any) -> str:
+    """A value from an answer, quoted and cut short enough to go into a reason."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 class _TokenInvalid(Exception):
@@ -431,7 +632,20 @@ def _number(value: str | None) -> float | None:
         n = float(value) if value is not None and value.strip() else None
     except ValueError:
         return None
-    return n if n is not None and n >= 0 and n == n else None
+    return n if n is not None and n >= 0 and math.isfinite(n) else None
+
+
+def _reset_at(value: str | None, now: float) -> float:
+    """When used-up credits come back, from an X-RateLimit-*Reset header.
+
+    Imgur documents a Unix time, and has been seen (2025) sending seconds from now instead
+    (`x-ratelimit-userreset: 3600`): a number below 1e9 (2001) is taken as seconds. Absent or 0 means
+    an hour; more than a day away is not believed.
+    """
+    reset = _number(value)
+    if not reset:
+        return now + 3600
+    return min(reset if reset > 1e9 else now + reset, now + MAX_CREDIT_PAUSE)
 
 
 def _retry_after(headers: dict[str, str], now: float) -> float | None:
