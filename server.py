@@ -479,6 +479,9 @@ def build_parts(
                 client_secret=settings.imgur_client_secret,
                 refresh_token=settings.imgur_refresh_token,
                 api_url=settings.imgur_api_url,
+                timeout=settings.imgur_timeout,
+                min_upload_rate=settings.imgur_min_upload_rate,
+                max_answer_bytes=settings.imgur_max_answer_bytes,
             )
     jobs = jobs_mod.Jobs(
         uploader=uploader or None, fetcher=fetcher, workers=settings.upload_workers, max_urls=settings.job_max_urls,

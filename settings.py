@@ -131,6 +131,19 @@ class Settings:
     )
     imgur_refresh_token: str = _setting("IMGUR_REFRESH_TOKEN", "", "Imgur OAuth refresh token of the account.", secret=True)
     imgur_api_url: str = _setting("IMGUR_API_URL", "https://api.imgur.com", "Base URL of the Imgur API.")
+    imgur_timeout: float = _setting(
+        "IMGUR_TIMEOUT", 60, "Seconds one upload attempt to Imgur may take at least (connect, send, the answer).",
+        parse=_positive_float,
+    )
+    imgur_min_upload_rate: int = _setting(
+        "IMGUR_MIN_UPLOAD_RATE", 128 * 1024,
+        "Bytes per second an upload must reach: a big image's attempt may take size / this rate.",
+        parse=_positive_int,
+    )
+    imgur_max_answer_bytes: int = _setting(
+        "IMGUR_MAX_ANSWER_BYTES", 1024 * 1024, "Most bytes read of one answer from Imgur (its answers are about 1 KB).",
+        parse=_positive_int,
+    )
     allow_private_urls: bool = _setting(
         "ALLOW_PRIVATE_URLS", False,
         "Let URL downloads reach loopback/LAN addresses (tests, trusted LANs). Size and time limits stay.",
