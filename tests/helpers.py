@@ -60,3 +60,30 @@ def peak_rss_mb(pid: str = "self") -> float:
 def rss_mb(pid: str = "self") -> float:
     """The RSS now (VmRSS), in MB."""
     return _status_kb("VmRSS", pid) / 1024
+
+
+def make_certificate(folder, subject_alt_name: str):
+    """A self-signed certificate and key in `folder` for `subject_alt_name` ("DNS:host" or "IP:addr"):
+    (cert path, key path). Skips the test where openssl is missing or fails."""
+    import shutil
+    import subprocess
+
+    import pytest
+
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl command not available to make a test certificate")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    name = subject_alt_name.split(":", 1)[1]
+    result = subprocess.run(
+        [
+            openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+            "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", f"/CN={name}",
+            "-addext", f"subjectAltName={subject_alt_name}",
+        ],
+        capture_output=True,
+        timeout=30,
+    )
+    if result.returncode != 0:
+        pytest.skip(f"openssl could not make a certificate: {result.stderr.decode(errors='replace')}")
+    return cert, key

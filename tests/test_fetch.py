@@ -6,10 +6,8 @@ import gzip
 import ipaddress
 import json
 import pickle
-import shutil
 import socket
 import ssl
-import subprocess
 import sys
 import threading
 import time
@@ -35,6 +33,7 @@ from fetch import (  # noqa: E402
     blocked_reason,
     check_url,
 )
+from helpers import make_certificate  # noqa: E402
 from loopback import Loopback, drip, dropped, ok, redirect, respond, status  # noqa: E402
 
 PUBLIC_IP = "93.184.216.34"
@@ -616,23 +615,7 @@ def test_fetch_module_does_not_import_bottle():
 
 @pytest.fixture(scope="module")
 def certificate(tmp_path_factory):
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        pytest.skip("openssl command not available to make a test certificate")
-    folder = tmp_path_factory.mktemp("tls")
-    cert, key = folder / "cert.pem", folder / "key.pem"
-    result = subprocess.run(
-        [
-            openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-            "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2",
-            "-subj", "/CN=public.test", "-addext", "subjectAltName=DNS:public.test",
-        ],
-        capture_output=True,
-        timeout=30,
-    )
-    if result.returncode != 0:
-        pytest.skip(f"openssl could not make a certificate: {result.stderr.decode(errors='replace')}")
-    return cert, key
+    return make_certificate(tmp_path_factory.mktemp("tls"), "DNS:public.test")
 
 
 @pytest.fixture

@@ -7,17 +7,15 @@ deadlines and byte caps are shrunk through ImgurClient's constructor so every te
 import email.parser
 import email.policy
 import json
-import shutil
 import socket
 import ssl
-import subprocess
 import time
 
 import pytest
 
 import imgur
 from fake_imgur import FakeImgur, answer
-from helpers import jpeg
+from helpers import jpeg, make_certificate
 from loopback import Loopback, ok, read_body, respond
 
 IMAGE = jpeg()
@@ -281,22 +279,7 @@ def test_a_big_upload_gets_longer_in_proportion_to_its_size():
 
 @pytest.fixture(scope="module")
 def certificate(tmp_path_factory):
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        pytest.skip("openssl command not available to make a test certificate")
-    folder = tmp_path_factory.mktemp("tls")
-    cert, key = folder / "cert.pem", folder / "key.pem"
-    result = subprocess.run(
-        [
-            openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-            "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
-        ],
-        capture_output=True,
-        timeout=30,
-    )
-    if result.returncode != 0:
-        pytest.skip(f"openssl could not make a certificate: {result.stderr.decode(errors='replace')}")
-    return cert, key
+    return make_certificate(tmp_path_factory.mktemp("tls"), "IP:127.0.0.1")
 
 
 def test_https_keeps_one_verified_connection_and_its_handshake_is_under_the_deadline(certificate):
