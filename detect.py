@@ -417,7 +417,7 @@ class Detector:
                     )
                 if stat is None:
                     raise ModelMissing(
-                        f"no detection model at {self.model_path}; run `make model` (or `python detect.py --fetch`) "
+                        f"no detection model at {self.model_path}; run `make model` (or `.venv/bin/python detect.py --fetch` in this folder) "
                         "or point DETECT_MODEL at a .tflite detection model"
                     )
                 loaded = _Model(self.model_path, self._interpreter_class, self.pool, self.threads)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime
+import errno
 import functools
 import io
 import json
@@ -20,6 +21,7 @@ import logging
 import os
 import re
 import signal
+import socket
 import sys
 import time
 import urllib.parse
@@ -683,13 +685,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = settings_mod.load(sys.argv[1:] if argv is None else argv)
     except settings_mod.SettingError as e:
-        print(f"server.py: {e}", file=sys.stderr)
-        return 2
+        return _startup_failure(f"{e}. `python server.py --help` lists every setting.")
     try:
         parts = build_parts(settings)
     except (store.StoreError, OSError) as e:
-        log.error("cannot open the database %s: %s", settings.db, e)
-        return 1
+        return _startup_failure(_database_hint(settings.db, e))
     if not parts.detector.ready:
         log.warning("object detection is unavailable until a model is present: %s", parts.detector.error)
     if parts.uploader is not None:
@@ -697,20 +697,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         log.info("Imgur uploads off: IMGUR_CLIENT_ID is unset")
     app = make_app(settings, parts)
-    server = waitress.create_server(
-        app,
-        host=settings.host,
-        port=settings.port,
-        threads=settings.waitress_threads,
-        max_request_body_size=body_limit(settings),
-        # waitress stops accepting at connection_limit (default 100), and a client sending one header
-        # byte a second never looks idle: 100 such sockets locked everyone else out (bench/soak.py).
-        # Idle channels cost waitress little; poll() because select() stops at descriptor 1024.
-        connection_limit=settings.connection_limit,
-        asyncore_use_poll=True,
-        channel_timeout=settings.channel_timeout,
-        ident="imgsvc",
-    )
+    try:
+        server = _create_server(app, settings)
+    except OSError as e:
+        parts.close(jobs_timeout=0)
+        return _startup_failure(_listen_hint(settings, e))
     # One listening socket gives one server; a host name with several addresses gives one per address.
     listeners = [server] if isinstance(server, waitress.server.BaseWSGIServer) else [
         s for s in server.map.values() if isinstance(s, waitress.server.BaseWSGIServer)
@@ -730,6 +721,54 @@ def main(argv: list[str] | None = None) -> int:
         server.close()
         parts.close()  # waits for uploads under way, up to a deadline, and logs what it abandoned
     return 0
+
+
+def _startup_failure(message: str) -> int:
+    """A start-up failure is one line on stderr saying what to do, and exit status 2 (no traceback)."""
+    print(f"server.py: {message}", file=sys.stderr)
+    return 2
+
+
+def _database_hint(db: str, e: BaseException) -> str:
+    folder = os.path.dirname(os.path.abspath(db))
+    if isinstance(e, PermissionError) or (os.path.isdir(folder) and not os.access(folder, os.W_OK)):
+        return (
+            f"cannot write the database folder {folder} (running as uid {os.getuid()}): make it writable "
+            "by this user (a Docker bind mount on /data is often root's: chown it), or point IMAGES_DB / --db elsewhere"
+        )
+    reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+    return f"cannot open the database {db}: {reason}. Point IMAGES_DB / --db at a SQLite file this user can write."
+
+
+def _listen_hint(settings: Any, e: OSError) -> str:
+    where = f"{settings.host}:{settings.port}"
+    if e.errno == errno.EADDRINUSE:
+        return (
+            f"port {settings.port} on {settings.host} is in use by another program; stop it, or choose "
+            "another port with PORT / --port (0 picks a free one)"
+        )
+    if e.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT) or isinstance(e, socket.gaierror):
+        return f"cannot listen on {where}: {e.strerror or e}; set HOST / --host to an address of this machine (0.0.0.0 for all)"
+    if e.errno == errno.EACCES:
+        return f"not allowed to listen on port {settings.port}; ports below 1024 need root: choose PORT / --port 1024 or above"
+    return f"cannot listen on {where}: {e.strerror or e}"
+
+
+def _create_server(app: bottle.Bottle, settings: Any) -> Any:
+    return waitress.create_server(
+        app,
+        host=settings.host,
+        port=settings.port,
+        threads=settings.waitress_threads,
+        max_request_body_size=body_limit(settings),
+        # waitress stops accepting at connection_limit (default 100), and a client sending one header
+        # byte a second never looks idle: 100 such sockets locked everyone else out (bench/soak.py).
+        # Idle channels cost waitress little; poll() because select() stops at descriptor 1024.
+        connection_limit=settings.connection_limit,
+        asyncore_use_poll=True,
+        channel_timeout=settings.channel_timeout,
+        ident="imgsvc",
+    )
 
 
 if __name__ == "__main__":

@@ -287,7 +287,7 @@ class Store:
         self.path = self.backend.description
         self._db = self.backend.database
         self._t = _tables(self._db, self.backend.id_field)
-        with self.connection():
+        with self._errors(), self.connection():
             self._migrate()
 
     @property

@@ -270,3 +270,55 @@ def test_slow_header_senders_do_not_lock_out_new_clients(tmp_path, model_path):
         for s in slow:
             s.close()
         stop_server(proc)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Start-up failures: one line saying what to do, exit status 2, no traceback
+# --------------------------------------------------------------------------------------------------------
+
+
+def _run_server(tmp_path, *args, env=None):
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    full_env.pop("IMAGES_DB", None)
+    return subprocess.run(
+        [sys.executable, "server.py", "--db", str(tmp_path / "db" / "images.db"), *args],
+        cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=60,
+    )
+
+
+def _one_line_failure(result) -> str:
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and 'File "' not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("server.py: ")]
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def test_a_port_in_use_is_one_line(tmp_path, model_path):
+    import socket
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    try:
+        line = _one_line_failure(_run_server(tmp_path, "--port", str(taken.getsockname()[1]), "--model", model_path))
+    finally:
+        taken.close()
+    assert "in use" in line and "--port" in line and "0 picks a free one" in line
+
+
+def test_a_database_that_cannot_be_made_is_one_line(tmp_path, model_path):
+    (tmp_path / "file").write_text("a file, not a folder")
+    result = _run_server(tmp_path, "--db", str(tmp_path / "file" / "images.db"), "--model", model_path)
+    line = _one_line_failure(result)
+    assert "IMAGES_DB" in line and "--db" in line
+
+
+def test_a_bad_setting_is_one_line(tmp_path):
+    line = _one_line_failure(_run_server(tmp_path, env={"PORT": "eighty"}))
+    assert "PORT" in line and "--help" in line
+
+
+def test_an_address_not_of_this_machine_is_one_line(tmp_path, model_path):
+    line = _one_line_failure(_run_server(tmp_path, "--host", "192.0.2.1", "--port", "0", "--model", model_path))
+    assert "HOST" in line and "--host" in line
