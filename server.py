@@ -400,8 +400,9 @@ def batch_detail(e: jobs_mod.InvalidBatch) -> str:
     """An InvalidBatch in the request's own terms: which entries of `urls` are wrong, and why."""
     if not e.problems:
         return f"`urls`: {e}"
-    shown = [
-        f"urls[{p.index}] {p.reason}" if not isinstance(p.value, str) else f"urls[{p.index}] ({p.value[:100]!r}): {p.reason}"
+    shown = [  # reasons are sentences; joined with "; " they must not end in "." (".;" read badly)
+        f"urls[{p.index}] {p.reason.rstrip('.')}" if not isinstance(p.value, str)
+        else f"urls[{p.index}] ({p.value[:100]!r}): {p.reason.rstrip('.')}"
         for p in e.problems[:20]
     ]
     if len(e.problems) > 20:

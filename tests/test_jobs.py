@@ -475,3 +475,10 @@ def test_retry_after_follows_how_long_urls_take(make_service, fake, host, gate):
     res = submit(service, [host.url(f"/n/{i}.jpg") for i in range(3)], status=503)
     assert res.headers["Retry-After"] == "30"  # 3 URLs over the limit x 10 s / 1 worker
     gate.set()
+
+
+def test_a_batch_refusal_reads_as_one_sentence(make_service, fake):
+    service = make_service(uploader=client(fake))
+    res = service.client.post_json("/v1/images/upload", {"urls": ["ftp://example.com/a.jpg", "not a url", 7]}, status=400)
+    detail = res.json["detail"]
+    assert ".;" not in detail and "urls[0]" in detail and "urls[1]" in detail and "urls[2] is int" in detail
