@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 MODEL  ?= models/efficientdet_lite0.tflite
 
-.PHONY: run test model testdata bench soak clean
+.PHONY: run test need-testdata model testdata bench soak clean
 
 # A stamp per requirements file, so pip runs only when the pins change.
 $(VENV)/.run-deps: requirements.txt
@@ -25,17 +25,22 @@ run: $(VENV)/.run-deps
 	  echo "make: could not fetch the model; the server starts and detection answers 503 until it is present"
 	$(PY) server.py
 
-## make test: the whole pytest suite. Set TESTDATA_DIR and DETECT_MODEL, or run `make testdata` first.
-test: $(VENV)/.dev-deps
+## make test: the whole pytest suite. The test data comes from TESTDATA_DIR and DETECT_MODEL, else from
+## testdata/, downloaded first when it is missing (need-testdata).
+test: need-testdata $(VENV)/.dev-deps
 	$(PY) -m pytest -q
+
+need-testdata:
+	@$(PYTHON) tests/testdata.py --ensure
 
 ## make model: download the default model (sha256 checked) into models/.
 model: $(VENV)/.run-deps
 	$(PY) detect.py --fetch efficientdet_lite0
 
-## make testdata: download the test photos and the SSD test model into testdata/ (needs internet).
-testdata: $(VENV)/.run-deps
-	$(PY) tests/testdata.py testdata
+## make testdata: download the test photos and the SSD test model into testdata/ (needs internet, or
+## TESTDATA_BASE_URL naming a mirror). All or nothing: a failed download leaves testdata/ as it was.
+testdata:
+	$(PYTHON) tests/testdata.py testdata
 
 ## make bench: the benchmarks of bench/, printing the numbers README quotes.
 bench: $(VENV)/.dev-deps
