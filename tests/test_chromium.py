@@ -2,14 +2,20 @@
 installed only when its download host answers, and without any browser the page tests skip in one line."""
 
 import os
+import socket
 import subprocess
 import sys
 
 import chromium
 from loopback import Loopback
-from test_testdata import closed_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def run_script(browsers, download_host: str) -> subprocess.CompletedProcess:
