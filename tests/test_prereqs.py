@@ -11,6 +11,8 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUTSIDE_A_VENV = "sys.prefix = sys.base_prefix"
+# make as if typed in a shell, also when these tests run under `make test`
+MAKE_ENV = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
 
 
 def fake_python(tmp_path, prelude: str) -> str:
@@ -39,8 +41,7 @@ def checkout(tmp_path):
 
 
 def make(root, target: str, python: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "MAKEFLAGS"}
-    return subprocess.run(["make", "-s", target, f"PYTHON={python}"], cwd=root, env=env,
+    return subprocess.run(["make", "-s", target, f"PYTHON={python}"], cwd=root, env=MAKE_ENV,
                           capture_output=True, text=True, timeout=60)
 
 
@@ -89,7 +90,8 @@ def test_the_venv_python_is_the_one_checked_once_it_exists(tmp_path, checkout):
 
 def test_make_n_shows_the_check_first():
     for target in ("run", "test"):
-        done = subprocess.run(["make", "-n", "-B", target], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        done = subprocess.run(["make", "-n", "-B", "--no-print-directory", target], cwd=ROOT, env=MAKE_ENV,
+                              capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, done.stderr
         lines = [line for line in done.stdout.splitlines() if line.strip()]
         assert "PREREQS_PY" in lines[0]

@@ -172,7 +172,7 @@ def checkout(tmp_path, repo):
 
 
 def make(root, *args, **env) -> subprocess.CompletedProcess:
-    base = {k: v for k, v in os.environ.items() if k not in ("TESTDATA_DIR", "DETECT_MODEL", "TESTDATA_BASE_URL", "MAKEFLAGS")}
+    base = {k: v for k, v in os.environ.items() if k not in ("TESTDATA_DIR", "DETECT_MODEL", "TESTDATA_BASE_URL", "MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
     return subprocess.run(["make", "-s", *args, f"PYTHON={sys.executable}"], cwd=root, env={**base, **env},
                           capture_output=True, text=True, timeout=60)
 
