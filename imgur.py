@@ -592,6 +592,7 @@ class _SandboxServer(ThreadingHTTPServer):
 
     def __init__(self, address, handler, sandbox: "Sandbox", max_connections: int):
         self.sandbox = sandbox
+        self.max_connections = max_connections
         self._slots = threading.BoundedSemaphore(max_connections)
         self._open: set[socket.socket] = set()
         self._open_lock = threading.Lock()
@@ -599,7 +600,7 @@ class _SandboxServer(ThreadingHTTPServer):
 
     def process_request(self, request, client_address):
         if not self._slots.acquire(blocking=False):
-            body = json.dumps({"data": {"error": f"the sandbox serves at most {SANDBOX_MAX_CONNECTIONS} connections at once"},
+            body = json.dumps({"data": {"error": f"the sandbox already serves {self.max_connections} connection(s), its most at once: try again"},
                                "success": False, "status": 503}).encode()
             try:
                 request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"

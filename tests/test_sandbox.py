@@ -180,7 +180,7 @@ def test_connections_are_capped():
     with imgur.Sandbox(port=0, max_connections=1) as s:
         with socket.create_connection((s.host, s.port), timeout=10):  # holds the one slot, silent
             status, _, body = get(f"{s.url}/")
-            assert status == 503 and b"at most" in body
+            assert status == 503 and b"already serves 1 connection(s)" in body
         deadline = time.monotonic() + 10
         while get(f"{s.url}/")[0] != 200:  # the slot comes back once that connection is gone
             assert time.monotonic() < deadline
