@@ -22,6 +22,8 @@ This module never imports Bottle; it raises the errors below and server.py / job
 
 from __future__ import annotations
 
+import argparse
+import base64
 import email.utils
 import http.client
 import io
@@ -30,6 +32,7 @@ import logging
 import math
 import random
 import re
+import secrets
 import socket
 import ssl
 import threading
@@ -37,6 +40,7 @@ import time
 import urllib.parse
 import uuid
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 
 log = logging.getLogger(__name__)
@@ -662,3 +666,457 @@ def _retry_after(headers: dict[str, str], now: float) -> float | None:
         if when is not None:
             return max(0.0, when - now)
     return _number(headers.get("x-post-rate-limit-reset"))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Command line: `python imgur.py --sandbox`, a local stand-in for Imgur's upload API
+# ---------------------------------------------------------------------------------------------------------
+#
+# Imgur stopped registering new API clients in 2025, so a newcomer may have no client id to try the
+# upload jobs with. The sandbox answers `POST /3/image` as Imgur does (the same JSON, error shapes and
+# rate-limit headers), takes any `Client-ID`, keeps the images in memory and serves each one at the link
+# it returned, on its own host and port, so `IMGUR_API_URL=http://127.0.0.1:8090` runs jobs end to end.
+# Everything is bounded: --max-images images and --max-total-mb bytes (oldest dropped first), one request
+# body at most SANDBOX_MAX_UPLOAD bytes, SANDBOX_MAX_CONNECTIONS connections at once.
+
+SANDBOX_PORT = 8090
+SANDBOX_MAX_IMAGES = 100
+SANDBOX_MAX_TOTAL = 64 * 1024 * 1024
+# Imgur's limit for a still image, and room for the multipart framing around it.
+SANDBOX_MAX_UPLOAD = MAX_STILL_BYTES + 64 * 1024
+SANDBOX_MAX_CONNECTIONS = 32
+_SANDBOX_MAX_FIELDS = 20
+# Imgur's credit headers, sent with every API answer. The sandbox enforces no limit: they never run out.
+_SANDBOX_CREDITS = {
+    "X-RateLimit-ClientLimit": "12500", "X-RateLimit-ClientRemaining": "12500",
+    "X-RateLimit-UserLimit": "2000", "X-RateLimit-UserRemaining": "2000",
+    "X-Post-Rate-Limit-Limit": "1250", "X-Post-Rate-Limit-Remaining": "1250", "X-Post-Rate-Limit-Reset": "3600",
+}
+_EXTENSIONS = {"image/jpeg": "jpg", "image/png": "png", "image/gif": "gif", "image/webp": "webp",
+               "image/bmp": "bmp", "image/tiff": "tiff"}
+_ID_ALPHABET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+# A Host header fit to be put in a link: a name or an IP literal, and a port.
+_HOST_HEADER = re.compile(r"(?:[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
+
+
+def parse_multipart(content_type: str, body: bytes, max_parts: int = _SANDBOX_MAX_FIELDS) -> tuple[dict[str, str], dict[str, bytes]]:
+    """(fields, files) of a multipart/form-data body; ({}, {}) for any other type. Raises ValueError when malformed."""
+    m = re.search(r'boundary=(?:"([^"]+)"|([^;\s]+))', content_type, re.I)
+    if not content_type.lower().startswith("multipart/form-data") or not m:
+        return {}, {}
+    delimiter = b"\r\n--" + (m.group(1) or m.group(2)).encode("latin-1")
+    chunks = (b"\r\n" + body).split(delimiter)  # [preamble, part, part, ..., "--" epilogue]
+    if len(chunks) < 3 or not chunks[-1].startswith(b"--"):
+        raise ValueError("the multipart body does not end with its closing boundary")
+    if len(chunks) - 2 > max_parts:
+        raise ValueError(f"more than {max_parts} multipart parts")
+    fields: dict[str, str] = {}
+    files: dict[str, bytes] = {}
+    for chunk in chunks[1:-1]:
+        head, sep, payload = chunk.partition(b"\r\n\r\n")
+        if not sep:
+            raise ValueError("a multipart part has no blank line after its headers")
+        headers = {}
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.decode("utf-8", "replace").partition(":")
+            headers[name.strip().lower()] = value.strip()
+        disposition = headers.get("content-disposition", "")
+        name = re.search(r';\s*name=(?:"([^"]*)"|([^;\s]+))', disposition)
+        if not name:
+            raise ValueError("a multipart part has no name")
+        key = name.group(1) if name.group(1) is not None else name.group(2)
+        if re.search(r";\s*filename\*?=", disposition):
+            files[key] = payload
+        else:
+            fields[key] = payload.decode("utf-8", "replace")
+    return fields, files
+
+
+@dataclass
+class _Kept:
+    data: bytes
+    info: dict
+
+
+class SandboxImages:
+    """The images the sandbox received, in memory: at most `max_images` of them and `max_bytes` in all,
+    the oldest dropped first. Thread-safe."""
+
+    def __init__(self, max_images: int = SANDBOX_MAX_IMAGES, max_bytes: int = SANDBOX_MAX_TOTAL,
+                 now: Callable[[], float] = time.time):
+        self.max_images, self.max_bytes, self.now = max_images, max_bytes, now
+        self._kept: dict[str, _Kept] = {}  # by id, oldest first
+        self._ids_by_deletehash: dict[str, str] = {}
+        self.bytes = 0
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._kept)
+
+    def add(self, data: bytes, content_type: str, link_base: str, *, title: str | None = None,
+            description: str | None = None) -> dict:
+        """Keep `data`; return Imgur's `data` object for it, its link under `link_base` (http://host:port)."""
+        if len(data) > self.max_bytes:
+            raise ValueError(f"the sandbox keeps at most {self.max_bytes:,} bytes of images (--max-total-mb)")
+        with self._lock:
+            image_id = self._new(lambda i: i in self._kept, 7)
+            deletehash = self._new(lambda h: h in self._ids_by_deletehash, 15)
+            info = {
+                "id": image_id, "title": title, "description": description, "datetime": int(self.now()),
+                "type": content_type, "animated": False, "size": len(data), "views": 0, "bandwidth": 0,
+                "deletehash": deletehash, "name": "", "link": f"{link_base}/{image_id}.{_EXTENSIONS[content_type]}",
+            }
+            self._kept[image_id] = _Kept(data, info)
+            self._ids_by_deletehash[deletehash] = image_id
+            self.bytes += len(data)
+            while len(self._kept) > self.max_images or self.bytes > self.max_bytes:
+                self._drop(next(iter(self._kept)))
+        return dict(info)
+
+    def get(self, image_id: str) -> tuple[bytes, str] | None:
+        """(bytes, content type) of a kept image."""
+        with self._lock:
+            kept = self._kept.get(image_id)
+            return (kept.data, kept.info["type"]) if kept else None
+
+    def delete(self, deletehash: str) -> bool:
+        with self._lock:
+            image_id = self._ids_by_deletehash.get(deletehash)
+            if image_id is None:
+                return False
+            self._drop(image_id)
+            return True
+
+    def _drop(self, image_id: str) -> None:
+        kept = self._kept.pop(image_id)
+        del self._ids_by_deletehash[kept.info["deletehash"]]
+        self.bytes -= len(kept.data)
+
+    @staticmethod
+    def _new(taken: Callable[[str], bool], length: int) -> str:
+        while True:
+            value = "".join(secrets.choice(_ID_ALPHABET) for _ in range(length))
+            if not taken(value):
+                return value
+
+
+class _SandboxServer(ThreadingHTTPServer):
+    daemon_threads = False  # handler threads are joined by server_close()
+    block_on_close = True
+
+    def __init__(self, address, handler, sandbox: "Sandbox", max_connections: int):
+        self.sandbox = sandbox
+        self.max_connections = max_connections
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self._open: set[socket.socket] = set()
+        self._open_lock = threading.Lock()
+        super().__init__(address, handler)
+
+    def process_request(self, request, client_address):
+        if not self._slots.acquire(blocking=False):
+            body = json.dumps({"data": {"error": f"the sandbox already serves {self.max_connections} connection(s), its most at once: try again"},
+                               "success": False, "status": 503}).encode()
+            try:
+                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                                b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        with self._open_lock:
+            self._open.add(request)
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def shutdown_request(self, request):
+        with self._open_lock:
+            self._open.discard(request)
+        super().shutdown_request(request)
+
+    def hang_up(self) -> None:
+        """End the kept-alive connections, so that their threads finish now rather than at their timeout."""
+        with self._open_lock:
+            connections = list(self._open)
+        for sock in connections:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def handle_error(self, request, client_address):
+        log.debug("sandbox: connection from %s ended with an error", client_address, exc_info=True)
+
+
+class _SandboxHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "imgur-sandbox"
+    timeout = 30  # a silent client holds a connection slot for 30 s at most
+
+    # -- answers -----------------------------------------------------------------------------------------
+
+    def _send(self, status: int, body: bytes, content_type: str, headers: dict[str, str] | None = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _json(self, status: int, doc: dict) -> None:
+        credits = {**_SANDBOX_CREDITS, "X-RateLimit-UserReset": str(int(time.time()) + 3600)}
+        self._send(status, json.dumps(doc).encode(), "application/json", credits)
+
+    def _error(self, status: int, error: str | dict) -> None:
+        path = self.path.split("?", 1)[0]
+        self._json(status, {"data": {"error": error, "request": path, "method": self.command}, "success": False, "status": status})
+
+    def log_message(self, format, *args):  # noqa: A002 (the name BaseHTTPRequestHandler gives it)
+        log.debug("sandbox: %s %s", self.address_string(), format % args)
+
+    # -- requests ----------------------------------------------------------------------------------------
+
+    def _body(self) -> bytes | None:
+        """The request body, or None after answering 411/413 (or when the client went away)."""
+        length = self.headers.get("Content-Length", "")
+        if self.headers.get("Transfer-Encoding") or not length.isdigit():
+            self.close_connection = True
+            self._error(411, "send the body with a Content-Length (the sandbox takes no chunked bodies)")
+            return None
+        size, limit = int(length), self.server.sandbox.max_upload
+        if size > limit:
+            # Read and drop what the client is sending (up to a bound), so that it sees the 413, not a reset.
+            left = size if size <= 4 * limit else 0
+            while left > 0 and (chunk := self.rfile.read(min(left, 1 << 16))):
+                left -= len(chunk)
+            self.close_connection = True
+            self._error(413, {"code": 1003, "type": "ImgurException",
+                              "message": f"File is over the size limit: the sandbox takes request bodies up to {limit:,} bytes "
+                                         "(Imgur's limit for still images, with room for the multipart framing)"})
+            return None
+        body = self.rfile.read(size)
+        if len(body) != size:
+            self.close_connection = True
+            return None
+        return body
+
+    def _authorized(self) -> bool:
+        scheme, _, credential = self.headers.get("Authorization", "").partition(" ")
+        credential = credential.strip()
+        if scheme == "Client-ID" and credential:
+            return True
+        if scheme == "Bearer" and self.server.sandbox.token_valid(credential):
+            return True
+        if scheme == "Bearer":
+            self._error(403, "The access token provided is invalid.")
+        else:
+            self._error(401, "Authentication required: send Authorization: Client-ID <any id> (the sandbox takes any)")
+        return False
+
+    def _link_base(self) -> str:
+        # The host the client reached us by: the service accepts links on IMGUR_API_URL's own host.
+        host = self.headers.get("Host", "")
+        if not (len(host) <= 262 and _HOST_HEADER.fullmatch(host)):
+            bound, port = self.server.server_address[:2]
+            host = f"{'127.0.0.1' if bound in ('0.0.0.0', '') else bound}:{port}"
+        return f"http://{host}"
+
+    def do_POST(self):  # noqa: N802 (http.server's naming)
+        path = self.path.split("?", 1)[0].rstrip("/")
+        body = self._body()
+        if body is None:
+            return
+        if path == "/oauth2/token":
+            return self._token(body)
+        if path not in ("/3/image", "/3/upload"):
+            return self._error(404, f"there is no POST {path} in the sandbox: uploads go to POST /3/image")
+        if not self._authorized():
+            return
+        content_type = self.headers.get("Content-Type", "")
+        try:
+            if content_type.lower().startswith("application/x-www-form-urlencoded"):
+                fields = dict(urllib.parse.parse_qsl(body.decode("latin-1"), max_num_fields=_SANDBOX_MAX_FIELDS))
+                files: dict[str, bytes] = {}
+            else:
+                fields, files = parse_multipart(content_type, body)
+        except ValueError as e:
+            return self._error(400, f"the form could not be read: {e}")
+        if fields.get("type") == "url" or fields.get("image", "").startswith(("http://", "https://")):
+            return self._error(400, "the sandbox does not download URLs: send the image bytes (imgsvc always does)")
+        if "image" in files:
+            data = files["image"]
+        elif "image" in fields:
+            try:
+                data = base64.b64decode(fields["image"], validate=True)
+            except ValueError:
+                return self._error(400, "the image field is neither a file nor valid base64")
+        else:
+            return self._error(400, "No image data was sent to the upload api")
+        try:
+            _, image_type = sniff(data)
+        except NotUploadable as e:
+            if len(data) > MAX_STILL_BYTES:
+                return self._error(413, {"code": 1003, "type": "ImgurException", "message": str(e)})
+            return self._error(400, "File type invalid (1): the uploaded bytes are not an image Imgur takes "
+                                    "(JPEG, PNG, GIF, WebP, BMP or TIFF)")
+        try:
+            info = self.server.sandbox.images.add(
+                data, image_type, self._link_base(),
+                title=fields.get("title", "")[:255] or None,
+                description=fields.get("description", "")[:1000] or None,
+            )
+        except ValueError as e:
+            return self._error(413, str(e))
+        log.info("sandbox: kept %s (%s, %d bytes) at %s", info["id"], image_type, len(data), info["link"])
+        self._json(200, {"data": info, "success": True, "status": 200})
+
+    def _token(self, body: bytes) -> None:
+        form = dict(urllib.parse.parse_qsl(body.decode("utf-8", "replace"), max_num_fields=_SANDBOX_MAX_FIELDS))
+        if form.get("grant_type") != "refresh_token" or not form.get("refresh_token") or not form.get("client_id"):
+            return self._error(400, "Invalid grant_type parameter or parameter missing")
+        token = self.server.sandbox.new_token()
+        self._send(200, json.dumps({
+            "access_token": token, "expires_in": 3600, "token_type": "bearer", "scope": None,
+            "refresh_token": form["refresh_token"], "account_id": 0, "account_username": "sandbox",
+        }).encode(), "application/json")
+
+    def do_GET(self):  # noqa: N802
+        path = self.path.split("?", 1)[0]
+        sandbox = self.server.sandbox
+        if path == "/":
+            return self._send(200, json.dumps({
+                "sandbox": "a local stand-in for Imgur's upload API: POST /3/image with Authorization: Client-ID <anything>",
+                "images": len(sandbox.images), "bytes": sandbox.images.bytes,
+                "max_images": sandbox.images.max_images, "max_bytes": sandbox.images.max_bytes,
+            }).encode(), "application/json")
+        found = sandbox.images.get(path[1:].rsplit(".", 1)[0]) if path.count("/") == 1 else None
+        if found is None:
+            return self._error(404, f"the sandbox has no {path}: it keeps the last {sandbox.images.max_images} images, in memory")
+        data, content_type = found
+        self._send(200, data, content_type, {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"})
+
+    do_HEAD = do_GET
+
+    def do_DELETE(self):  # noqa: N802
+        path = self.path.split("?", 1)[0]
+        if self.headers.get("Content-Length", "0") not in ("", "0"):
+            self.close_connection = True  # a body we will not read
+        if not path.startswith("/3/image/"):
+            return self._error(404, f"there is no DELETE {path} in the sandbox: DELETE /3/image/<deletehash>")
+        if not self._authorized():
+            return
+        if not self.server.sandbox.images.delete(path.removeprefix("/3/image/")):
+            return self._error(404, "Unable to find an image with that deletehash")
+        self._json(200, {"data": True, "success": True, "status": 200})
+
+
+class Sandbox:
+    """`python imgur.py --sandbox`: an HTTP server that answers like Imgur's upload API.
+
+    `serve_forever()` in this thread, or `with Sandbox(port=0) as s:` in a thread of its own; `url`,
+    `images` (a SandboxImages), `close()`.
+    """
+
+    def __init__(self, host: str = "127.0.0.1", port: int = SANDBOX_PORT, *, images: SandboxImages | None = None,
+                 max_upload: int = SANDBOX_MAX_UPLOAD, max_connections: int = SANDBOX_MAX_CONNECTIONS):
+        self.images = images if images is not None else SandboxImages()
+        self.max_upload = max_upload
+        self._tokens: dict[str, float] = {}  # access token -> expiry, the 100 newest
+        self._tokens_lock = threading.Lock()
+        self._httpd = _SandboxServer((host, port), _SandboxHandler, self, max_connections)
+        self.host, self.port = self._httpd.server_address[:2]
+        self._thread: threading.Thread | None = None
+        self._serving = threading.Event()
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def new_token(self) -> str:
+        token = secrets.token_hex(20)
+        with self._tokens_lock:
+            self._tokens[token] = time.time() + 3600
+            while len(self._tokens) > 100:
+                del self._tokens[next(iter(self._tokens))]
+        return token
+
+    def token_valid(self, token: str) -> bool:
+        with self._tokens_lock:
+            return self._tokens.get(token, 0) > time.time()
+
+    def serve_forever(self) -> None:
+        self._serving.set()
+        self._httpd.serve_forever(poll_interval=0.1)
+
+    def close(self) -> None:
+        """Stop serving, end open connections, join every thread."""
+        if self._serving.is_set():
+            self._httpd.shutdown()
+        self._httpd.hang_up()
+        self._httpd.server_close()
+        if self._thread is not None:
+            self._thread.join(5)
+
+    def __enter__(self) -> "Sandbox":
+        self._serving.set()
+        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                                         name="imgur-sandbox", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="imgur.py",
+        description="A local stand-in for Imgur's upload API (--sandbox), to try imgsvc's upload jobs without an "
+                    "Imgur client id. Real uploads need a real one (IMGUR_CLIENT_ID).",
+    )
+    parser.add_argument("--sandbox", action="store_true",
+                        help="answer POST /3/image as Imgur does, keep the images in memory, serve them at the links returned")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s; it takes any client id: keep it private)")
+    parser.add_argument("--port", type=int, default=SANDBOX_PORT, help="TCP port (default %(default)s; 0 picks a free one and logs it)")
+    parser.add_argument("--max-images", type=int, default=SANDBOX_MAX_IMAGES,
+                        help="images kept; the oldest goes first (default %(default)s)")
+    parser.add_argument("--max-total-mb", type=float, default=SANDBOX_MAX_TOTAL / 2**20,
+                        help="megabytes of images kept; the oldest go first (default %(default)g)")
+    args = parser.parse_args(argv)
+    if not args.sandbox:
+        parser.error("nothing to do: --sandbox starts the local stand-in for Imgur's upload API")
+    if args.max_images < 1 or args.max_total_mb <= 0:
+        parser.error("--max-images and --max-total-mb must be above 0")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    images = SandboxImages(args.max_images, int(args.max_total_mb * 2**20))
+    try:
+        sandbox = Sandbox(args.host, args.port, images=images)
+    except OSError as e:
+        log.error("the sandbox cannot listen on %s:%s (%s); pick another --port", args.host, args.port, e)
+        return 1
+    log.info("Imgur sandbox listening on %s (keeps %d images / %g MB in memory)", sandbox.url, args.max_images, args.max_total_mb)
+    log.info("point imgsvc at it: IMGUR_CLIENT_ID=sandbox IMGUR_API_URL=%s python server.py", sandbox.url)
+    try:
+        sandbox.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sandbox.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -3,19 +3,19 @@
 It answers `POST /3/image` and `POST /oauth2/token` as Imgur does, checks the Authorization header,
 refuses upload-by-link, and records the bytes it received, so a test can prove re-upload. `script`
 holds canned answers given (in order) before the normal one: a test queues a 429, a 500, a 400 "bad
-image", the HTML over-capacity page or an invalid-token 403.
+image", the HTML over-capacity page or an invalid-token 403. Grown into a tool for people, without
+the scripting and the recording, it is `python imgur.py --sandbox` (tests/test_sandbox.py).
 """
 
 from __future__ import annotations
 
 import collections
-import email.parser
-import email.policy
 import itertools
 import json
 import threading
 import time
 
+import imgur
 from loopback import Loopback, read_body, respond
 
 OVER_CAPACITY = b"<html><head><title>Imgur is over capacity!</title></head><body>over capacity</body></html>"
@@ -96,21 +96,8 @@ def _json(h, status: int, doc: dict, headers: dict | None = None) -> None:
     respond(h, status, json.dumps(doc).encode(), "application/json", headers)
 
 
-def _parse_multipart(content_type: str, body: bytes) -> tuple[dict[str, str], dict[str, bytes]]:
-    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
-        f"Content-Type: {content_type}\r\n\r\n".encode() + body
-    )
-    fields, files = {}, {}
-    if not message.is_multipart():
-        return fields, files
-    for part in message.iter_parts():
-        name = part.get_param("name", header="content-disposition")
-        payload = part.get_payload(decode=True) or b""
-        if part.get_param("filename", header="content-disposition") is not None:
-            files[name] = payload
-        else:
-            fields[name] = payload.decode()
-    return fields, files
+# The sandbox's parser (imgur.py's command-line section): one multipart reader for the fake and the tool.
+_parse_multipart = imgur.parse_multipart
 
 
 def answer(status: int, error: str | bytes | dict | None = None, headers: dict | None = None) -> tuple:

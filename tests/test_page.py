@@ -12,13 +12,19 @@ from PIL import Image
 from playwright import sync_api as playwright_api
 from test_server import ROOT, start_server, stop_server
 
+import chromium
 from fake_imgur import FakeImgur
 from loopback import Loopback, ok, status
 
 OUT = os.path.join(ROOT, "test-output")
-CHROMIUM = "/usr/bin/chromium"
+CHROMIUM = os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium")  # the variable lets a test hide it
 PHONE = {"width": 360, "height": 740}
 DESKTOP = {"width": 1280, "height": 900}
+
+
+if not os.path.exists(CHROMIUM) and not chromium.playwright_has_it():
+    pytest.skip(f"no Chromium: neither {CHROMIUM} (Debian's chromium package) nor Playwright's own "
+                "(.venv/bin/python -m playwright install chromium, which needs the internet)", allow_module_level=True)
 
 
 @pytest.fixture(scope="module")
