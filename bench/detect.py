@@ -1,6 +1,7 @@
 """Benchmark of detect.py: where the time of one detection goes, and how two callers share two cores.
 
     python bench/detect.py [--runs N]        (`make bench`; DETECT_MODEL and TESTDATA_DIR as for the tests)
+    taskset -c 0 python bench/detect.py --layouts 1x1,2x1,2x2,4x4   (interpreters x threads, any cores)
 
 Prints medians (ms) of preprocess (decode + resize), invoke, postprocess and end-to-end `detect()` for
 cat_1080p.jpg and a 4000x3000 JPEG made here, for three ways to spend the cores: one interpreter with
@@ -74,14 +75,40 @@ def callers(det: detect.Detector, data: bytes, n_callers: int, per_caller: int) 
     return n_callers * per_caller / (time.perf_counter() - start)
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (taskset / cgroups), not the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def layouts(model: str, images: dict[str, bytes], specs: list[str], runs: int) -> int:
+    """One caller's end-to-end median and 1/2/4 callers' images per second for each PxT layout."""
+    cat = images["cat_1080p.jpg"]
+    print(f"model: {os.path.basename(model)}, usable cores: {usable_cores()}, photo cat_1080p.jpg, runs: {runs}\n")
+    print("| interpreters x threads | threads in all | 1 caller e2e ms | 1 caller img/s | 2 callers img/s | 4 callers img/s |")
+    print("|---|---|---|---|---|---|")
+    for spec in specs:
+        pool, threads = (int(v) for v in spec.lower().split("x"))
+        det = detect.Detector(model, threads=threads, pool=pool)
+        one = one_caller(det, cat, runs)
+        rates = [callers(det, cat, n, max(4, runs // n)) for n in (1, 2, 4)]
+        print(f"| {pool} x {threads} | {pool * threads} | {one['end_to_end']:.1f} | " + " | ".join(f"{r:.0f}" for r in rates) + " |")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=40, help="timed calls per measurement (default 40)")
+    parser.add_argument("--layouts", help="only compare these interpreter layouts, e.g. 1x1,2x1,2x2,4x4")
     args = parser.parse_args()
     testdata = os.path.abspath(os.environ.get("TESTDATA_DIR") or os.path.join(ROOT, "testdata"))
     model = os.path.abspath(os.environ.get("DETECT_MODEL") or os.path.join(testdata, "..", "testdata", "models", SSD))
-    cores = os.cpu_count() or 1
+    cores = usable_cores()
     images = photos(os.path.join(testdata, "images"))
+    if args.layouts:
+        return layouts(model, images, args.layouts.split(","), args.runs)
     print(f"model: {model}\ncores: {cores}, runs: {args.runs} per median\n")
 
     configs = [
