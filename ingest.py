@@ -35,7 +35,7 @@ class IngestError(Exception):
 
 
 class InvalidLabel(IngestError):
-    """The label given cannot be used (not text, or too long)."""
+    """The label given cannot be used (not text, too long, or holding a control character)."""
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,12 @@ class Submission:
 # Labels
 # ---------------------------------------------------------------------------------------------------------
 
+# What a label may not hold: control characters (Unicode Cc: NUL, CR/LF, ESC...), the bidi embeddings,
+# overrides and isolates (U+202A-U+202E, U+2066-U+2069: "\u202egpj.exe" shows as "exe.jpg"), and lone
+# surrogates (from JSON's "\ud800"; SQLite cannot store them). Joiners (U+200C, U+200D) stay: emoji
+# sequences and Persian need them.
+_FORBIDDEN = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+
 _IRREGULAR = {"person": "people", "mouse": "mice", "knife": "knives", "sheep": "sheep", "skis": "skis", "scissors": "scissors"}
 
 
@@ -65,7 +71,22 @@ def check_label(label: Any) -> str | None:
     label = label.strip()
     if len(label) > LABEL_MAX:
         raise InvalidLabel(f"`label` is {len(label)} characters long; the limit is {LABEL_MAX}")
+    bad = _FORBIDDEN.search(label)
+    if bad:
+        ch = bad.group()
+        what = (
+            "a lone surrogate (send valid Unicode: surrogates come in pairs)" if "\ud800" <= ch <= "\udfff"
+            else "a bidi control (it can disguise text, e.g. a file name)" if ch >= "\u202a"
+            else "a control character"
+        )
+        raise InvalidLabel(f"`label` holds {what}, U+{ord(ch):04X}; send one line of text without it")
     return label or None
+
+
+def _clean(text: str) -> str:
+    """A generated label made safe: whitespace runs (CR, LF and tab included) as one space, the other
+    forbidden characters dropped."""
+    return " ".join(_FORBIDDEN.sub("", " ".join(text.split())).split())
 
 
 def plural(noun: str) -> str:
@@ -104,7 +125,7 @@ def name_hint(name: str | None) -> str | None:
     stem, dot, ext = name.rpartition(".")
     if dot and stem and 1 <= len(ext) <= 5:
         name = stem
-    name = " ".join(name.split()).strip(" .")
+    name = _clean(name).strip(" .")
     return name[:LABEL_MAX] or None
 
 
@@ -112,7 +133,8 @@ def make_label(user: str | None, found: Sequence[store.Found], hint: str | None,
     """(label, generated): the user's, else what was found, else the name, else "untitled <sha8>"."""
     if user is not None and user.strip():
         return user.strip()[:LABEL_MAX], False
-    return describe(d.label for d in found) or name_hint(hint) or f"untitled {sha256[:8]}", True
+    generated = _clean(describe(d.label for d in found) or "") or name_hint(hint) or f"untitled {sha256[:8]}"
+    return generated, True
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -202,8 +202,8 @@ def _is_json(kind: str) -> bool:
     return kind == "application/json" or kind.endswith("+json")
 
 
-def read_body(limit: int) -> bytes:
-    """The request body, read once into memory, at most `limit` bytes (413 beyond).
+def read_body(limit: int, too_large: str) -> bytes:
+    """The request body, read once into memory, at most `limit` bytes (413 with `too_large` beyond).
 
     Bottle spools bodies over its class-wide MEMFILE_MAX (100 KB) to a temporary file and refuses them
     for request.json; raising that limit is process-wide state. Reading the body here instead, bounded by
@@ -214,18 +214,92 @@ def read_body(limit: int) -> bytes:
     if cached is None:
         length = bottle.request.content_length
         if length > limit:
-            raise ClientError(413, f"the body is larger than {limit:,} bytes; send a smaller image")
+            raise ClientError(413, too_large)
         data = env["wsgi.input"].read(length if length >= 0 else limit + 1) if "wsgi.input" in env else b""
         if len(data) > limit:
-            raise ClientError(413, f"the body is larger than {limit:,} bytes; send a smaller image")
+            raise ClientError(413, too_large)
         cached = env["wsgi.input"] = env["bottle.request.body"] = io.BytesIO(data)
     return cached.getvalue()
 
 
-def _json_object(fields: tuple[str, ...], example: str) -> dict[str, Any]:
-    """The request body as a JSON object holding only `fields`; ClientError (400) otherwise."""
+# Bodies that make a parser work hard for few bytes (issue 10) are refused before anything is built.
+JSON_MAX_TOKENS = 1000  # brackets, braces, commas, colons and strings of a POST /images body (about 12 in use)
+FORM_MAX_BYTES = 64 * 1024  # a URL-encoded form carries url, label and detect: small by nature
+FORM_MAX_FIELDS = 8  # fields of a URL-encoded form, parts of a multipart one (4 are used)
+PART_HEADERS_MAX_BYTES = 8 * 1024  # one multipart part's header lines (Apache's LimitRequestFieldSize)
+FORM_URLENCODED = "application/x-www-form-urlencoded"
+FORM_TOO_LARGE = (
+    f"a URL-encoded form is at most {FORM_MAX_BYTES // 1024} KB (it carries only url, label and detect); "
+    "send the image itself as multipart/form-data or base64 JSON"
+)
+FORM_FIELDS = ("image", "url", "label", "detect")
+
+_STRUCTURAL = b"{}[],:"
+_SCAN_CHUNK = 64 * 1024
+
+
+def _backslashes_before(data: bytes, start: int, end: int) -> int:
+    """How many backslashes come right before `end` (not before `start`), looked at 64 KB at a time."""
+    run = 0
+    while end > start:
+        window = data[max(start, end - _SCAN_CHUNK):end]
+        kept = len(window.rstrip(b"\\"))
+        run += len(window) - kept
+        if kept:
+            break
+        end -= len(window)
+    return run
+
+
+def json_tokens_over(data: bytes, limit: int) -> bool:
+    """Whether the JSON text `data` holds more than `limit` tokens outside strings: brackets, braces,
+    commas, colons and the strings themselves (numbers and literals sit between those).
+
+    json.loads builds a Python object per token (`[{},{},...]`: about 100 MB for 4.5 MB), so this runs
+    first, in C-speed steps: bytes.find (memchr) jumps from a string's opening quote to the next quote,
+    which ends the string unless a backslash is right before it; runs between strings are counted in
+    64 KB chunks, so a huge run stops at the first chunk past the limit. An escaped quote costs a token
+    too (a real body holds a few, in a label), which bounds the steps. A 28 MB base64 body costs two
+    memchr passes (a few ms). Text that is not UTF-8 may be miscounted; _json_object refuses it anyway.
+    """
+    tokens, pos, end = 0, 0, len(data)
+    while pos < end:
+        quote = data.find(b'"', pos)
+        stop = end if quote < 0 else quote
+        for i in range(pos, stop, _SCAN_CHUNK):
+            chunk = data[i:min(stop, i + _SCAN_CHUNK)]
+            tokens += len(chunk) - len(chunk.translate(None, _STRUCTURAL))
+            if tokens > limit:
+                return True
+        if quote < 0:
+            return False
+        tokens += 1  # the string
+        close = data.find(b'"', quote + 1)
+        while close > 0 and data[close - 1] == 0x5C and _backslashes_before(data, quote + 1, close) % 2:
+            tokens += 1  # an escaped quote: look further
+            if tokens > limit:
+                return True
+            close = data.find(b'"', close + 1)
+        if tokens > limit:
+            return True
+        if close < 0:
+            return False  # unterminated: json.loads refuses it
+        pos = close + 1
+    return False
+
+
+def _json_object(data: bytes, fields: tuple[str, ...], example: str, max_tokens: int, fewer: str) -> dict[str, Any]:
+    """The body `data` as a JSON object holding only `fields`; ClientError (400) otherwise, and before
+    json.loads when it holds more than `max_tokens` tokens (`fewer` says what to send instead)."""
+    if json_tokens_over(data, max_tokens):
+        raise ClientError(
+            400, f"the body has more than {max_tokens:,} JSON tokens (brackets, braces, commas, colons, strings); {fewer}"
+        )
     try:
-        body = json.loads(bottle.request.body.read() or b"null")
+        # JSON between systems is UTF-8 (RFC 8259): strictly, so no UTF-16 and no encoded lone surrogates.
+        body = json.loads(data.decode("utf-8-sig") or "null")
+    except UnicodeDecodeError:
+        raise ClientError(400, f"the body is not valid JSON: it is not UTF-8 text; send {example} as UTF-8") from None
     except (ValueError, RecursionError):
         raise ClientError(400, f"the body is not valid JSON; send {example}") from None
     if not isinstance(body, dict):
@@ -236,10 +310,152 @@ def _json_object(fields: tuple[str, ...], example: str) -> dict[str, Any]:
     return body
 
 
-def _read_new_image(max_bytes: int) -> ingest.Submission:
+def _add_field(fields: dict[str, str], name: str, value: str) -> None:
+    if name not in FORM_FIELDS:
+        raise ClientError(400, f"unknown field {name[:40]!r}; a form takes {', '.join(FORM_FIELDS)}")
+    if name in fields:
+        raise ClientError(400, f"`{name}` is given more than once; send each field once")
+    fields[name] = value
+
+
+def _urlencoded_form(data: bytes) -> dict[str, str]:
+    """A URL-encoded body (at most FORM_MAX_BYTES, read_body saw to it) as {field: text}; every field
+    strictly UTF-8 (Bottle's forms silently dropped a field that was not)."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ClientError(400, "the form body is not UTF-8 text; percent-encode its fields as UTF-8") from None
+    pairs = [pair for pair in text.split("&") if pair]
+    if len(pairs) > FORM_MAX_FIELDS:
+        raise ClientError(400, f"the form has more than {FORM_MAX_FIELDS} fields; send only {', '.join(FORM_FIELDS[1:])}")
+    fields: dict[str, str] = {}
+    for pair in pairs:
+        raw_name, _, raw_value = pair.partition("=")
+        try:
+            name = urllib.parse.unquote_plus(raw_name, errors="strict")
+        except UnicodeDecodeError:
+            raise ClientError(400, "a field name of the form is not UTF-8 once percent-decoded") from None
+        try:
+            value = urllib.parse.unquote_plus(raw_value, errors="strict")
+        except UnicodeDecodeError:
+            raise ClientError(400, f"`{name[:40]}` is not UTF-8 text once percent-decoded; percent-encode it as UTF-8") from None
+        _add_field(fields, name, value)
+    return fields
+
+
+_PARAM = re.compile(r';\s*([!#$%&\'*+.^_`|~0-9A-Za-z-]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^;]*))', re.S)
+
+
+def _header_params(text: str) -> dict[str, str]:
+    """`; name="x"; filename=y` -> {"name": "x", "filename": "y"} (names lower-cased, the first one wins)."""
+    params: dict[str, str] = {}
+    for m in _PARAM.finditer(text):
+        quoted = m.group(2)
+        value = re.sub(r"\\(.)", r"\1", quoted, flags=re.S) if quoted is not None else m.group(3).strip()
+        params.setdefault(m.group(1).lower(), value)
+    return params
+
+
+@dataclass(frozen=True)
+class _Part:
+    name: str
+    filename: str | None
+    content: memoryview  # a view into the body: nothing copied until the image is taken
+
+
+def _part(head: bytes, content: memoryview) -> _Part:
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ClientError(400, "a part's headers are not UTF-8 text; send field and file names as UTF-8") from None
+    disposition = None
+    for line in text.replace("\r\n ", " ").replace("\r\n\t", " ").split("\r\n"):  # folded lines joined
+        name, colon, value = line.partition(":")
+        if not colon:
+            raise ClientError(400, "a part's header line has no colon; send the form as multipart/form-data does")
+        if name.strip().lower() == "content-disposition":
+            disposition = value
+    if disposition is None:
+        raise ClientError(400, 'a part has no Content-Disposition header; each needs Content-Disposition: form-data; name="..."')
+    kind, _, rest = disposition.partition(";")
+    params = _header_params(";" + rest)
+    if kind.strip().lower() != "form-data" or not params.get("name"):
+        raise ClientError(400, 'a part has no field name; each needs Content-Disposition: form-data; name="..."')
+    return _Part(params["name"], params.get("filename"), content)
+
+
+def _multipart_form(data: bytes) -> tuple[dict[str, str], _Part | None]:
+    """A multipart/form-data body as ({text field: value}, the file part `image` or None).
+
+    Bounded while scanning, before anything is built: at most FORM_MAX_FIELDS parts, at most
+    PART_HEADERS_MAX_BYTES of headers per part; parts are views into the body, not copies. Bottle's
+    parser built every part first (424,000 parts: 19 s), failed with a 500 on a field or header that was
+    not UTF-8, and on control characters in a file name.
+    """
+    params = _header_params(";" + bottle.request.environ.get("CONTENT_TYPE", "").partition(";")[2])  # not lower-cased
+    boundary = params.get("boundary", "")
+    if not 1 <= len(boundary) <= 70:
+        raise ClientError(400, "multipart/form-data needs a boundary parameter of 1 to 70 characters in its Content-Type")
+    delimiter = b"\r\n--" + boundary.encode("latin-1")  # WSGI headers are latin-1: this cannot fail
+    if data.startswith(delimiter[2:]):
+        pos = len(delimiter) - 2
+    else:  # a preamble before the first boundary is allowed, and ignored
+        pos = data.find(delimiter)
+        if pos < 0:
+            raise ClientError(400, "the multipart body holds no boundary line; send the form as multipart/form-data does")
+        pos += len(delimiter)
+    view, parts = memoryview(data), []
+    while not data.startswith(b"--", pos):  # "--" after a boundary closes the body
+        line_end = data.find(b"\r\n", pos, pos + 256)
+        if line_end < 0 or data[pos:line_end].strip(b" \t"):
+            raise ClientError(400, "a multipart boundary line is followed by something other than a line break")
+        if len(parts) == FORM_MAX_FIELDS:
+            raise ClientError(
+                400, f"the form has more than {FORM_MAX_FIELDS} parts; send the file part image (or url), label and detect"
+            )
+        start = line_end + 2
+        if data.startswith(b"\r\n", start):
+            head_end = start
+        else:
+            head_end = data.find(b"\r\n\r\n", start, start + PART_HEADERS_MAX_BYTES + 4)
+            if head_end < 0:
+                raise ClientError(400, f"a part's headers are over {PART_HEADERS_MAX_BYTES // 1024} KB or never end; send shorter headers")
+        body_start = head_end + (2 if head_end == start else 4)
+        body_end = data.find(delimiter, body_start)
+        if body_end < 0:
+            raise ClientError(400, "the multipart body ends without its closing boundary line; send the whole form")
+        parts.append(_part(data[start:head_end], view[body_start:body_end]))
+        pos = body_end + len(delimiter)
+    fields: dict[str, str] = {}
+    upload = None
+    for p in parts:
+        if p.name == "image":
+            if p.filename is None:
+                raise ClientError(
+                    400, "`image` came as a text field; send it as a file part (curl -F image=@photo.jpg, with the @)"
+                )
+            if upload is not None:
+                raise ClientError(400, "`image` is given more than once; send one file part")
+            upload = p
+            continue
+        if p.filename is not None and p.name in FORM_FIELDS:
+            raise ClientError(400, f"`{p.name}` came as a file; send it as a text field")
+        try:
+            value = str(p.content, "utf-8")
+        except UnicodeDecodeError:
+            raise ClientError(400, f"`{p.name}` is not UTF-8 text; send it as UTF-8") from None
+        _add_field(fields, p.name, value)
+    return fields, upload
+
+
+def _read_new_image(data: bytes, max_bytes: int) -> ingest.Submission:
     kind = _media_type()
     if _is_json(kind):
-        body = _json_object(("image", "url", "label", "detect"), '{"image": "<base64>"} or {"url": "https://..."}')
+        example = '{"image": "<base64>"} or {"url": "https://..."}'
+        body = _json_object(
+            data, ("image", "url", "label", "detect"), example, JSON_MAX_TOKENS,
+            f'a new image is one small object: {example}, with "label" and "detect"',
+        )
         image, url = body.get("image"), body.get("url")
         if ("image" in body) == ("url" in body):
             raise ClientError(400, "send exactly one of `image` (base64) and `url`")
@@ -253,28 +469,29 @@ def _read_new_image(max_bytes: int) -> ingest.Submission:
             url = _check_url(url)
             return ingest.Submission(None, url, label, want, url)
         return ingest.Submission(_decode_base64(image, max_bytes), None, label, want, None)
-    if kind in ("multipart/form-data", "application/x-www-form-urlencoded"):  # a form with only `url` is the latter
-        forms, files = bottle.request.forms, bottle.request.files
-        upload = files.get("image")
-        url = forms.getunicode("url")
-        if (upload is None) == (url is None):
-            raise ClientError(400, "send exactly one of the file part `image` and the field `url`")
-        raw = (forms.getunicode("detect") or "").strip().lower()
-        if raw not in _TRUE | _FALSE:
-            raise ClientError(400, "`detect` must be true/1/on or false/0/off")
-        label = ingest.check_label(forms.getunicode("label"))
-        if url is not None:
-            url = _check_url(url)
-            return ingest.Submission(None, url, label, raw in _TRUE, url)
-        data = upload.file.read(max_bytes + 1)
-        if len(data) > max_bytes:
-            raise ClientError(413, f"the image is larger than {max_bytes:,} bytes (MAX_IMAGE_BYTES); send a smaller one")
-        if not data:
-            raise ClientError(400, "the file part `image` is empty")
-        return ingest.Submission(data, None, label, raw in _TRUE, upload.raw_filename)
-    raise ClientError(
-        415, f"Content-Type {kind or '(none)'} is not accepted; send application/json or multipart/form-data"
-    )
+    if kind == "multipart/form-data":
+        fields, upload = _multipart_form(data)
+    elif kind == FORM_URLENCODED:  # what a browser sends for a form with only `url`
+        fields, upload = _urlencoded_form(data), None
+    else:
+        raise ClientError(
+            415, f"Content-Type {kind or '(none)'} is not accepted; send application/json or multipart/form-data"
+        )
+    url = fields.get("url")
+    if (upload is None) == (url is None):
+        raise ClientError(400, "send exactly one of the file part `image` and the field `url`")
+    raw = fields.get("detect", "").strip().lower()
+    if raw not in _TRUE | _FALSE:
+        raise ClientError(400, "`detect` must be true/1/on or false/0/off")
+    label = ingest.check_label(fields.get("label"))
+    if url is not None:
+        url = _check_url(url)
+        return ingest.Submission(None, url, label, raw in _TRUE, url)
+    if len(upload.content) > max_bytes:
+        raise ClientError(413, f"the image is larger than {max_bytes:,} bytes (MAX_IMAGE_BYTES); send a smaller one")
+    if not len(upload.content):
+        raise ClientError(400, "the file part `image` is empty")
+    return ingest.Submission(upload.content.tobytes(), None, label, raw in _TRUE, upload.filename)
 
 
 def _int_param(name: str, low: int, high: int | None = None, default: int | None = None) -> int | None:
@@ -290,9 +507,13 @@ def _int_param(name: str, low: int, high: int | None = None, default: int | None
 
 
 def _objects_param() -> list[str] | None:
-    raw = bottle.request.query.getunicode("objects")
+    raw = bottle.request.query.get("objects")  # as latin-1 (WSGI); getunicode gave None for non-UTF-8: "no filter"
     if raw is None:
         return None
+    try:
+        raw = raw.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        raise ClientError(400, "`objects` is not UTF-8 text once percent-decoded; percent-encode the names as UTF-8") from None
     names = [n.strip().strip("\"'").strip().lower() for n in raw.strip().strip("\"'").split(",")]
     names = [n for n in names if n]
     if not names:
@@ -522,15 +743,20 @@ def make_app(settings: Any, parts: Parts) -> bottle.Bottle:
         info = detector.info()
         return {"status": "ok", "version": __version__, "detector": info}
 
+    too_large = f"the body is larger than {limit:,} bytes; send a smaller image"
+    job_tokens = JSON_MAX_TOKENS + 20 * settings.job_max_urls  # a string and a comma per entry jobs.check reads
+
     @app.post("/images")
     def create_image():
-        if (bottle.request.content_length or 0) > limit:
-            raise ClientError(413, f"the body is larger than {limit:,} bytes; send a smaller image")
+        # A URL-encoded form is refused past 64 KB before a byte of it is read (let alone parsed).
+        cap, refusal = (FORM_MAX_BYTES, FORM_TOO_LARGE) if _media_type() == FORM_URLENCODED else (limit, too_large)
+        if bottle.request.content_length > cap:
+            raise ClientError(413, refusal)
         include = bottle.request.query.get("include")
         if include not in (None, "data"):  # checked first: a failed request stores nothing
             raise ClientError(400, "`include` takes one value, data (to return the stored bytes as base64)")
-        read_body(limit)
-        rec, data = parts.ingest.add(_read_new_image(max_bytes))
+        raw = read_body(cap, refusal)
+        rec, data = parts.ingest.add(_read_new_image(raw, max_bytes))
         body = image_json(rec, data if include == "data" else None)
         return _json(body, headers={"Location": f"/images/{rec.id}"})
 
@@ -593,8 +819,10 @@ def make_app(settings: Any, parts: Parts) -> bottle.Bottle:
             raise imgur.NotConfigured("Imgur uploads are off: set IMGUR_CLIENT_ID (see README) and restart the service")
         if not _is_json(_media_type()):
             raise ClientError(415, 'send application/json: {"urls": ["https://..."]}')
-        read_body(limit)
-        body = _json_object(("urls",), '{"urls": ["https://...", ...]}')
+        body = _json_object(
+            read_body(limit, too_large), ("urls",), '{"urls": ["https://...", ...]}', job_tokens,
+            f'a job takes at most {settings.job_max_urls:,} URLs (JOB_MAX_URLS): send {{"urls": [...]}} with fewer',
+        )
         urls = body.get("urls")
         if not isinstance(urls, list):
             raise ClientError(400, '`urls` must be a JSON array of http(s) URLs: {"urls": ["https://..."]}')
