@@ -475,7 +475,9 @@ def _read_new_image(data: bytes, max_bytes: int) -> ingest.Submission:
         fields, upload = _urlencoded_form(data), None
     else:
         raise ClientError(
-            415, f"Content-Type {kind or '(none)'} is not accepted; send application/json or multipart/form-data"
+            415,
+            f"Content-Type {kind or '(none)'} is not accepted; send application/json, multipart/form-data "
+            "or application/x-www-form-urlencoded (a form with only `url`)",
         )
     url = fields.get("url")
     if (upload is None) == (url is None):

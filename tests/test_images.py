@@ -567,3 +567,9 @@ def test_an_explicit_null_image_or_url_is_not_absent(service, body):
 
 def test_a_null_label_means_generate_one(service):
     assert post_json(service, {"image": b64(jpeg()), "label": None}).json["label_generated"] is True
+
+
+def test_the_415_names_every_accepted_type(service):
+    res = service.client.post("/images", b"x", content_type="text/plain", status=415)
+    detail = assert_problem(res, 415)
+    assert "application/json" in detail and "multipart/form-data" in detail and "x-www-form-urlencoded" in detail
