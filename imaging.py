@@ -28,9 +28,13 @@ from PIL import Image, JpegImagePlugin, PngImagePlugin, UnidentifiedImageError
 log = logging.getLogger(__name__)
 
 # Formats we decode. Everything else (EPS needs Ghostscript, TIFF/PSD/PDF parsers are large attack
-# surfaces) is refused before a decoder runs.
+# surfaces) is refused before a decoder runs. Pillow names a JPEG with a multi-picture index (what many
+# cameras write) MPO; it is a JPEG all the same.
 ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP")
-CONTENT_TYPES = {"JPEG": "image/jpeg", "PNG": "image/png", "GIF": "image/gif", "WEBP": "image/webp", "BMP": "image/bmp"}
+CONTENT_TYPES = {
+    "JPEG": "image/jpeg", "MPO": "image/jpeg", "PNG": "image/png", "GIF": "image/gif", "WEBP": "image/webp",
+    "BMP": "image/bmp",
+}
 # 50 megapixels: a 48 MP phone photo fits, a 30000x30000 decompression bomb (900 MP, 2.7 GB as RGB) does not.
 MAX_PIXELS = 50_000_000
 MB = 1024 * 1024
@@ -97,7 +101,7 @@ class DecodeBusy(ImageError):
 class Decoded:
     """An image ready for the model, and what we learnt about it."""
 
-    format: str  # Pillow's name: JPEG, PNG, ...
+    format: str  # Pillow's name: JPEG, MPO, PNG, ...
     content_type: str
     width: int  # as displayed, after EXIF orientation
     height: int

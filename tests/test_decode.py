@@ -1,5 +1,5 @@
 """Memory while decoding (issue 10): the decode budget, what each decode reserves and what it really
-costs, fewer full-size copies.
+costs, fewer full-size copies, and the small decoding items.
 
 Budgets here are tiny (a few MB) and images small, so the tests are fast; peaks are VmHWM-based
 (tests/helpers.py). Concurrency is driven with threads and events, never fixed sleeps.
@@ -468,3 +468,20 @@ def test_the_issues_webp_bomb_is_413_and_costs_nothing(make_service):
         assert "7000x7000 WEBP" in detail and "DECODE_MEMORY_MB" in detail
     assert peak_rss_mb() - before < 30
     assert service.counts() == (1, 1)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Small items
+# --------------------------------------------------------------------------------------------------------
+
+
+def test_an_mpo_jpeg_is_stored_and_served_as_image_jpeg(service):
+    """What many cameras write: a JPEG with a second picture after it, which Pillow calls MPO."""
+    first, second = Image.new("RGB", (640, 480), "red"), Image.new("RGB", (640, 480), "blue")
+    data = encoded(first, "MPO", save_all=True, append_images=[second])
+    assert Image.open(io.BytesIO(data)).format == "MPO"
+    for want in (False, True):
+        img = post(service, data, want, 200).json
+        assert (img["content_type"], img["width"], img["height"]) == ("image/jpeg", 640, 480)
+        res = service.client.get(img["file_url"])
+        assert res.content_type == "image/jpeg" and res.body == data
