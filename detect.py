@@ -464,9 +464,10 @@ class Detector:
         return None
 
     def info(self) -> dict[str, Any]:
+        name = os.path.basename(self.model_path)
         out: dict[str, Any] = {
             "ready": True,
-            "model": self.model_path,
+            "model": name,  # the file name: where it lives on this machine is nobody else's business
             "runtime": self.runtime,
             "threshold": self.threshold,
             "interpreters": self.pool,
@@ -475,13 +476,13 @@ class Detector:
         try:
             model = self.load()
         except ModelError as e:
-            out.update(ready=False, error=str(e))
+            out.update(ready=False, error=str(e).replace(self.model_path, name))  # the log has the full path
             return out
         out["input_size"] = list(model.size)
         if self._stat() is None:
-            out["error"] = f"the model file {self.model_path} is gone; still serving the model loaded before"
+            out["error"] = f"the model file {name} is gone; still serving the model loaded before"
         elif self._error is not None:
-            out["error"] = f"{self._error} (still serving the model loaded before)"
+            out["error"] = f"{str(self._error).replace(self.model_path, name)} (still serving the model loaded before)"
         return out
 
     # -- detection ---------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import detect
 import imaging
 from helpers import assert_problem, b64, jpeg, peak_rss_mb, reset_peak_rss, rss_mb
 
@@ -485,3 +486,12 @@ def test_an_mpo_jpeg_is_stored_and_served_as_image_jpeg(service):
         assert (img["content_type"], img["width"], img["height"]) == ("image/jpeg", 640, 480)
         res = service.client.get(img["file_url"])
         assert res.content_type == "image/jpeg" and res.body == data
+
+
+def test_health_names_the_model_file_not_where_it_lives(make_service, tmp_path, model_path):
+    body = make_service().client.get("/health").json["detector"]
+    assert body["model"] == os.path.basename(model_path) and os.sep not in body["model"]
+    missing = detect.Detector(str(tmp_path / "models" / "missing.tflite"), threads=1, pool=1)
+    body = make_service(detector=missing).client.get("/health").json["detector"]
+    assert body["model"] == "missing.tflite"
+    assert str(tmp_path) not in body["error"] and "missing.tflite" in body["error"] and "make model" in body["error"]
