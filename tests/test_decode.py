@@ -1,5 +1,5 @@
 """Memory while decoding (issue 10): the decode budget, what each decode reserves and what it really
-costs, fewer full-size copies, and the small decoding items.
+costs, fewer full-size copies, and the small decoding items (MPO, truncated JPEGs, /health's model).
 
 Budgets here are tiny (a few MB) and images small, so the tests are fast; peaks are VmHWM-based
 (tests/helpers.py). Concurrency is driven with threads and events, never fixed sleeps.
@@ -472,7 +472,7 @@ def test_the_issues_webp_bomb_is_413_and_costs_nothing(make_service):
 
 
 # --------------------------------------------------------------------------------------------------------
-# Small items
+# Small items: MPO, truncated JPEGs, /health
 # --------------------------------------------------------------------------------------------------------
 
 
@@ -486,6 +486,22 @@ def test_an_mpo_jpeg_is_stored_and_served_as_image_jpeg(service):
         assert (img["content_type"], img["width"], img["height"]) == ("image/jpeg", 640, 480)
         res = service.client.get(img["file_url"])
         assert res.content_type == "image/jpeg" and res.body == data
+
+
+def test_what_truncated_files_are_refused_covers(service):
+    """README: a file cut short is refused in every format; a JPEG cut short that still ends with an end
+    marker (FFD9) cannot be told apart (libjpeg fills the rest with grey, and Pillow reports nothing)."""
+    img = gradient(640, 480)
+    ends = {"JPEG": b"\xff\xd9", "PNG": _chunk(b"IEND", b""), "GIF": b";", "BMP": b"", "WEBP": b""}
+    for fmt, end in ends.items():
+        data = encoded(img, fmt)
+        assert "truncated" in assert_problem(post(service, data[: len(data) // 2], False, 422), 422) or fmt == "WEBP"
+        if fmt != "JPEG":
+            assert_problem(post(service, data[: len(data) // 2] + end, False, 422), 422)
+    data = encoded(img, "JPEG")
+    for want in (False, True):
+        assert post(service, data[: len(data) // 2] + b"\xff\xd9", want, 200).json["width"] == 640
+        assert_problem(post(service, data[:-2], want, 422), 422)  # without its end marker: refused
 
 
 def test_health_names_the_model_file_not_where_it_lives(make_service, tmp_path, model_path):
