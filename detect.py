@@ -354,6 +354,9 @@ class Detector:
     - a changed file that loads replaces the model; detections under way finish on the old one;
     - a changed file that fails to load leaves the last good model serving, and `info()` shows why;
     - a deleted file leaves the loaded model serving, and `info()` says the file is gone.
+
+    Decoding reserves its memory from `budget` (imaging.DecodeBudget) first, so concurrent detections
+    of large images wait for each other instead of holding all their pixels at once.
     """
 
     def __init__(
@@ -364,6 +367,7 @@ class Detector:
         threads: int | None = None,
         pool: int | None = None,
         max_pixels: int = imaging.MAX_PIXELS,
+        budget: imaging.DecodeBudget | None = None,
         interpreter_class: Any = None,
     ):
         self.model_path = model_path
@@ -375,6 +379,8 @@ class Detector:
         # N threads each are as fast as the best of both for one caller and for two.
         self.pool = pool or self.threads
         self.max_pixels = max_pixels
+        # The process's decode budget (server.build_parts makes one for all); a Detector of its own has one.
+        self.budget = budget if budget is not None else imaging.DecodeBudget()
         if interpreter_class is None:
             interpreter_class, self.runtime = _load_runtime()
         else:
@@ -458,9 +464,10 @@ class Detector:
         return None
 
     def info(self) -> dict[str, Any]:
+        name = os.path.basename(self.model_path)
         out: dict[str, Any] = {
             "ready": True,
-            "model": self.model_path,
+            "model": name,  # the file name: where it lives on this machine is nobody else's business
             "runtime": self.runtime,
             "threshold": self.threshold,
             "interpreters": self.pool,
@@ -469,23 +476,29 @@ class Detector:
         try:
             model = self.load()
         except ModelError as e:
-            out.update(ready=False, error=str(e))
+            out.update(ready=False, error=str(e).replace(self.model_path, name))  # the log has the full path
             return out
         out["input_size"] = list(model.size)
         if self._stat() is None:
-            out["error"] = f"the model file {self.model_path} is gone; still serving the model loaded before"
+            out["error"] = f"the model file {name} is gone; still serving the model loaded before"
         elif self._error is not None:
-            out["error"] = f"{self._error} (still serving the model loaded before)"
+            out["error"] = f"{str(self._error).replace(self.model_path, name)} (still serving the model loaded before)"
         return out
 
     # -- detection ---------------------------------------------------------------------------------------
 
-    def detect(self, data: bytes, threshold: float | None = None) -> Result:
-        """Decode `data`, run the model and return the detections (see `postprocess`)."""
+    def detect(
+        self, data: bytes, threshold: float | None = None, budget: imaging.DecodeBudget | None = None
+    ) -> Result:
+        """Decode `data`, run the model and return the detections (see `postprocess`).
+
+        `budget`: the decode budget to reserve from, when not the detector's own (Ingest passes the
+        service's). Raises imaging's errors, DecodeBusy and TooLargeToDecode included.
+        """
         model = self.load()  # this call's model, even if the file is replaced meanwhile
         threshold = self.threshold if threshold is None else threshold
         t0 = time.perf_counter()
-        decoded = imaging.preprocess(data, model.size, self.max_pixels)
+        decoded = imaging.preprocess(data, model.size, self.max_pixels, budget or self.budget)
         t1 = time.perf_counter()
         wait, invoke, raw = model.invoke(decoded.pixels)
         t2 = time.perf_counter()
@@ -531,7 +544,11 @@ def main(argv: Iterable[str] | None = None) -> int:
     if not args.photos:
         parser.error("name at least one PHOTO, or --fetch")
 
-    detector = Detector(args.model, threshold=args.threshold, threads=defaults.detect_threads, pool=1)
+    budget = imaging.DecodeBudget(defaults.decode_memory_mb * imaging.MB, defaults.decode_wait_ms / 1000)
+    detector = Detector(
+        args.model, threshold=args.threshold, threads=defaults.detect_threads, pool=1,
+        max_pixels=defaults.max_pixels, budget=budget,
+    )
     status = 0
     for photo in args.photos:
         try:

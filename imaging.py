@@ -1,27 +1,46 @@
 """Everything that decodes pixels: the format allow-list and sniffing, the pixel limit, EXIF orientation,
-`inspect` (check that bytes decode completely) and `preprocess` (the model's input).
+the decode memory budget, `inspect` (check that bytes decode completely) and `preprocess` (the model's input).
 
-Pure functions of bytes; no model, no HTTP, no database. They raise the errors below, which server.py
-maps to HTTP statuses. Thumbnails and annotated renders belong here too.
+Functions of bytes; no model, no HTTP, no database. Decoding memory is bounded by a `DecodeBudget`
+shared by every decode of the process: a decode reserves what it will need, estimated from the header,
+before it starts. They raise the errors below, which server.py maps to HTTP statuses. Thumbnails and
+annotated renders belong here too.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
+import heapq
 import io
+import itertools
 import logging
+import math
+import re
+import threading
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, JpegImagePlugin, PngImagePlugin, UnidentifiedImageError
 
 log = logging.getLogger(__name__)
 
 # Formats we decode. Everything else (EPS needs Ghostscript, TIFF/PSD/PDF parsers are large attack
-# surfaces) is refused before a decoder runs.
+# surfaces) is refused before a decoder runs. Pillow names a JPEG with a multi-picture index (what many
+# cameras write) MPO; it is a JPEG all the same.
 ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP")
-CONTENT_TYPES = {"JPEG": "image/jpeg", "PNG": "image/png", "GIF": "image/gif", "WEBP": "image/webp", "BMP": "image/bmp"}
+CONTENT_TYPES = {
+    "JPEG": "image/jpeg", "MPO": "image/jpeg", "PNG": "image/png", "GIF": "image/gif", "WEBP": "image/webp",
+    "BMP": "image/bmp",
+}
 # 50 megapixels: a 48 MP phone photo fits, a 30000x30000 decompression bomb (900 MP, 2.7 GB as RGB) does not.
 MAX_PIXELS = 50_000_000
+MB = 1024 * 1024
+# Memory all decodes together may hold, and how long one waits for room (DECODE_MEMORY_MB, DECODE_WAIT_MS).
+DECODE_MEMORY = 256 * MB
+DECODE_WAIT = 2.0
 
 # Magic numbers of formats people send that we refuse, so the error can name them.
 _KNOWN_OTHER_FORMATS = (
@@ -66,15 +85,130 @@ class TooManyPixels(ImageError):
     """The image is larger than the pixel limit once decoded (decompression bomb or simply too big)."""
 
 
+class TooLargeToDecode(ImageError):
+    """Decoding the image would need more memory than the whole decode budget (DECODE_MEMORY_MB)."""
+
+
+class DecodeBusy(ImageError):
+    """Other decodes hold the budget and no room came within the wait; `retry_after` is in seconds."""
+
+    def __init__(self, message: str, retry_after: int):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 @dataclass
 class Decoded:
     """An image ready for the model, and what we learnt about it."""
 
-    format: str  # Pillow's name: JPEG, PNG, ...
+    format: str  # Pillow's name: JPEG, MPO, PNG, ...
     content_type: str
     width: int  # as displayed, after EXIF orientation
     height: int
-    pixels: np.ndarray  # [1, H, W, 3] uint8 at the model's input size
+    pixels: np.ndarray | None  # [1, H, W, 3] uint8 at the model's input size; None from inspect()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The decode budget
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _mb(n: int) -> str:
+    return f"{n / MB:,.0f}" if n >= 10 * MB else f"{n / MB:,.1f}"
+
+
+class DecodeBudget:
+    """Memory that decodes may hold at once, shared by every decode of the process (DECODE_MEMORY_MB).
+
+    A decode reserves what it will need before it starts, `with budget.reserve(n): ...`, and gives it back
+    when it ends. While there is no room it waits, up to `wait_s` (DECODE_WAIT_MS); the smallest waiting
+    reservation is served first (ties in arrival order), so ordinary photos are not held up behind
+    decompression bombs, which are the largest images there are. One budget per process:
+    server.build_parts makes it and hands it to the Detector and to Ingest.
+    """
+
+    def __init__(self, limit_bytes: int = DECODE_MEMORY, wait_s: float = DECODE_WAIT):
+        if limit_bytes < 1 or wait_s < 0:
+            raise ValueError("a DecodeBudget needs limit_bytes >= 1 and wait_s >= 0")
+        self.limit = limit_bytes
+        self.wait_s = wait_s
+        self._cond = threading.Condition()
+        self._used = 0
+        self._waiting: list[tuple[int, int]] = []  # a heap of (bytes, arrival number)
+        self._arrivals = itertools.count()
+
+    @property
+    def used(self) -> int:
+        """Bytes reserved now."""
+        with self._cond:
+            return self._used
+
+    @property
+    def waiting(self) -> int:
+        """Decodes waiting for room now."""
+        with self._cond:
+            return len(self._waiting)
+
+    @contextlib.contextmanager
+    def reserve(self, n: int, wait_s: float | None = None, what: str = "this image") -> Iterator[None]:
+        """Hold `n` bytes of the budget for the `with` block, waiting up to `wait_s` (default the
+        budget's) for room. TooLargeToDecode when `n` is more than the whole budget; DecodeBusy when
+        no room came in time."""
+        if n > self.limit:
+            raise TooLargeToDecode(
+                f"decoding {what} needs about {_mb(n)} MB of memory and this server decodes with at most "
+                f"{_mb(self.limit)} MB (DECODE_MEMORY_MB); scale it down (or send it as a JPEG) and try again"
+            )
+        wait_s = self.wait_s if wait_s is None else wait_s
+        with self._cond:
+            me = (n, next(self._arrivals))
+            heapq.heappush(self._waiting, me)
+            try:
+                if not self._cond.wait_for(lambda: self._waiting[0] == me and self._used + n <= self.limit, wait_s):
+                    retry_after = max(1, math.ceil(wait_s))
+                    raise DecodeBusy(
+                        f"the server is busy decoding other images: {what} needs about {_mb(n)} MB of its "
+                        f"{_mb(self.limit)} MB for decoding (DECODE_MEMORY_MB) and no room came within "
+                        f"{wait_s:g} s (DECODE_WAIT_MS); try again in {retry_after} s",
+                        retry_after,
+                    )
+                self._used += n
+            finally:
+                self._waiting.remove(me)
+                heapq.heapify(self._waiting)
+                self._cond.notify_all()  # the next in line may be served now
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._used -= n
+                self._cond.notify_all()
+
+
+def free_large_blocks_promptly(threshold: int = 8 * MB) -> bool:
+    """Have the C library's malloc give every allocation of `threshold` bytes or more its own mapping,
+    so that freeing it returns the memory to the system at once.
+
+    glibc raises that threshold by itself (up to 32 MB) once a large block is freed; from then on
+    Pillow's 16 MB image blocks come from the heap and, freed, stay in the process, so the RSS climbs to
+    the sum of past decodes' peaks instead of following the decode budget (measured: 660 MB after two
+    rounds of bombs under a 256 MB budget; 292 MB with this). Process-wide. False where the C library has
+    no mallopt (not glibc).
+    """
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    return bool(mallopt(_M_MMAP_THRESHOLD, threshold))
+
+
+_M_MMAP_THRESHOLD = -3  # glibc's malloc.h
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Opening: format, pixel limit, orientation
+# ---------------------------------------------------------------------------------------------------------
 
 
 def _sniff_other_format(head: bytes) -> str | None:
@@ -86,8 +220,19 @@ def _sniff_other_format(head: bytes) -> str | None:
     return None
 
 
+def _check_size(width: int, height: int, max_pixels: int) -> None:
+    if width < 1 or height < 1:
+        raise NotAnImage(f"the image has no pixels ({width}x{height})")
+    if width * height > max_pixels:
+        raise _too_many(width, height, max_pixels)
+
+
 def open_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Open (not decode) `data` as one of ALLOWED_FORMATS and check its pixel count."""
+    """Open (not decode) `data` as one of ALLOWED_FORMATS and check its pixel count.
+
+    Opening reads no more than the file for JPEG and BMP; WebP, GIF and PNG may allocate much more here
+    (see `_early_plan`), which `inspect` and `preprocess` reserve first.
+    """
     if not data:
         raise NotAnImage("the image is empty (0 bytes); send a JPEG, PNG, GIF, WebP or BMP file")
     other = _sniff_other_format(data[:16].lstrip())
@@ -101,11 +246,7 @@ def open_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
         raise NotAnImage(
             "these bytes are not an image we can read; send a JPEG, PNG, GIF, WebP or BMP file"
         ) from e
-    width, height = img.size
-    if width < 1 or height < 1:
-        raise NotAnImage(f"the image has no pixels ({width}x{height})")
-    if width * height > max_pixels:
-        raise _too_many(width, height, max_pixels)
+    _check_size(*img.size, max_pixels)
     return img
 
 
@@ -123,35 +264,293 @@ def orientation_of(img: Image.Image) -> int:
     return value if value in _ORIENTATION else 1
 
 
-def inspect(data: bytes, max_pixels: int = MAX_PIXELS) -> Decoded:
-    """Check that `data` decodes completely, without running a model; `pixels` is a tiny thumbnail.
+# ---------------------------------------------------------------------------------------------------------
+# What a decode costs
+# ---------------------------------------------------------------------------------------------------------
 
-    For images stored without detection: a truncated or corrupt file is refused all the same.
+# Pillow stores "1", L and P in a byte per pixel, the I;16 modes in two, every other mode (RGB included) in four.
+_ONE_BYTE_MODES = ("1", "L", "P")
+# Converting a non-RGB image works through tiles of about this many pixels, never the whole image at once.
+_TILE_PIXELS = 1 << 20
+_OVERHEAD = 4 * MB  # decoder state, tables, small intermediate images
+# PNG (bit depth, colour type) -> the mode Pillow decodes it to (as PngImagePlugin._MODES).
+_PNG_MODES = {
+    (1, 0): "1", (2, 0): "L", (4, 0): "L", (8, 0): "L", (16, 0): "I;16", (8, 2): "RGB", (16, 2): "RGB",
+    (1, 3): "P", (2, 3): "P", (4, 3): "P", (8, 3): "P", (8, 4): "LA", (16, 4): "RGBA", (8, 6): "RGBA",
+    (16, 6): "RGBA",
+}
+
+
+def _bytes_per_pixel(mode: str) -> int:
+    return 1 if mode in _ONE_BYTE_MODES else 2 if mode.startswith("I;16") else 4
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What decoding an image will make, known from its header before any pixel is decoded."""
+
+    format: str
+    stored: tuple[int, int]  # width x height in the file
+    decoded: tuple[int, int]  # what the decoder makes (a JPEG's draft scale)
+    mode: str  # Pillow's mode of the decoded image
+    extra: int  # bytes the decoder (and the opening) hold beside the decoded image
+
+    def cost(self, target: tuple[int, int] | None) -> int:
+        """Peak bytes of the whole decode, and of the model input at `target` when given."""
+        width, height = self.decoded
+        cost = width * height * _bytes_per_pixel(self.mode) + self.extra + _OVERHEAD
+        return cost if target is None else cost + _resize_cost(self.decoded, self.mode, target)
+
+
+def _early_plan(data: bytes) -> _Plan | None:
+    """The plan of a WebP, GIF or PNG, read from its header by us: Pillow allocates when it merely opens
+    these (libwebp's canvas, a GIF's disposal canvas, a PNG's decompressed text), so the memory is
+    reserved before Pillow sees them. None for other formats (opening them reads no more than the file)."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        size = _webp_size(data)
+        # libwebp's canvas and its copy of the previous frame, and the frame handed to Pillow as bytes
+        # (4 bytes a pixel each), plus Pillow's copy of the file.
+        return _Plan("WEBP", size, size, "RGBA", 12 * size[0] * size[1] + len(data))
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        size = _gif_size(data)
+        return _Plan("GIF", size, size, "P", size[0] * size[1])  # the first frame's disposal canvas
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        if data[12:16] != b"IHDR" or len(data) < 26:
+            raise NotAnImage("this PNG file does not start with its header (IHDR); send the complete file")
+        size = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+        mode = _PNG_MODES.get((data[24], data[25]), "RGBA")
+        # Compressed text (zTXt, iTXt) decompresses to at most MAX_TEXT_CHUNK a chunk and MAX_TEXT_MEMORY in
+        # all, an ICC profile to at most MAX_TEXT_CHUNK; other chunks are copied: at most the file's size.
+        text = (data.count(b"zTXt") + data.count(b"iTXt")) * PngImagePlugin.MAX_TEXT_CHUNK
+        profiles = data.count(b"iCCP") * PngImagePlugin.MAX_TEXT_CHUNK
+        extra = min(PngImagePlugin.MAX_TEXT_MEMORY, text) + profiles + len(data)
+        if b"acTL" in data:  # an animated PNG keeps a copy of its first frame for disposal
+            extra += size[0] * size[1] * _bytes_per_pixel(mode)
+        return _Plan("PNG", size, size, mode, extra)
+    return None
+
+
+def _webp_size(data: bytes) -> tuple[int, int]:
+    """The canvas size a WebP's header declares, read as Pillow reads it (WebPImagePlugin._get_size)."""
+    chunk = data[12:16]
+    if chunk == b"VP8 " and len(data) >= 30 and data[23:26] == b"\x9d\x01\x2a":
+        return int.from_bytes(data[26:28], "little") & 0x3FFF, int.from_bytes(data[28:30], "little") & 0x3FFF
+    if chunk == b"VP8L" and len(data) >= 25 and data[20] == 0x2F:
+        bits = int.from_bytes(data[21:25], "little")
+        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+    if chunk == b"VP8X" and len(data) >= 30:
+        return int.from_bytes(data[24:27], "little") + 1, int.from_bytes(data[27:30], "little") + 1
+    raise NotAnImage("this WebP file's header is unreadable; send the complete file, or a JPEG or PNG")
+
+
+def _gif_size(data: bytes) -> tuple[int, int]:
+    """The canvas Pillow makes for a GIF: its logical screen, grown to hold the first frame."""
+    width, height = int.from_bytes(data[6:8], "little"), int.from_bytes(data[8:10], "little")
+    i = 13 + (3 << ((data[10] & 7) + 1) if len(data) > 10 and data[10] & 0x80 else 0)  # global colour table
+    while i < len(data) and data[i] != 0x3B:  # the trailer
+        if data[i] == 0x21:  # an extension: its label, then sub-blocks until an empty one
+            i += 2
+            while i < len(data) and data[i]:
+                i += data[i] + 1
+            i += 1
+        elif data[i] == 0x2C:  # the first image descriptor
+            x0, y0, w, h = (int.from_bytes(data[j:j + 2], "little") for j in range(i + 1, i + 9, 2))
+            return max(width, x0 + w), max(height, y0 + h)
+        else:
+            i += 1  # Pillow skips a byte it does not know, and so do we
+    return width, height
+
+
+def _opened_plan(img: Image.Image, data: bytes, stored: tuple[int, int]) -> _Plan:
+    """The plan of an opened JPEG (after draft) or BMP."""
+    width, height = img.size
+    extra = 0
+    if isinstance(img, JpegImagePlugin.JpegImageFile):
+        extra = _jpeg_coefficients(img, data, stored)
+    elif img.format == "BMP" and img.info.get("compression") in (1, 2):
+        # Pillow's run-length decoder builds the pixels in a bytearray (which grows by an eighth), then copies it.
+        extra = width * height * 9 // 4
+    return _Plan(img.format or "?", stored, img.size, img.mode, extra)
+
+
+def _jpeg_coefficients(img: JpegImagePlugin.JpegImageFile, data: bytes, stored: tuple[int, int]) -> int:
+    """Bytes libjpeg holds for a JPEG's DCT coefficients: the whole image's, at full size whatever the
+    scale, when the file has more than one scan (progressive ones always do); 0 for a single scan."""
+    if not (img.info.get("progressive") or _later_scan(data)):
+        return 0
+    layers = getattr(img, "layer", None) or [("", 1, 1, 0)] * len(img.getbands())
+    h_max = max(h for _, h, _, _ in layers)
+    v_max = max(v for _, _, v, _ in layers)
+    total = 0
+    for _, h, v, _ in layers:  # 8x8 blocks of 64 two-byte coefficients, each component at its sampling
+        blocks_x = math.ceil(math.ceil(stored[0] * h / h_max) / 8)
+        blocks_y = math.ceil(math.ceil(stored[1] * v / v_max) / 8)
+        total += blocks_x * blocks_y * 128
+    return total
+
+
+_SCAN_OR_END = re.compile(rb"\xff[\xd9\xda]")  # one pass (two bytes.find calls took 4 times as long)
+
+
+def _later_scan(data: bytes) -> bool:
+    """Whether a JPEG has a second scan (SOS) before its end (EOI). Marker segments are skipped by their
+    lengths up to the first scan, so an EXIF thumbnail does not count; inside the entropy-coded data 0xFF
+    is always followed by 0x00 or a restart marker, so a later FFDA is a real scan."""
+    i = 2
+    while i + 4 <= len(data) and data[i] == 0xFF:
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in (0x01, 0xD8) or 0xD0 <= marker <= 0xD7:  # markers without a length
+            i += 2
+            continue
+        start = i + 2 + int.from_bytes(data[i + 2:i + 4], "big")
+        if marker == 0xDA:
+            after = _SCAN_OR_END.search(data, start)
+            return after is not None and after.group() == b"\xff\xda"
+        i = start
+    return False
+
+
+def _factors(size: tuple[int, int], target: tuple[int, int]) -> tuple[int, int]:
+    """The reduce() factors Pillow's resize(reducing_gap=3.0) would use from `size` to `target`."""
+    return int(size[0] / target[0] / 3.0) or 1, int(size[1] / target[1] / 3.0) or 1
+
+
+def _tile(size: tuple[int, int], factors: tuple[int, int]) -> tuple[int, int]:
+    """Tile width and height for converting: whole multiples of the factors, about _TILE_PIXELS in all."""
+    (width, height), (fx, fy) = size, factors
+    tile_w = width if width * fy <= _TILE_PIXELS else max(fx, _TILE_PIXELS // fy // fx * fx)
+    tile_h = min(height, max(fy, _TILE_PIXELS // tile_w // fy * fy))
+    return tile_w, tile_h
+
+
+def _resize_cost(size: tuple[int, int], mode: str, target: tuple[int, int]) -> int:
+    """Bytes `_to_model_input` needs beside the decoded image, for `target` either way round (the EXIF
+    orientation, which swaps it, may come after a PNG's pixels)."""
+    return max(_resize_cost_to(size, mode, target), _resize_cost_to(size, mode, (target[1], target[0])))
+
+
+def _resize_cost_to(size: tuple[int, int], mode: str, target: tuple[int, int]) -> int:
+    out = target[0] * target[1] * (4 + 4 + 3)  # the resized image, its transposed copy, the array
+    factors = _factors(size, target)
+    if factors == (1, 1):
+        return out + (0 if mode == "RGB" else size[0] * size[1] * 4)  # small: under 6x the target each way
+    reduced = math.ceil(size[0] / factors[0]) * math.ceil(size[1] / factors[1]) * 4
+    if mode == "RGB":
+        return out + reduced
+    tile_w, tile_h = _tile(size, factors)
+    return out + reduced + tile_w * tile_h * (_bytes_per_pixel(mode) + 4)  # a tile cut out, and converted
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Decoding
+# ---------------------------------------------------------------------------------------------------------
+
+
+def inspect(data: bytes, max_pixels: int = MAX_PIXELS, budget: DecodeBudget | None = None) -> Decoded:
+    """Check that `data` decodes completely, without running a model (`pixels` is None).
+
+    For images stored without detection: a truncated or corrupt file is refused all the same. A JPEG is
+    decoded at 1/8 scale (libjpeg still reads every coefficient of the file); other formats have no
+    smaller decode, so they are decoded once at full size, in their own mode, and not converted.
+    `budget`: the process's DecodeBudget (None: no limit beyond the pixel limit).
     """
-    return preprocess(data, (8, 8), max_pixels)
+    return _decode(data, None, max_pixels, budget)
 
 
-def preprocess(data: bytes, size: tuple[int, int], max_pixels: int = MAX_PIXELS) -> Decoded:
-    """Decode `data` and produce the model input: upright, RGB, plain resize to `size` (width, height)."""
+def preprocess(
+    data: bytes, size: tuple[int, int], max_pixels: int = MAX_PIXELS, budget: DecodeBudget | None = None
+) -> Decoded:
+    """Decode `data` and produce the model input: upright, RGB, plain resize to `size` (width, height).
+
+    The pixels are those of Pillow's `convert("RGB").resize(size, BILINEAR, reducing_gap=3.0)`, made
+    without a full-size RGB copy: the image is reduced straight from its own mode, tile by tile.
+    """
+    return _decode(data, size, max_pixels, budget)
+
+
+def _decode(data: bytes, size: tuple[int, int] | None, max_pixels: int, budget: DecodeBudget | None) -> Decoded:
+    plan = _early_plan(data)
+    if plan is not None:
+        _check_size(*plan.stored, max_pixels)
+        with _reserved(budget, plan, size):
+            img = open_image(data, max_pixels)
+            if img.size != plan.stored or _bytes_per_pixel(img.mode) > _bytes_per_pixel(plan.mode):
+                img.close()
+                raise NotAnImage(
+                    f"the {plan.format} header says {plan.stored[0]}x{plan.stored[1]} but the image is "
+                    f"{img.size[0]}x{img.size[1]} {img.mode}; send an image written by an ordinary program"
+                )
+            decoded = _finish(img, plan.stored, size)
+            del img  # a WebP's decoder (its canvases) goes with the object: before the reservation ends
+            return decoded
     img = open_image(data, max_pixels)
+    stored = img.size
+    if isinstance(img, JpegImagePlugin.JpegImageFile):  # MPO included
+        # libjpeg decodes at 1/2, 1/4 or 1/8 scale when the target is that small: less memory, 6x faster.
+        if size is None:
+            img.draft("RGB", (1, 1))  # the smallest scale: every coefficient is still read
+        else:
+            swap = orientation_of(img) in (5, 6, 7, 8)
+            img.draft("RGB", (size[1], size[0]) if swap else size)
+    with _reserved(budget, _opened_plan(img, data, stored), size):
+        decoded = _finish(img, stored, size)
+        del img
+        return decoded
+
+
+@contextlib.contextmanager
+def _reserved(budget: DecodeBudget | None, plan: _Plan, target: tuple[int, int] | None) -> Iterator[None]:
+    if budget is None:
+        yield
+        return
+    with budget.reserve(plan.cost(target), what=f"this {plan.stored[0]}x{plan.stored[1]} {plan.format} image"):
+        yield
+
+
+def _finish(img: Image.Image, stored: tuple[int, int], size: tuple[int, int] | None) -> Decoded:
+    """Decode the opened `img` (first frame); the model input when `size` is given. Closes `img`, so its
+    memory is given back before the reservation is."""
     fmt = img.format or "?"
-    orientation = orientation_of(img)
-    swap = orientation in (5, 6, 7, 8)
-    width, height = (img.height, img.width) if swap else img.size
-    # The frame we resize to is the stored one; transposing the small result is cheaper than the big one.
-    target = (size[1], size[0]) if swap else size
     try:
-        if fmt == "JPEG":
-            # Decode at 1/2, 1/4 or 1/8 scale in libjpeg when the target is that small: 6x faster.
-            img.draft("RGB", target)
-        img.seek(0)  # first frame of an animation
-        img.load()
-        if img.mode != "RGB":
-            img = img.convert("RGB")
-        img = img.resize(target, Image.Resampling.BILINEAR, reducing_gap=3.0)
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise NotAnImage(f"the image data is truncated or corrupt ({e}); send the complete file") from e
-    if orientation != 1:
-        img = img.transpose(_ORIENTATION[orientation])
-    pixels = np.asarray(img, dtype=np.uint8)[np.newaxis, ...]
-    return Decoded(fmt, CONTENT_TYPES.get(fmt, "application/octet-stream"), width, height, pixels)
+        try:
+            img.seek(0)  # first frame of an animation
+            img.load()
+            orientation = orientation_of(img)  # after load(): a PNG may keep its EXIF after the pixels
+            swap = orientation in (5, 6, 7, 8)
+            pixels = None if size is None else _to_model_input(img, (size[1], size[0]) if swap else size)
+        except (OSError, SyntaxError, ValueError, EOFError) as e:
+            raise NotAnImage(f"the image data is truncated or corrupt ({e}); send the complete file") from e
+    finally:
+        img.close()
+    if pixels is not None and orientation != 1:
+        pixels = pixels.transpose(_ORIENTATION[orientation])
+    width, height = (stored[1], stored[0]) if swap else stored
+    array = None if pixels is None else np.asarray(pixels, dtype=np.uint8)[np.newaxis, ...]
+    return Decoded(fmt, CONTENT_TYPES.get(fmt, "application/octet-stream"), width, height, array)
+
+
+def _to_model_input(img: Image.Image, target: tuple[int, int]) -> Image.Image:
+    """`img.convert("RGB").resize(target, BILINEAR, reducing_gap=3.0)`, pixel for pixel, without the
+    full-size RGB copy: resize() first reduces by whole factors (reduce()), then resamples; here the
+    reduction reads an RGB image in place and converts any other mode tile by tile. Tiles are whole
+    multiples of the factors, so every block averages the same pixels as in one reduce() of the whole."""
+    factors = _factors(img.size, target)
+    if factors == (1, 1):  # under 6x the target each way: small
+        rgb = img if img.mode == "RGB" else img.convert("RGB")
+        return rgb.resize(target, Image.Resampling.BILINEAR)
+    width, height = img.size
+    if img.mode == "RGB":
+        reduced = img.reduce(factors)
+    else:
+        fx, fy = factors
+        reduced = Image.new("RGB", (math.ceil(width / fx), math.ceil(height / fy)))
+        tile_w, tile_h = _tile(img.size, factors)
+        for y in range(0, height, tile_h):
+            for x in range(0, width, tile_w):
+                tile = img.crop((x, y, min(width, x + tile_w), min(height, y + tile_h))).convert("RGB")
+                reduced.paste(tile.reduce(factors), (x // fx, y // fy))
+    box = (0.0, 0.0, width / factors[0], height / factors[1])
+    return reduced.resize(target, Image.Resampling.BILINEAR, box=box)

@@ -159,11 +159,14 @@ class Ingest:
         detector: detect.Detector,
         fetcher: fetch.Fetcher,
         max_pixels: int = imaging.MAX_PIXELS,
+        budget: imaging.DecodeBudget | None = None,
     ):
         self.images = images
         self.detector = detector
         self.fetcher = fetcher
         self.max_pixels = max_pixels
+        # Every decode of the service reserves its memory here, with detection or without.
+        self.budget = budget if budget is not None else detector.budget
 
     def add(self, sub: Submission) -> tuple[store.ImageRecord, bytes]:
         """Store `sub`; returns the record and the stored bytes. Nothing is stored when it raises."""
@@ -185,12 +188,12 @@ class Ingest:
                 detected_with = self.detector.fingerprint()
                 cached = self.images.cached_detections(sha256, detected_with)
                 if cached is None:
-                    result = self.detector.detect(data)
+                    result = self.detector.detect(data, budget=self.budget)
                     decoded, found, detected_with = result.decoded, found_from(result.detections), result.fingerprint
                 else:
-                    decoded, found = imaging.inspect(data, self.max_pixels), cached
+                    decoded, found = imaging.inspect(data, self.max_pixels, self.budget), cached
             else:
-                decoded = imaging.inspect(data, self.max_pixels)
+                decoded = imaging.inspect(data, self.max_pixels, self.budget)
             text, generated = make_label(label, found, sub.name, sha256)
             rec = self.images.add(
                 store.NewImage(

@@ -52,6 +52,8 @@ log = logging.getLogger(__name__)
 # Domain errors -> HTTP status. The first matching class (in MRO order of the raised error) wins.
 ERROR_STATUS: dict[type[BaseException], int] = {
     imaging.TooManyPixels: 413,
+    imaging.TooLargeToDecode: 413,
+    imaging.DecodeBusy: 503,  # with Retry-After
     imaging.NotAnImage: 422,  # UnsupportedFormat included
     detect.ModelError: 503,  # ModelMissing, ModelInvalid
     ingest.InvalidLabel: 400,
@@ -687,10 +689,12 @@ def build_parts(
     `connect`: fetch.Fetcher's DNS and socket seams. Raises store.StoreError or OSError when the
     database cannot be opened.
     """
+    budget = imaging.DecodeBudget(settings.decode_memory_mb * imaging.MB, settings.decode_wait_ms / 1000)
+    imaging.free_large_blocks_promptly()  # so that the RSS follows the budget, not past decodes' peaks
     if detector is None:
         detector = detect.Detector(
             settings.model, threshold=settings.detect_threshold, threads=settings.detect_threads,
-            max_pixels=settings.max_pixels,
+            max_pixels=settings.max_pixels, budget=budget,
         )
     images = store.Store(settings.db)
     fetcher = fetch.Fetcher(
@@ -713,7 +717,9 @@ def build_parts(
         uploader=uploader or None, fetcher=fetcher, workers=settings.upload_workers, max_urls=settings.job_max_urls,
         max_backlog=settings.upload_backlog, keep_finished=settings.jobs_kept, now=now,
     )
-    pipeline = ingest.Ingest(images=images, detector=detector, fetcher=fetcher, max_pixels=settings.max_pixels)
+    pipeline = ingest.Ingest(
+        images=images, detector=detector, fetcher=fetcher, max_pixels=settings.max_pixels, budget=budget
+    )
     return Parts(settings, images, detector, fetcher, pipeline, jobs, uploader or None)
 
 

@@ -122,6 +122,17 @@ class Settings:
         "Largest image accepted, in pixels, checked from its header before decoding (413 beyond).",
         parse=_positive_int,
     )
+    decode_memory_mb: int = _setting(
+        "DECODE_MEMORY_MB", 256,
+        "Memory all image decodes together may use, in MB, estimated from each header; an image that "
+        "alone needs more is refused (413).",
+        parse=_positive_int,
+    )
+    decode_wait_ms: int = _setting(
+        "DECODE_WAIT_MS", 2000,
+        "Milliseconds a decode waits for room in DECODE_MEMORY_MB; past it, 503 with Retry-After.",
+        parse=_non_negative_int,
+    )
     imgur_client_id: str = _setting(
         "IMGUR_CLIENT_ID", "", "Imgur application client id; uploads are off while unset.", secret=True
     )

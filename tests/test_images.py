@@ -86,9 +86,9 @@ def test_identical_bytes_are_stored_once_and_analysed_once(make_service, detecto
     calls = []
 
     class Counting(detect.Detector):
-        def detect(self, data, threshold=None):
+        def detect(self, data, threshold=None, budget=None):
             calls.append(len(data))
-            return super().detect(data, threshold)
+            return super().detect(data, threshold, budget)
 
     counting = Counting(detector.model_path, threads=1, pool=1)
     service = make_service(detector=counting)

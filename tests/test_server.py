@@ -34,7 +34,7 @@ def test_health_with_a_model(app, model_path):
     body = app.get("/health").json
     assert body["status"] == "ok" and body["version"] == server.__version__
     det = body["detector"]
-    assert det["ready"] is True and det["model"] == model_path
+    assert det["ready"] is True and det["model"] == os.path.basename(model_path)  # never where it lives
     assert det["runtime"].startswith("ai-edge-litert ") and det["input_size"] == [300, 300]
 
 
