@@ -206,6 +206,9 @@ class Jobs:
         self._links: list[str] = []
         self._backlog = 0  # URLs waiting or under way
         self._running = 0  # URLs under way
+        # Tasks in the executor, at most `workers`: each takes URLs until none wait (one task per URL
+        # would queue a Future, its Condition and lock, about 1 KB, for each of UPLOAD_BACKLOG URLs).
+        self._runners = 0
         self._closed = False
         self._seconds_per_url = 1.0  # moving average of how long a URL holds a worker (Retry-After)
         self._executor = (
@@ -261,6 +264,7 @@ class Jobs:
         if self.uploader is None:
             raise imgur.NotConfigured("Imgur uploads are off: set IMGUR_CLIENT_ID (see README) and restart")
         items = [Item(u) for u in urls]
+        spawn = 0
         with self._lock:
             if self._closed:
                 raise Closed("the service is shutting down; submit the job again once it is back")
@@ -277,12 +281,15 @@ class Jobs:
             self._jobs[job.id] = job
             self._ready.append(job)
             self._backlog += len(items)
+            if self._executor is not None:
+                spawn = min(len(items), self.workers - self._runners)
+                self._runners += spawn
         log.info("job %s: %d URL(s) queued", job.id, len(items))
-        for _ in items:
-            if self._executor is None:
+        if self._executor is None:
+            for _ in items:
                 self._run_next()
-            else:
-                self._executor.submit(self._run_next)
+        for _ in range(spawn):
+            self._executor.submit(self._work)
         return job
 
     # -- reading -----------------------------------------------------------------------------------------
@@ -322,7 +329,8 @@ class Jobs:
 
     # -- working -----------------------------------------------------------------------------------------
 
-    def _next(self) -> tuple[Job, Item] | None:
+    def _next(self, runner: bool = False) -> tuple[Job, Item] | None:
+        """The next URL to work on, round-robin over the jobs; None when none waits (a runner then ends)."""
         with self._lock:
             while self._ready:
                 job = self._ready.popleft()
@@ -334,12 +342,25 @@ class Jobs:
                     item.started = time.monotonic()
                     self._running += 1
                     return job, item
+            if runner:
+                self._runners -= 1  # under the same lock as the check: a job submitted now spawns a runner
             return None
 
-    def _run_next(self) -> None:
-        picked = self._next()
-        if picked is None:  # cancelled by close(), or its URL was taken by another task
-            return
+    def _work(self) -> None:
+        """A runner: one URL after another while any wait."""
+        try:
+            while self._run_next(runner=True):
+                pass
+        except BaseException:
+            with self._lock:
+                self._runners -= 1
+            raise
+
+    def _run_next(self, runner: bool = False) -> bool:
+        """Work on the next URL waiting; False when there was none (close() dropped them, or others took them)."""
+        picked = self._next(runner)
+        if picked is None:
+            return False
         job, item = picked
         try:
             upload = self._process(item.url)
@@ -350,6 +371,7 @@ class Jobs:
             self._finish(job, item, error=reason, kind=type(e).__name__, unexpected=e)
         else:
             self._finish(job, item, link=upload.link, deletehash=upload.deletehash)
+        return True
 
     def _process(self, url: str) -> imgur.Upload:
         download = self.fetcher.fetch(url)

@@ -135,6 +135,24 @@ def test_a_failed_item_holds_its_url_once_and_the_size_counted_is_what_it_holds(
     assert 0.85 * held <= counted <= 1.15 * held, (counted, held)
 
 
+def test_a_queued_url_costs_little_more_than_its_item(make_service, fake):
+    gate = threading.Event()
+
+    def connect(address, timeout):  # every worker held until the gate opens
+        gate.wait(10)
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    service = make_service(uploader=uploader(fake), upload_workers=2, connect=connect, job_max_urls=500)
+    try:
+        urls = service.jobs.check([f"http://10.0.0.1/{n}.jpg" for n in range(500)])
+        held = traced_bytes(lambda: service.jobs.submit(urls))
+    finally:
+        gate.set()
+    # Its Item and a share of the job; not a Future (with its Condition and lock) for each URL waiting.
+    assert held / len(urls) < 300, held / len(urls)
+    assert service.jobs.wait(timeout=30)
+
+
 def test_the_api_still_shows_each_reason_whole_with_its_url(make_service, fake):
     service = make_service(uploader=uploader(fake), upload_workers=0, allow_private_urls=False)
     (url,) = long_urls("api", 1)
