@@ -1,9 +1,10 @@
 """Imgur upload jobs: batches of URLs downloaded (fetch.py) and re-uploaded to Imgur (imgur.py).
 
 Jobs live in memory, as their brief requires: dicts behind one lock; a restart forgets them. A
-`ThreadPoolExecutor` with UPLOAD_WORKERS threads runs one task per URL. Which URL a task handles is
-decided when a worker picks it up, round-robin over the jobs that still have URLs waiting, so the URLs
-of one job upload in parallel and a job of 1,000 URLs does not starve one of 3 submitted after it.
+`ThreadPoolExecutor` with UPLOAD_WORKERS threads runs at most that many tasks, each taking URLs one after
+another while any wait. Which URL a task handles is decided when a worker picks it up, round-robin over
+the jobs that still have URLs waiting, so the URLs of one job upload in parallel and a job of 1,000 URLs
+does not starve one of 3 submitted after it.
 
 `Jobs(workers=0)` runs each URL inline, inside `submit()`: tests use that for determinism. `close()`
 stops taking work, cancels what has not started and waits for in-flight uploads up to a deadline.
