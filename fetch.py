@@ -43,9 +43,11 @@ __all__ = [
     "check_url",
     "blocked_reason",
     "default_resolve",
+    "for_log",
 ]
 
 MAX_URL_LENGTH = 2048
+LOG_TEXT_CHARS = 200  # a URL or host in a log line is cut to this: strangers' 2 KB URLs must not fill the log
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _CHUNK = 64 * 1024
@@ -252,6 +254,11 @@ def _host_and_port(parts: urllib.parse.SplitResult, url: str) -> tuple[str, int,
     return host, int(port_text), f"{header_host}:{int(port_text)}"
 
 
+def for_log(text: str, limit: int = LOG_TEXT_CHARS) -> str:
+    """`text` (a URL, a host) cut to at most `limit` characters, ending in "..." when cut, for a log line."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def check_url(url: str) -> urllib.parse.SplitResult:
     """Check a URL's syntax (no DNS) and return it split; raise InvalidURL if it cannot be fetched."""
     if not isinstance(url, str) or not url:
@@ -427,7 +434,7 @@ class Fetcher:
                 assert data is not None
                 log.debug(
                     "fetched %s (final %s): %d bytes, %d ms, %d redirect(s)",
-                    url, current, len(data), (self._now() - started) * 1000, redirects,
+                    for_log(url), for_log(current), len(data), (self._now() - started) * 1000, redirects,
                 )
                 return Download(url=url, final_url=current, content_type=content_type, data=data)
             target = urllib.parse.urljoin(current, location)
@@ -533,7 +540,8 @@ class Fetcher:
             if not self._allow_private:
                 reason = blocked_reason(ip)
                 if reason is not None:
-                    log.info("blocked fetch of %s: host %s resolves to %s (%s)", url, host, ip, reason)
+                    # DEBUG, not INFO: a job of 1,000 blocked URLs would log 1,000 lines; jobs.py summarises.
+                    log.debug("blocked fetch of %s: host %s resolves to %s (%s)", for_log(url), for_log(host), ip, reason)
                     where = f"the address {ip}" if host == str(ip) else f"the host {host} resolves to {ip}, which"
                     raise BlockedAddress(
                         f"Refusing to fetch {url}: {where} is not a public internet address "

@@ -716,6 +716,7 @@ def build_parts(
     jobs = jobs_mod.Jobs(
         uploader=uploader or None, fetcher=fetcher, workers=settings.upload_workers, max_urls=settings.job_max_urls,
         max_backlog=settings.upload_backlog, keep_finished=settings.jobs_kept, now=now,
+        keep_finished_bytes=int(settings.jobs_kept_mb * 1024 * 1024),
     )
     pipeline = ingest.Ingest(
         images=images, detector=detector, fetcher=fetcher, max_pixels=settings.max_pixels, budget=budget

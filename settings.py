@@ -182,6 +182,11 @@ class Settings:
     jobs_kept: int = _setting(
         "JOBS_KEPT", 1000, "Finished jobs remembered; older ones are forgotten first.", parse=_positive_int
     )
+    jobs_kept_mb: float = _setting(
+        "JOBS_KEPT_MB", 32,
+        "Megabytes the remembered finished jobs may hold in all (URLs, links, reasons); older ones are forgotten first.",
+        parse=_positive_float,
+    )
     waitress_threads: int = _setting(
         "WAITRESS_THREADS", 8, "Threads answering HTTP requests.", parse=_positive_int
     )

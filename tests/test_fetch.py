@@ -397,12 +397,13 @@ def test_guard_blocks_without_connecting(server, url, expected):
 
 def test_blocked_message_names_host_address_and_reason(caplog):
     calls = []
-    with caplog.at_level("INFO", logger="fetch"):
+    with caplog.at_level("DEBUG", logger="fetch"):
         with pytest.raises(BlockedAddress) as info:
             make(connect=never_connect(calls)).fetch("http://localhost/")
     message = str(info.value)
     assert "localhost" in message and "127.0.0.1" in message and "loopback" in message
-    assert any("loopback" in r.getMessage() for r in caplog.records if r.levelname == "INFO")
+    # DEBUG: one line per blocked URL at INFO let a job of blocked URLs fill the log (issue 10)
+    assert any("loopback" in r.getMessage() for r in caplog.records if r.levelname == "DEBUG")
 
 
 @pytest.mark.parametrize("host", ["2130706433", "0x7f.1", "0177.0.0.1", "127.1", "127.0.0.1", "0x7f.1."])
