@@ -471,7 +471,7 @@ def build_parts(
             settings.model, threshold=settings.detect_threshold, threads=settings.detect_threads,
             max_pixels=settings.max_pixels,
         )
-    images = store.Store(settings.db)
+    images = store.Store(settings.db, min_free_mb=settings.min_free_disk_mb)
     fetcher = fetch.Fetcher(
         max_bytes=settings.max_image_bytes, allow_private=settings.allow_private_urls,
         timeout=settings.fetch_timeout, resolve=resolve, connect=connect,
@@ -1062,6 +1062,14 @@ def _warn_about_limits(settings: Any, parts: Parts) -> None:
         log.warning(
             "BODY_BUFFER_MB (%d MB) is below the largest body accepted (%s bytes, from MAX_IMAGE_BYTES): "
             "bodies over it answer 413; raise BODY_BUFFER_MB", settings.body_buffer_mb, f"{body_limit(settings):,}",
+        )
+    with parts.images.connection():
+        free = parts.images.backend.free_bytes()
+    if free is not None and free < settings.min_free_disk_mb * 1024 * 1024:
+        log.warning(
+            "the disk holding %s has %d MB free, below MIN_FREE_DISK_MB (%d MB): uploads answer 507 until "
+            "there is room; free space on it, or lower MIN_FREE_DISK_MB", settings.db, free // 2**20,
+            settings.min_free_disk_mb,
         )
 
 

@@ -205,6 +205,11 @@ class Settings:
         "MIN_RATE_BPS", 500, "Bytes per second a request body must arrive at, on average, past BODY_TIMEOUT.",
         parse=_positive_int,
     )
+    min_free_disk_mb: int = _setting(
+        "MIN_FREE_DISK_MB", 256,
+        "Megabytes kept free on the database's filesystem: writes that would go below answer 507 (reads work).",
+        parse=_non_negative_int,
+    )
     stop_grace: float = _setting(
         "STOP_GRACE", 8,
         "Seconds SIGTERM waits for requests in flight before stopping; the upload jobs get 2 s more.",
