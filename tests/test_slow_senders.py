@@ -126,6 +126,25 @@ def test_a_connection_that_sends_nothing_is_closed_after_header_timeout(real_ser
         sock.close()
 
 
+def test_a_kept_alive_connection_may_wait_before_its_next_request(real_server):
+    """On a kept-alive connection the next request's headers are due from its first byte: idle time
+    between requests is CHANNEL_TIMEOUT's (60 s), not HEADER_TIMEOUT's (1 s here)."""
+    host, port = real_server.address
+    conn = http.client.HTTPConnection(host, port, timeout=10)
+    try:
+        ports = []
+        for i in range(2):
+            if i:
+                time.sleep(1.6)  # idle for longer than HEADER_TIMEOUT and one check of the loop
+            conn.request("GET", "/health")
+            res = conn.getresponse()  # RemoteDisconnected if the idle connection had been closed
+            assert res.status == 200 and res.read()
+            ports.append(conn.sock.getsockname()[1])
+        assert ports[0] == ports[1]  # the same connection
+    finally:
+        conn.close()
+
+
 def test_a_body_trickled_below_min_rate_gets_408(real_server):
     """One body byte every 0.25 s (4 bytes/s, MIN_RATE_BPS is 1000): each byte resets waitress's idle
     timer, but not the body's deadline of BODY_TIMEOUT (1 s) plus one second per 1000 bytes."""
