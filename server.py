@@ -23,6 +23,7 @@ import re
 import signal
 import socket
 import sys
+import threading
 import time
 import urllib.parse
 from dataclasses import dataclass, field
@@ -32,8 +33,10 @@ from typing import Any, Callable
 import bottle
 import waitress
 import waitress.channel
+import waitress.parser
 import waitress.server
 import waitress.task
+import waitress.utilities
 import waitress.wasyncore
 
 import detect
@@ -696,7 +699,7 @@ def build_parts(
             settings.model, threshold=settings.detect_threshold, threads=settings.detect_threads,
             max_pixels=settings.max_pixels, budget=budget,
         )
-    images = store.Store(settings.db)
+    images = store.Store(settings.db, min_free_mb=settings.min_free_disk_mb)
     fetcher = fetch.Fetcher(
         max_bytes=settings.max_image_bytes, allow_private=settings.allow_private_urls,
         timeout=settings.fetch_timeout, resolve=resolve, connect=connect,
@@ -879,40 +882,375 @@ def make_app(settings: Any, parts: Parts) -> bottle.Bottle:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Command line
+# waitress: reading requests off the network, and stopping
 # ---------------------------------------------------------------------------------------------------------
+
+BUSY_RETRY_AFTER = 5  # seconds: the hint given to a body refused because BODY_BUFFER_MB is spent
+LINGER_READ = 256 * 1024  # bytes per read while a refused body is dropped
+JOBS_STOP_SECONDS = 2.0  # what the upload jobs get after STOP_GRACE: 8 + 2 is Docker's 10 s stop grace
+
+
+class BodyBudget:
+    """Bytes of request bodies held at once across every connection (BODY_BUFFER_MB).
+
+    waitress reads each body whole before the app runs, in memory and past 512 KB in a temporary file;
+    without a budget, 20 connections announcing 28 MB each held 534 MB of temporary files
+    (bench/bounds_disk.py). A body takes its Content-Length when its headers arrive (a chunked body: what
+    has arrived, as it arrives) and gives it back when its request is done.
+    """
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.used = 0
+        self._lock = threading.Lock()  # taken on waitress's loop, given back on its worker threads
+
+    def take(self, n: int) -> bool:
+        with self._lock:
+            if self.used + n > self.limit:
+                return False
+            self.used += n
+            return True
+
+    def give(self, n: int) -> None:
+        with self._lock:
+            self.used -= n
+
+
+@dataclass(frozen=True)
+class ReadLimits:
+    """What a client may take to send a request. The deadlines are Apache mod_reqtimeout's: the headers
+    within `header_timeout` of the connection (or, on a kept-alive one, of the request's first byte), the
+    body within `body_timeout` of its headers plus one second per `min_rate` bytes received, so a slow
+    upload that keeps coming passes and a trickle does not. `linger_bytes`: most bytes of a refused body
+    read and dropped before the connection closes."""
+
+    budget: BodyBudget
+    header_timeout: float
+    body_timeout: float
+    min_rate: float
+    linger_bytes: int
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> ReadLimits:
+        return cls(
+            BodyBudget(settings.body_buffer_mb * 1024 * 1024), settings.header_timeout, settings.body_timeout,
+            settings.min_rate_bps, 4 * body_limit(settings),
+        )
+
+    def body_deadline(self, started: float, received: int) -> float:
+        return started + self.body_timeout + received / self.min_rate
+
+
+class _Refusal(waitress.utilities.Error):
+    """A refusal of ours made while a request is read; _ProblemErrorTask answers it."""
+
+    def __init__(self, code: int, detail: str, headers: tuple[tuple[str, str], ...] = ()):
+        super().__init__(detail)
+        self.code, self.reason = code, HTTPStatus(code).phrase
+        self.detail, self.extra_headers = detail, headers
+
+
+class _Request(waitress.parser.HTTPRequestParser):
+    """waitress's request parser with the channel's ReadLimits: a body takes its size from the budget
+    (503 when it is spent), the times the headers and the body began are kept for the deadlines, and a
+    refused request swallows the rest of what was read with it (the connection closes after the answer)
+    and keeps in `unread` how much of its body is still to come, for the lingering close."""
+
+    body_started: float | None = None
+    reserved = 0  # bytes taken from the budget
+    unread = 0  # bytes of a refused body still to come; 0 when none, unknown (chunked) or over linger_bytes
+
+    def __init__(self, adj: Any, limits: ReadLimits | None = None, started: float | None = None):
+        super().__init__(adj)
+        self.limits = limits
+        self.started = time.monotonic() if started is None else started
+
+    def received(self, data: bytes) -> int:
+        if self.completed or self.limits is None:
+            return super().received(data)
+        in_headers = not self.headers_finished
+        n = super().received(data)
+        if self.error is None:
+            if in_headers and self.headers_finished:
+                self.body_started = time.monotonic()
+                if self.body_rcv is not None and not self.chunked:
+                    self._take(self.content_length)
+            elif not in_headers and self.chunked:
+                self._take(len(self.body_rcv) - self.reserved)
+        if self.error is None:
+            return n
+        # Refused: nothing will read this body; the rest of `data` is more of it, not a next request.
+        self._give_back()
+        self.expect_continue = False  # no "100 Continue" for a body already refused
+        if not self.chunked and self.content_length > 0:
+            left = self.content_length - self.body_bytes_received - (len(data) - n)
+            self.unread = left if 0 < left <= self.limits.linger_bytes else 0
+        return len(data)
+
+    def _take(self, n: int) -> None:
+        budget = self.limits.budget
+        if n <= 0:
+            return
+        mb = budget.limit // (1024 * 1024)
+        if self.reserved + n > budget.limit:
+            self._refuse(_Refusal(413, (
+                f"The body is larger than the {mb:,} MB that request bodies may take at once (BODY_BUFFER_MB); "
+                "send a smaller one, or raise BODY_BUFFER_MB."
+            )))
+        elif budget.take(n):
+            self.reserved += n
+        else:
+            self._refuse(_Refusal(503, (
+                f"Bodies of other requests fill the {mb:,} MB they may take at once (BODY_BUFFER_MB); "
+                f"try again in {BUSY_RETRY_AFTER} seconds."
+            ), (("Retry-After", str(BUSY_RETRY_AFTER)),)))
+
+    def _refuse(self, error: _Refusal) -> None:
+        self.error = error
+        self.completed = True
+
+    def _give_back(self) -> None:
+        if self.body_rcv is not None:
+            self.body_rcv.getbuf().close()  # a temporary file goes now, not when the answer is out
+        if self.reserved:
+            self.limits.budget.give(self.reserved)
+            self.reserved = 0
+
+    def close(self) -> None:
+        super().close()
+        if self.reserved:
+            self.limits.budget.give(self.reserved)
+            self.reserved = 0
 
 
 class _ProblemErrorTask(waitress.task.ErrorTask):
-    """waitress's own refusals, made before the app runs (413 body too large, 431 headers too large,
-    400 malformed request), in the same problem+json shape as every other error."""
+    """Refusals made before the app runs, waitress's (413 body too large, 431 headers too large, 400
+    malformed request) and ours (_Refusal), in the same problem+json shape as every other error. A
+    refused body still on its way is read and dropped after the answer (see _ProblemChannel)."""
 
     def execute(self):
         error = self.request.error
         status = int(error.code)
-        detail = {
+        detail = getattr(error, "detail", None) or {
             413: BODY_TOO_LARGE,
             431: "The request headers are too large; send at most 256 KB of headers.",
         }.get(status, f"The request could not be read ({error.reason}); check what your client sends.")
         body = problem_body(status, detail).encode()
         self.status = f"{error.code} {error.reason}"
         self.response_headers.append(("Content-Type", PROBLEM_JSON))
+        self.response_headers.extend(getattr(error, "extra_headers", ()))
         self.set_close_on_finish()
         self.content_length = len(body)
+        unread = getattr(self.request, "unread", 0)
+        if unread:
+            self.channel.linger_for = unread  # read by the loop once this task has set close_when_flushed
         self.write(body)
 
 
+@dataclass
+class _Drain:
+    left: int  # bytes of the refused body still to come
+    started: float
+    dropped: int = 0
+
+
 class _ProblemChannel(waitress.channel.HTTPChannel):
+    """waitress's connection, refusing in problem+json, with the ReadLimits `limits` (None: waitress's
+    own behaviour): each request's parser is a _Request; headers and body past their deadline get 408
+    and the connection closes (a connection that sent nothing just closes); after refusing a body the
+    channel reads and drops the rest of it before closing (nginx's lingering close), so that a client
+    sending its whole body before it reads (Python's urllib) sees the 413/503 instead of a reset.
+
+    The deadlines are checked in readable(), which waitress's loop asks of every channel at least once
+    per second (its poll timeout), whether or not the client sends anything."""
+
     error_task_class = _ProblemErrorTask
+    linger_for = 0  # bytes of a refused body to drop once its answer is out (set by _ProblemErrorTask)
+    _drain: _Drain | None = None
+
+    def __init__(self, server, sock, addr, adj, map=None, limits: ReadLimits | None = None):  # noqa: A002
+        self.limits = limits
+        self._first_start: float | None = time.monotonic()  # the first request's headers are due from accept
+        super().__init__(server, sock, addr, adj, map)
+
+    def parser_class(self, adj: Any) -> _Request:
+        """A parser for the next request (waitress calls this when a request's first bytes arrive)."""
+        started, self._first_start = self._first_start, None
+        return _Request(adj, self.limits, started)
+
+    def readable(self):
+        if self.limits is not None and not (self.requests or self.will_close or self.close_when_flushed
+                                            or self.total_outbufs_len):
+            self._check_deadline(time.monotonic())
+        return super().readable()
+
+    def _check_deadline(self, now: float) -> None:
+        limits, req, drain = self.limits, self.request, self._drain
+        if drain is not None:
+            if now > limits.body_deadline(drain.started, drain.dropped):
+                self.will_close = True
+        elif req is None:
+            if self._first_start is not None and now > self._first_start + limits.header_timeout:
+                self.will_close = True  # silent since it connected: nothing to answer
+        elif req.body_started is None:
+            if now > req.started + limits.header_timeout:
+                self._time_out(
+                    f"The request headers did not arrive within {limits.header_timeout:g} s (HEADER_TIMEOUT); "
+                    "send the whole request at once."
+                )
+        elif now > limits.body_deadline(req.body_started, req.body_bytes_received):
+            self._time_out(
+                f"The request body arrived too slowly: it has {limits.body_timeout:g} s plus one second per "
+                f"{limits.min_rate:g} bytes (BODY_TIMEOUT, MIN_RATE_BPS); send it again over a faster connection."
+            )
+
+    def _time_out(self, detail: str) -> None:
+        """Answer 408 and close. Written here on the loop: no task owns this channel's output now."""
+        self.request.close()  # gives its body budget back
+        self.request = None
+        body = problem_body(408, detail).encode()
+        head = (
+            f"HTTP/1.1 408 {HTTPStatus(408).phrase}\r\nConnection: close\r\nContent-Length: {len(body)}\r\n"
+            f"Content-Type: {PROBLEM_JSON}\r\nDate: {waitress.utilities.build_http_date(time.time())}\r\n"
+            f"Server: {self.adj.ident}\r\n\r\n"
+        ).encode("latin-1")
+        with self.outbuf_lock:
+            self.outbufs[-1].append(head + body)
+            self.total_outbufs_len += len(head) + len(body)
+            self.current_outbuf_count += len(head) + len(body)
+        self.close_when_flushed = True
+
+    def handle_write(self):
+        if self.linger_for and self.close_when_flushed and not self.requests and not self.will_close:
+            self._flush_exception(self._flush_some)
+            if self.will_close:
+                self.handle_close()
+            elif not self.total_outbufs_len:
+                self._linger()
+            return
+        super().handle_write()
+
+    def _linger(self) -> None:
+        """The refusal is out: half-close, then read and drop the rest of the body (handle_read), within
+        the body's deadline rule, and close once it has all come."""
+        self._drain = _Drain(self.linger_for, time.monotonic())
+        self.linger_for = 0
+        self.close_when_flushed = False
+        try:
+            self.socket.shutdown(socket.SHUT_WR)  # the answer is complete: the client may read it now
+        except OSError:
+            self.handle_close()
+
+    def handle_read(self):
+        drain = self._drain
+        if drain is None:
+            return super().handle_read()
+        try:
+            data = self.recv(LINGER_READ)  # b"" when the client closed (recv closed the channel then)
+        except OSError:
+            self.handle_close()
+            return
+        drain.dropped += len(data)
+        drain.left -= len(data)
+        self.last_activity = time.time()
+        if data and drain.left <= 0:
+            self.handle_close()
+
+    def handle_close(self):
+        if self.request is not None:  # a request half received: give its body budget back
+            self.request.close()
+            self.request = None
+        super().handle_close()
+
+    def in_flight(self) -> bool:
+        """A request served or answered, or a body being received, here (what a stop waits for)."""
+        req = self.request
+        return bool(
+            self.requests or self.total_outbufs_len or self._drain is not None
+            or (req is not None and req.headers_finished and not req.completed)
+        )
 
 
-class _Stop(waitress.wasyncore.ExitNow):
-    """Raised by the signal handler. waitress's loop swallows other exceptions raised inside a
-    channel's handler (it logs them and closes the channel), so a plain Exception could lose a SIGTERM."""
+def _listeners(server: Any) -> list[waitress.server.BaseWSGIServer]:
+    """One listening socket gives one server; a host name with several addresses gives one per address."""
+    if isinstance(server, waitress.server.BaseWSGIServer):
+        return [server]
+    return [s for s in server.map.values() if isinstance(s, waitress.server.BaseWSGIServer)]
 
 
-def _raise_stop(signum, frame):
-    raise _Stop(signal.Signals(signum).name)
+class _StopSignals:
+    """The SIGTERM/SIGINT handler: notes the signal for _serve's loop, which signal.set_wakeup_fd wakes at
+    once. (Raising from the handler would unwind waitress's loop wherever it was, mid-way through a
+    channel's bookkeeping.) A second signal cuts the grace short."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+        self.first: float | None = None
+
+    def install(self, sockets: dict) -> None:
+        """Handle SIGTERM and SIGINT, waking the loop of the socket map `sockets`."""
+        wake, self._wake_fd = socket.socketpair()
+        wake.setblocking(False)
+        self._wake_fd.setblocking(False)
+        _Waker(wake, map=sockets)
+        signal.set_wakeup_fd(self._wake_fd.fileno())
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self)
+
+    def __call__(self, signum, frame) -> None:
+        if self.first is None:
+            self.first = time.monotonic()
+        self.names.append(signal.Signals(signum).name)
+
+
+class _Waker(waitress.wasyncore.dispatcher):
+    """The read end of the signal wake-up socket, in waitress's map: a signal ends the loop's poll."""
+
+    def writable(self):
+        return False
+
+    def handle_read(self):
+        self.recv(512)
+
+
+def _serve(server: Any, grace: float, signals: _StopSignals) -> None:
+    """waitress's loop until a signal, then a graceful stop: close the listening sockets (new clients
+    are refused), close idle connections, let the requests in flight finish and their answers go out
+    for up to `grace` seconds (STOP_GRACE), then stop waitress's threads."""
+    listeners = _listeners(server)
+    sockets = listeners[0]._map  # every listener and channel is in this one map
+    tick = listeners[0].adj.asyncore_loop_timeout
+    while not signals.names:
+        waitress.wasyncore.loop(timeout=tick, map=sockets, use_poll=True, count=1)
+    log.info("stopping on %s", signals.names[0])
+    for listener in listeners:
+        listener.accepting = False
+        waitress.wasyncore.dispatcher.close(listener)  # the socket only: the threads still pull its trigger
+    deadline = time.monotonic() + grace
+    while True:
+        busy = 0
+        for listener in listeners:
+            for channel in list(listener.active_channels.values()):
+                if channel.in_flight() if isinstance(channel, _ProblemChannel) else channel.requests:
+                    busy += 1
+                else:
+                    channel.handle_close()
+        if not busy:
+            break
+        if time.monotonic() >= deadline or len(signals.names) > 1:
+            log.warning("stopping with %d request(s) unfinished after STOP_GRACE (%g s)", busy, grace)
+            break
+        waitress.wasyncore.loop(timeout=0.05, map=sockets, use_poll=True, count=1)
+    dispatcher = server.task_dispatcher
+    dispatcher.shutdown(cancel_pending=True, timeout=0.5 if busy else 5)
+    signal.set_wakeup_fd(-1)
+    if not dispatcher.threads:  # else a thread still serving would pull a closed trigger (EBADF)
+        waitress.wasyncore.close_all(sockets)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -930,6 +1268,7 @@ def main(argv: list[str] | None = None) -> int:
         return _startup_failure(_database_hint(settings.db, e))
     if not parts.detector.ready:
         log.warning("object detection is unavailable until a model is present: %s", parts.detector.error)
+    _warn_about_limits(settings, parts)
     if parts.uploader is not None:
         log.info("Imgur uploads on (%s)", "to the account" if parts.uploader.account else "anonymous")
     else:
@@ -940,25 +1279,36 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         parts.close(jobs_timeout=0)
         return _startup_failure(_listen_hint(settings, e))
-    # One listening socket gives one server; a host name with several addresses gives one per address.
-    listeners = [server] if isinstance(server, waitress.server.BaseWSGIServer) else [
-        s for s in server.map.values() if isinstance(s, waitress.server.BaseWSGIServer)
-    ]
-    for listener in listeners:
-        listener.channel_class = _ProblemChannel
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, _raise_stop)
-    for listener in listeners:
+    signals = _StopSignals()
+    signals.install(_listeners(server)[0]._map)
+    for listener in _listeners(server):
         host = f"[{listener.effective_host}]" if ":" in listener.effective_host else listener.effective_host
         log.info("listening on http://%s:%s (version %s)", host, listener.effective_port, __version__)
     try:
-        server.run()
-    except _Stop as e:
-        log.info("stopping on %s", e)
+        _serve(server, settings.stop_grace, signals)
     finally:
-        server.close()
-        parts.close()  # waits for uploads under way, up to a deadline, and logs what it abandoned
+        # The jobs get what is left of STOP_GRACE + 2 s: waiting for uploads under way, logging what they abandon.
+        stop_by = (signals.first or time.monotonic()) + settings.stop_grace + JOBS_STOP_SECONDS
+        parts.close(jobs_timeout=max(0.0, stop_by - time.monotonic()))
     return 0
+
+
+def _warn_about_limits(settings: Any, parts: Parts) -> None:
+    """Say at start when a limit refuses everything of its kind, and what to change."""
+    budget = settings.body_buffer_mb * 1024 * 1024
+    if body_limit(settings) > budget:
+        log.warning(
+            "BODY_BUFFER_MB (%d MB) is below the largest body accepted (%s bytes, from MAX_IMAGE_BYTES): "
+            "bodies over it answer 413; raise BODY_BUFFER_MB", settings.body_buffer_mb, f"{body_limit(settings):,}",
+        )
+    with parts.images.connection():
+        free = parts.images.backend.free_bytes()
+    if free is not None and free < settings.min_free_disk_mb * 1024 * 1024:
+        log.warning(
+            "the disk holding %s has %d MB free, below MIN_FREE_DISK_MB (%d MB): uploads answer 507 until "
+            "there is room; free space on it, or lower MIN_FREE_DISK_MB", settings.db, free // 2**20,
+            settings.min_free_disk_mb,
+        )
 
 
 def _startup_failure(message: str) -> int:
@@ -993,7 +1343,8 @@ def _listen_hint(settings: Any, e: OSError) -> str:
 
 
 def _create_server(app: bottle.Bottle, settings: Any) -> Any:
-    return waitress.create_server(
+    """waitress's server for `app`, its connections _ProblemChannels holding the ReadLimits of `settings`."""
+    server = waitress.create_server(
         app,
         host=settings.host,
         port=settings.port,
@@ -1007,6 +1358,10 @@ def _create_server(app: bottle.Bottle, settings: Any) -> Any:
         channel_timeout=settings.channel_timeout,
         ident="imgsvc",
     )
+    channel = functools.partial(_ProblemChannel, limits=ReadLimits.from_settings(settings))  # one budget for all
+    for listener in _listeners(server):
+        listener.channel_class = channel
+    return server
 
 
 if __name__ == "__main__":

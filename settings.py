@@ -63,6 +63,13 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:  # also refuses nan
+        raise ValueError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
 def _str(text: str) -> str:
     return text
 
@@ -196,6 +203,33 @@ class Settings:
     )
     channel_timeout: int = _setting(
         "CHANNEL_TIMEOUT", 60, "Seconds a client connection may stay silent before it is closed.", parse=_positive_int
+    )
+    body_buffer_mb: int = _setting(
+        "BODY_BUFFER_MB", 96,
+        "Megabytes of request bodies held at once across connections, in memory or temporary files (503 beyond).",
+        parse=_positive_int,
+    )
+    header_timeout: float = _setting(
+        "HEADER_TIMEOUT", 20, "Seconds a client has to send a request's headers (408 beyond).", parse=_positive_float
+    )
+    body_timeout: float = _setting(
+        "BODY_TIMEOUT", 20,
+        "Seconds a client has to send a request's body, extended by one second per MIN_RATE_BPS bytes received.",
+        parse=_positive_float,
+    )
+    min_rate_bps: int = _setting(
+        "MIN_RATE_BPS", 500, "Bytes per second a request body must arrive at, on average, past BODY_TIMEOUT.",
+        parse=_positive_int,
+    )
+    min_free_disk_mb: int = _setting(
+        "MIN_FREE_DISK_MB", 256,
+        "Megabytes kept free on the database's filesystem: writes that would go below answer 507 (reads work).",
+        parse=_non_negative_int,
+    )
+    stop_grace: float = _setting(
+        "STOP_GRACE", 8,
+        "Seconds SIGTERM waits for requests in flight before stopping; the upload jobs get 2 s more.",
+        parse=_non_negative_float,
     )
 
     def public(self) -> dict[str, Any]:

@@ -9,10 +9,11 @@ own table, indexed by (name, image) so `objects=dog` walks an index newest first
 A `Store` owns its database object: `Store(target)` asks `open_backend()` for the backend that serves
 `target` (today a SQLite file path) and binds its own table classes to that backend's database, so two
 stores on two files in one process are independent. Everything SQLite-specific (pragmas, WAL,
-AUTOINCREMENT, busy handling, what its errors mean) lives in `SqliteBackend`. Peewee keeps one
+AUTOINCREMENT, busy handling, what its errors mean, how much room is left) lives in `SqliteBackend`. Peewee keeps one
 connection per thread; request threads connect and close around each request (server.py's hooks),
 worker threads use `store.connection()`. The store returns domain records (`ImageRecord`, `Found`) and
-writes no API JSON.
+writes no API JSON. Writes stop at a floor of free disk space (`min_free_mb`, MIN_FREE_DISK_MB) with
+`LowDisk` while reads and deletes go on: on a Pi the SD card holding the database holds the system too.
 """
 
 from __future__ import annotations
@@ -45,6 +46,10 @@ class NotFound(StoreError):
 
 class StoreFull(StoreError):
     """The disk (or the database's size limit) is full: nothing was written."""
+
+
+class LowDisk(StoreFull):
+    """The write would take the database's filesystem below the space kept free: nothing was written."""
 
 
 class StoreUnavailable(StoreError):
@@ -187,6 +192,7 @@ class SqliteBackend:
     def __init__(self, path: str, *, busy_timeout_ms: int = 10_000, max_connections: int = 64):
         self.path = path
         self.description = path
+        self._page_size: int | None = None
         folder = os.path.dirname(os.path.abspath(path))
         os.makedirs(folder, exist_ok=True)
         # A pool: a request's close() hands its connection back instead of closing it. Closing SQLite's
@@ -207,6 +213,22 @@ class SqliteBackend:
         )
 
     id_field = staticmethod(AutoIncrementField)
+
+    def free_bytes(self) -> int | None:
+        """Bytes new data can take: free space on the database's filesystem (what an unprivileged writer
+        may use), plus the database's own free pages, which deleted images leave and new data reuses (the
+        file never shrinks by itself). None where the filesystem cannot say."""
+        try:
+            st = os.statvfs(os.path.dirname(os.path.abspath(self.path)))
+        except OSError:
+            return None  # no statvfs here: no floor rather than no writes
+        return st.f_bavail * st.f_frsize + self.reusable_bytes()
+
+    def reusable_bytes(self) -> int:
+        """Bytes of free pages inside the database file (on this thread's connection)."""
+        if self._page_size is None:  # fixed once the file exists
+            self._page_size = self.database.execute_sql("PRAGMA page_size").fetchone()[0]
+        return self.database.execute_sql("PRAGMA freelist_count").fetchone()[0] * self._page_size
 
     def write(self) -> Any:
         """A write transaction that holds the write lock from its start (writers queue, never fail half-way)."""
@@ -281,8 +303,10 @@ class Store:
         now: Callable[[], float] = time.time,
         busy_timeout_ms: int = 10_000,
         backend: Callable[..., SqliteBackend] = open_backend,
+        min_free_mb: int = 0,
     ):
         self.now = now
+        self.min_free_mb = min_free_mb
         self.backend = backend(target, busy_timeout_ms=busy_timeout_ms)
         self.path = self.backend.description
         self._db = self.backend.database
@@ -358,11 +382,34 @@ class Store:
 
     # -- writes ------------------------------------------------------------------------------------------
 
+    def _check_space(self, size: int) -> None:
+        """LowDisk unless `size` more bytes of data leave `min_free_mb` free (MIN_FREE_DISK_MB).
+
+        A full disk takes the operating system down with the database (a Pi's SD card holds both), so
+        writes stop at a floor while reads and deletes go on. New data is written twice, to the WAL and
+        then to the database file, so a write counts twice its size. Called inside the write
+        transaction, where writers queue, so each check sees the space the previous write took; one
+        statvfs is about a microsecond, nothing beside the fsync of a commit.
+        """
+        if self.min_free_mb <= 0:
+            return
+        free = self.backend.free_bytes()
+        if free is None:
+            return
+        left = free - 2 * size
+        if left < self.min_free_mb * 1024 * 1024:
+            raise LowDisk(
+                f"the disk holding the database has {free / 2**20:,.0f} MB free and this write would leave "
+                f"{max(left, 0) / 2**20:,.0f} MB, below the {self.min_free_mb:,} MB kept free (MIN_FREE_DISK_MB); "
+                "delete images or free space on that disk, or lower MIN_FREE_DISK_MB"
+            )
+
     def add(self, new: NewImage) -> ImageRecord:
         """Store an image (and its bytes, unless those are stored already) in one transaction."""
         t = self._t
         created_ms = int(self.now() * 1000) if new.created_ms is None else new.created_ms
         with self._errors(), self.backend.write():
+            self._check_space(len(new.data))
             t.Blob.insert(sha256=new.sha256, data=new.data).on_conflict_ignore().execute()
             image = t.Image.create(
                 sha256=new.sha256,
@@ -401,6 +448,7 @@ class Store:
 
         def flush() -> None:
             with self._errors(), self.backend.write():
+                self._check_space(sum(len(n.data) for n in chunk))
                 first = self.backend.next_id()
                 blobs = {n.sha256: n.data for n in chunk}
                 self._t.Blob.insert_many(list(blobs.items()), fields=["sha256", "data"]).on_conflict_ignore().execute()

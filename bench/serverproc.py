@@ -114,7 +114,7 @@ class ServerProcess:
 
     def stop_problem(self) -> str | None:
         """None if one SIGTERM stopped the server (or it had already exited); else what it took, a regression
-        of server.py's shutdown (its SIGTERM handler raises a waitress ExitNow so that waitress cannot lose it)."""
+        of server.py's shutdown (its SIGTERM handler notes the signal and wakes waitress's loop)."""
         if self.sigterms <= 1 and not self.killed:
             return None
         return f"{self.sigterms} SIGTERMs{' +SIGKILL' if self.killed else ''} to stop the server"

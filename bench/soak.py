@@ -977,7 +977,8 @@ def scenario_disk_full(ctx: Ctx) -> None:
             os.fsync(f.fileno())
         db = os.path.join(mnt, "images.db")
         answers: list[Answer] = []
-        with ctx.server(S, db) as srv:
+        # MIN_FREE_DISK_MB=0: this scenario fills the disk itself, for SQLite's own "disk is full" (507)
+        with ctx.server(S, db, ctx.env(MIN_FREE_DISK_MB=0)) as srv:
             client = Client(srv.host, srv.port, timeout=30)
             consecutive = 0
             for n in range(400):

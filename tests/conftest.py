@@ -103,6 +103,7 @@ def make_service(tmp_path, detector):
 
     def make(detector=detector, uploader=None, now=time.time, resolve=None, connect=None, **overrides):
         overrides.setdefault("allow_private_urls", True)
+        overrides.setdefault("min_free_disk_mb", 0)  # test machines can be short of disk; tests/test_disk.py sets it
         s = settings.load([], {}, db=str(tmp_path / f"images{len(made)}.db"), model=detector.model_path, **overrides)
         parts = server.build_parts(s, detector=detector, uploader=uploader, now=now, resolve=resolve, connect=connect)
         made.append(Service(s, parts))

@@ -140,7 +140,7 @@ def start_server(tmp_path, *args, env=None):
     """
     proc = subprocess.Popen(
         [sys.executable, "server.py", "--port", "0", "--db", str(tmp_path / "images.db"), *args],
-        cwd=ROOT, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})},
+        cwd=ROOT, stderr=subprocess.PIPE, text=True, env={**os.environ, "MIN_FREE_DISK_MB": "0", **(env or {})},
     )
     lines: list[str] = []
     listening = threading.Event()
