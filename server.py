@@ -605,7 +605,8 @@ def make_app(settings: Any, parts: Parts) -> bottle.Bottle:
         etag = f'"{sha256}"'
         headers = {
             "ETag": etag,
-            "Cache-Control": "public, max-age=31536000, immutable",  # the bytes of an id never change
+            # The bytes of an id never change; behind a key, no shared cache may keep them.
+            "Cache-Control": f"{'private' if guard.key else 'public'}, max-age=31536000, immutable",
             "X-Content-Type-Options": "nosniff",
         }
         if _etag_matches(bottle.request.headers.get("If-None-Match"), etag):

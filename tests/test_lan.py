@@ -261,6 +261,13 @@ def test_a_wrong_or_malformed_key_is_a_401(keyed, headers):
     assert count(keyed) == 0
 
 
+def test_behind_a_key_files_are_cached_privately_only(service, keyed):
+    for svc, kind, headers in ((service, "public", {}), (keyed, "private", with_key())):
+        image = add_image(svc, **headers)
+        res = svc.client.get(f"/images/{image}/file", headers=headers)
+        assert res.headers["Cache-Control"] == f"{kind}, max-age=31536000, immutable"
+
+
 def test_a_right_header_key_is_not_overruled_by_a_stale_cookie(keyed):
     res = keyed.client.get("/images", headers=with_key(Cookie=f"{lan.SESSION_COOKIE}=v1.1.aa.bb"))
     assert res.status_int == 200
