@@ -548,6 +548,8 @@ def make_app(settings: Any, parts: Parts) -> bottle.Bottle:
     def sign_in():
         if not _is_json(_media_type()):
             raise ClientError(415, 'send application/json: {"key": "<API_KEY>"}')
+        if (bottle.request.content_length or 0) > SESSION_BODY_LIMIT:
+            raise ClientError(413, f'the body is larger than {SESSION_BODY_LIMIT:,} bytes; send only {{"key": "<API_KEY>"}}')
         read_body(SESSION_BODY_LIMIT)
         key = _json_object(("key",), '{"key": "<API_KEY>"}').get("key")
         if not isinstance(key, str):

@@ -57,12 +57,11 @@ def with_key(**headers):
 
 
 @pytest.mark.parametrize("sign", sorted(BROWSER_SIGNS))
-@pytest.mark.parametrize("path", ["/", "/static/index.html", "/static/js/app.js", "/health", "/images", "/objects",
-                                  "/openapi.json", "/nope"])
-def test_a_browser_with_a_foreign_host_gets_421_on_every_route(service, path, sign):
-    res = service.client.get(path, headers={"Host": "rebind.test:8080", **BROWSER_SIGNS[sign]}, status="*")
-    detail = assert_problem(res, 421)
-    assert "ALLOWED_HOSTS" in detail and "rebind.test" in detail
+def test_a_browser_with_a_foreign_host_gets_421_on_every_route(service, sign):
+    for path in ("/", "/static/index.html", "/static/js/app.js", "/health", "/images", "/objects", "/openapi.json", "/nope"):
+        res = service.client.get(path, headers={"Host": "rebind.test:8080", **BROWSER_SIGNS[sign]}, status="*")
+        detail = assert_problem(res, 421)
+        assert "ALLOWED_HOSTS" in detail and "rebind.test" in detail, path
 
 
 def test_a_rebinding_delete_deletes_nothing(service):
@@ -358,7 +357,7 @@ def test_the_failure_table_is_bounded():
     tracemalloc.start()
     try:
         before = tracemalloc.get_traced_memory()[0]
-        for i in range(20_000):
+        for i in range(5000):
             limiter.fail(f"10.{i // 65536}.{i // 256 % 256}.{i % 256}")
         for _ in range(10):  # a full client: ten timestamps
             limiter.fail("192.168.1.66")
@@ -473,7 +472,8 @@ def test_a_wrong_session_key_sets_no_cookie(keyed):
     (json.dumps({"key": "x" * 5000}).encode(), "application/json", 413),
 ])
 def test_sign_in_refuses_what_is_not_a_key(keyed, body, content_type, code):
-    assert_problem(keyed.client.post("/session", body, content_type=content_type, status="*"), code)
+    detail = assert_problem(keyed.client.post("/session", body, content_type=content_type, status="*"), code)
+    assert "key" in detail
 
 
 def test_sign_in_without_a_key_configured_is_a_409(service):
