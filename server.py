@@ -45,6 +45,7 @@ import imaging
 import imgur
 import ingest
 import jobs as jobs_mod
+import lan
 import settings as settings_mod
 import store
 
@@ -82,6 +83,7 @@ PROBLEM_JSON = "application/problem+json"
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 INTERNAL_ERROR = "The server failed to handle this request; the error is in its log. Try again later."
 BODY_TOO_LARGE = "The request body is too large; send a smaller image (see MAX_IMAGE_BYTES)."
+SESSION_BODY_LIMIT = 4096  # {"key": "..."}
 
 
 class ClientError(Exception):
@@ -102,6 +104,14 @@ def problem(status: int, detail: str, headers: dict[str, str] | None = None) -> 
     res = bottle.HTTPResponse(problem_body(status, detail), status=status, headers=headers)
     res.content_type = PROBLEM_JSON
     return res
+
+
+def lan_answer(answer: lan.Answer) -> bottle.HTTPResponse:
+    """The guard's answers (refusals, preflights, the session routes'). The one place they take a shape:
+    DeepStack-compatible routes (/v1/vision/...) would answer theirs in DeepStack's shape here."""
+    if not answer.detail:
+        return bottle.HTTPResponse(status=answer.status, headers=dict(answer.headers))
+    return problem(answer.status, answer.detail, dict(answer.headers))
 
 
 def status_for(error: BaseException) -> int | None:
@@ -737,6 +747,18 @@ def make_app(settings: Any, parts: Parts) -> bottle.Bottle:
     max_bytes = settings.max_image_bytes
     limit = body_limit(settings)
     images, detector, jobs = parts.images, parts.detector, parts.jobs
+    guard = app.config["imgsvc.guard"] = lan.from_settings(settings)  # raises lan.KeyUnusable
+
+    @app.hook("before_request")  # first: a refused request never touches the database
+    def _guard():
+        answer = guard.check(bottle.request.environ)
+        if answer is not None:
+            raise lan_answer(answer)
+
+    @app.hook("after_request")
+    def _lan_headers():
+        for name, value in guard.response_headers(bottle.request.environ, bottle.response.content_type or ""):
+            bottle.response.set_header(name, value)
 
     @app.hook("before_request")
     def _connect():
@@ -753,7 +775,23 @@ def make_app(settings: Any, parts: Parts) -> bottle.Bottle:
     @app.get("/health")
     def health():
         info = detector.info()
-        return {"status": "ok", "version": __version__, "detector": info}
+        return {"status": "ok", "version": __version__, "detector": info, "auth": guard.mode}
+
+    @app.post("/session")
+    def sign_in():
+        if not _is_json(_media_type()):
+            raise ClientError(415, 'send application/json: {"key": "<API_KEY>"}')
+        if (bottle.request.content_length or 0) > SESSION_BODY_LIMIT:
+            raise ClientError(413, f'the body is larger than {SESSION_BODY_LIMIT:,} bytes; send only {{"key": "<API_KEY>"}}')
+        read_body(SESSION_BODY_LIMIT)
+        key = _json_object(("key",), '{"key": "<API_KEY>"}').get("key")
+        if not isinstance(key, str):
+            raise ClientError(400, '`key` must be the API key as a string: {"key": "<API_KEY>"}')
+        return lan_answer(guard.sign_in(key, bottle.request.environ))
+
+    @app.delete("/session")
+    def sign_out():
+        return lan_answer(guard.sign_out(bottle.request.environ))
 
     too_large = f"the body is larger than {limit:,} bytes; send a smaller image"
     job_tokens = JSON_MAX_TOKENS + 20 * settings.job_max_urls  # a string and a comma per entry jobs.check reads
@@ -807,7 +845,8 @@ def make_app(settings: Any, parts: Parts) -> bottle.Bottle:
         etag = f'"{sha256}"'
         headers = {
             "ETag": etag,
-            "Cache-Control": "public, max-age=31536000, immutable",  # the bytes of an id never change
+            # The bytes of an id never change; behind a key, no shared cache may keep them.
+            "Cache-Control": f"{'private' if guard.key else 'public'}, max-age=31536000, immutable",
             "X-Content-Type-Options": "nosniff",
         }
         if _etag_matches(bottle.request.headers.get("If-None-Match"), etag):
@@ -855,12 +894,7 @@ def make_app(settings: Any, parts: Parts) -> bottle.Bottle:
 
     @app.get("/")
     def index():
-        res = bottle.static_file("index.html", root=STATIC_DIR)
-        # The page loads nothing from elsewhere (it must work on a Pi without internet); say so.
-        res.set_header(
-            "Content-Security-Policy",
-            "default-src 'self'; img-src 'self' blob: data:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'",
-        )
+        res = bottle.static_file("index.html", root=STATIC_DIR)  # its security headers: lan.HTML_HEADERS
         res.set_header("Cache-Control", "no-cache")
         return res
 
@@ -1273,7 +1307,12 @@ def main(argv: list[str] | None = None) -> int:
         log.info("Imgur uploads on (%s)", "to the account" if parts.uploader.account else "anonymous")
     else:
         log.info("Imgur uploads off: IMGUR_CLIENT_ID is unset")
-    app = make_app(settings, parts)
+    try:
+        app = make_app(settings, parts)
+    except lan.KeyUnusable as e:
+        parts.close(jobs_timeout=0)
+        return _startup_failure(str(e))
+    app.config["imgsvc.guard"].announce(settings.host)
     try:
         server = _create_server(app, settings)
     except OSError as e:
@@ -1357,6 +1396,7 @@ def _create_server(app: bottle.Bottle, settings: Any) -> Any:
         asyncore_use_poll=True,
         channel_timeout=settings.channel_timeout,
         ident="imgsvc",
+        **lan.proxy_options(settings.trusted_proxy),
     )
     channel = functools.partial(_ProblemChannel, limits=ReadLimits.from_settings(settings))  # one budget for all
     for listener in _listeners(server):

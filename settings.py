@@ -10,7 +10,9 @@ Flags win over the environment, which wins over the default.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
+import re
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Mapping
 
@@ -72,6 +74,31 @@ def _non_negative_float(text: str) -> float:
 
 def _str(text: str) -> str:
     return text
+
+
+def _host_names(text: str) -> tuple[str, ...]:
+    names = tuple(n.strip().lower().rstrip(".") for n in text.split(",") if n.strip())
+    for name in names:
+        if name != "*" and not re.fullmatch(r"\.?[a-z0-9_-]+(\.[a-z0-9_-]+)*", name):
+            raise ValueError(f"expected host names without ports, such as pi4.lan or .example.com, or *; got {name!r}")
+    return names
+
+
+def _origins(text: str) -> tuple[str, ...]:
+    origins = tuple(o.strip().rstrip("/") for o in text.split(",") if o.strip())
+    for origin in origins:
+        if not re.fullmatch(r"(?i)https?://[^/?#\s@]+", origin):
+            raise ValueError(
+                f"expected origins such as https://dash.lan:3000 (scheme, host and port; no path and no *), got {origin!r}"
+            )
+    return origins
+
+
+def _address(text: str) -> str:
+    try:
+        return str(ipaddress.ip_address(text.strip())) if text.strip() else ""
+    except ValueError:
+        raise ValueError(f"expected the IP address of the proxy, such as 127.0.0.1, got {text!r}") from None
 
 
 @dataclass(frozen=True)
@@ -166,6 +193,32 @@ class Settings:
         "ALLOW_PRIVATE_URLS", False,
         "Let URL downloads reach loopback/LAN addresses (tests, trusted LANs). Size and time limits stay.",
         flag="--allow-private-urls", parse=_bool,
+    )
+    api_key: str = _setting(
+        "API_KEY", "",
+        "Key every request needs (Authorization: Bearer or X-API-Key) but the page, /health and POST /session; "
+        "unset: the API is open.", secret=True,
+    )
+    api_key_file: str = _setting("API_KEY_FILE", "", "A file holding API_KEY (Docker secrets); instead of API_KEY.")
+    session_hours: float = _setting(
+        "SESSION_HOURS", 24, "Hours a sign-in on the page (POST /session) lasts.", parse=_positive_float
+    )
+    auth_failures: int = _setting(
+        "AUTH_FAILURES", 10, "Wrong keys one client may send in a minute; then it gets 429 for a minute.",
+        parse=_positive_int,
+    )
+    allowed_hosts: tuple[str, ...] = _setting(
+        "ALLOWED_HOSTS", (),
+        "Names browsers may use for this service besides IP addresses, localhost and this machine's name "
+        "(comma-separated; .example.com for a domain, * for any).", parse=_host_names, default_doc="none",
+    )
+    allowed_origins: tuple[str, ...] = _setting(
+        "ALLOWED_ORIGINS", (),
+        "Web origins of other pages that may call the API (CORS and writes), e.g. https://dash.lan:3000 (comma-separated).",
+        parse=_origins, default_doc="none",
+    )
+    trusted_proxy: str = _setting(
+        "TRUSTED_PROXY", "", "Address of a reverse proxy whose X-Forwarded-Proto/-Host/-For are believed.", parse=_address
     )
     max_image_bytes: int = _setting(
         "MAX_IMAGE_BYTES", 20 * 1024 * 1024, "Largest image accepted, uploaded or downloaded, in bytes.",

@@ -14,9 +14,9 @@ import settings
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Our own top-level modules, and the ones each may import. README's "How the code is laid out" says the same.
-OWN = ("server", "ingest", "imaging", "detect", "store", "fetch", "jobs", "imgur", "settings")
+OWN = ("server", "ingest", "imaging", "detect", "store", "fetch", "jobs", "imgur", "settings", "lan")
 ALLOWED = {
-    "server": {"ingest", "store", "detect", "imaging", "fetch", "jobs", "imgur", "settings"},
+    "server": {"ingest", "store", "detect", "imaging", "fetch", "jobs", "imgur", "settings", "lan"},
     "ingest": {"fetch", "imaging", "detect", "store"},
     "detect": {"imaging"},
     "jobs": {"fetch", "imgur"},
@@ -25,6 +25,7 @@ ALLOWED = {
     "fetch": set(),
     "imgur": set(),
     "settings": set(),
+    "lan": set(),
 }
 WITH_COMMAND_LINE = {"detect", "ingest", "store", "imgur", "server", "settings"}  # may import settings
 THIRD_PARTY_HTTP = ("bottle", "waitress")
@@ -81,6 +82,7 @@ EXEMPT = {
     "ingest.IngestError": "base class, never raised itself",
     "jobs.JobError": "base class, never raised itself",
     "jobs.InvalidBatch": "the route words it in the request's terms (server.batch_detail) as a 400",
+    "lan.KeyUnusable": "start-up only: main() prints it and exits",
     "settings.SettingError": "start-up only: main() prints it and exits",
     "store.StoreError": "base class, never raised itself",
 }

@@ -8,6 +8,10 @@ export class ApiError extends Error {
   }
 }
 
+// Called on every 401 (the API needs its key): the page then asks for it. See session.js.
+let unauthorized = () => {};
+export function whenUnauthorized(callback) { unauthorized = callback; }
+
 async function errorFrom(response) {
   let detail = `${response.status} ${response.statusText}`;
   try {
@@ -29,6 +33,7 @@ export async function request(method, url, json) {
   } catch {
     throw new ApiError("The service cannot be reached. Is it running?", 0);
   }
+  if (response.status === 401) unauthorized();
   if (!response.ok) throw await errorFrom(response);
   const body = response.status === 204 ? null : await response.json();
   return { body, headers: response.headers };
@@ -45,6 +50,7 @@ export function upload(url, form, { onProgress, onSent } = {}) {
     xhr.onerror = () => reject(new ApiError("The service cannot be reached. Is it running?", 0));
     xhr.onload = () => {
       const body = xhr.response;
+      if (xhr.status === 401) unauthorized();
       if (xhr.status >= 200 && xhr.status < 300) resolve(body);
       else reject(new ApiError((body && body.detail) || `${xhr.status} ${xhr.statusText}`, xhr.status));
     };

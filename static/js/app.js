@@ -3,6 +3,7 @@
 import { request } from "./api.js";
 import { setupGallery } from "./gallery.js";
 import { setupImgur } from "./imgur.js";
+import { setupSession } from "./session.js";
 import { setupUpload } from "./upload.js";
 
 const alertBox = document.getElementById("alert");
@@ -90,6 +91,12 @@ const uploader = setupUpload({
   },
 });
 const imgur = setupImgur({ onError: showError });
+const session = setupSession({
+  onSignedIn() {
+    alertBox.hidden = true;
+    loadAll();
+  },
+});
 
 async function checkHealth() {
   const health = document.getElementById("health");
@@ -101,13 +108,18 @@ async function checkHealth() {
       : `Version ${body.version} · object detection is unavailable`;
     health.classList.toggle("bad", !d.ready);
     uploader.detectionAvailable(d.ready, d.error || "");
+    session.mode(body.auth);
   } catch (err) {
     health.textContent = err.message;
     health.classList.add("bad");
   }
 }
 
-checkHealth();
-refreshChips();
-apply(false);
-imgur.refreshLinks();
+function loadAll() {
+  checkHealth();
+  refreshChips();
+  apply(false);
+  imgur.refreshLinks();
+}
+
+loadAll();
