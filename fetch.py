@@ -545,7 +545,8 @@ class Fetcher:
                     where = f"the address {ip}" if host == str(ip) else f"the host {host} resolves to {ip}, which"
                     raise BlockedAddress(
                         f"Refusing to fetch {url}: {where} is not a public internet address "
-                        f"({reason}). Only images on the public internet can be fetched."
+                        f"({reason}). Only images on the public internet can be fetched; the operator of a "
+                        "trusted LAN can allow its addresses with ALLOW_PRIVATE_URLS=1."
                     )
             checked.append(str(ip))
         return checked

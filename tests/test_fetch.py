@@ -656,3 +656,8 @@ def test_https_untrusted_certificate_is_unreachable(tls_server):
     with pytest.raises(Unreachable, match="TLS"):
         _tls_fetcher(tls_server, []).fetch(f"https://public.test:{tls_server.port}/img")
     assert not tls_server.hits
+
+
+def test_a_blocked_address_names_the_setting_that_allows_it():
+    with pytest.raises(fetch.BlockedAddress, match="ALLOW_PRIVATE_URLS=1"):
+        make(connect=never_connect([])).fetch("http://192.168.1.20/cam.jpg")
