@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import queue
+import re
 import sys
 import tempfile
 import threading
@@ -300,6 +301,39 @@ class Result:
     fingerprint: str  # the model and threshold that produced `detections` (Detector.fingerprint)
 
 
+_STDERR_LOCK = threading.Lock()
+_CHATTER = re.compile(rb"^INFO: Created TensorFlow Lite XNNPACK delegate for CPU\.\s*$")
+
+
+@contextlib.contextmanager
+def _runtime_chatter_to_log():
+    """LiteRT's C++ core prints "INFO: Created TensorFlow Lite XNNPACK delegate for CPU." straight to
+    file descriptor 2 on its first allocate_tensors, outside Python's logging; there is no switch for it
+    in the Python API. For that call, fd 2 goes to a temporary file; afterwards that line is logged at
+    DEBUG and anything else written meanwhile (by any thread) is written back to stderr unchanged."""
+    with _STDERR_LOCK:
+        try:
+            saved = os.dup(2)
+        except OSError:  # no stderr at all: nothing to tidy
+            yield
+            return
+        with tempfile.TemporaryFile() as capture:
+            sys.stderr.flush()
+            os.dup2(capture.fileno(), 2)
+            try:
+                yield
+            finally:
+                sys.stderr.flush()
+                os.dup2(saved, 2)
+                os.close(saved)
+                capture.seek(0)
+                for line in capture.read().splitlines(keepends=True):
+                    if _CHATTER.match(line):
+                        log.debug("%s", line.decode("utf-8", "replace").strip())
+                    else:
+                        os.write(2, line)
+
+
 class _Model:
     """A loaded model: labels, input spec, output roles and a pool of interpreters."""
 
@@ -313,7 +347,8 @@ class _Model:
         for _ in range(pool):
             try:
                 it = interpreter_class(model_path=path, num_threads=threads)
-                it.allocate_tensors()
+                with _runtime_chatter_to_log():
+                    it.allocate_tensors()
             except (ValueError, RuntimeError) as e:
                 raise ModelInvalid(f"{path} is not a TFLite model this runtime can load: {e}") from e
             self.interpreters.put(it)

@@ -563,3 +563,14 @@ def test_a_deleted_model_file_leaves_the_loaded_model_serving(tmp_path, model_pa
     assert "dog" in labels_found(d.detect(photo("pets.jpg")))
     info = d.info()
     assert info["ready"] is True and "is gone" in info["error"]
+
+
+def test_the_runtime_prints_nothing_raw_on_stderr(model_path, images_dir):
+    """LiteRT writes "INFO: Created TensorFlow Lite XNNPACK delegate" to fd 2 itself; it goes to the log at
+    DEBUG instead, and other stderr output around it still arrives."""
+    out = subprocess.run(
+        [sys.executable, "detect.py", "--model", model_path, os.path.join(images_dir, "pets.jpg")],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "XNNPACK" not in out.stderr and "loaded" in out.stderr
