@@ -781,10 +781,9 @@ def make_app(settings: Any, parts: Parts) -> bottle.Bottle:
     def sign_in():
         if not _is_json(_media_type()):
             raise ClientError(415, 'send application/json: {"key": "<API_KEY>"}')
-        if (bottle.request.content_length or 0) > SESSION_BODY_LIMIT:
-            raise ClientError(413, f'the body is larger than {SESSION_BODY_LIMIT:,} bytes; send only {{"key": "<API_KEY>"}}')
-        read_body(SESSION_BODY_LIMIT)
-        key = _json_object(("key",), '{"key": "<API_KEY>"}').get("key")
+        too_big = f'the body is larger than {SESSION_BODY_LIMIT:,} bytes; send only {{"key": "<API_KEY>"}}'
+        raw = read_body(SESSION_BODY_LIMIT, too_big)
+        key = _json_object(raw, ("key",), '{"key": "<API_KEY>"}', 16, 'send only {"key": "<API_KEY>"}').get("key")
         if not isinstance(key, str):
             raise ClientError(400, '`key` must be the API key as a string: {"key": "<API_KEY>"}')
         return lan_answer(guard.sign_in(key, bottle.request.environ))
