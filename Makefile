@@ -84,9 +84,12 @@ bench: $(VENV)/.dev-deps
 	$(PY) bench/jobs.py
 
 ## make soak: faults and load against the real server (writers, kill -9, slowloris, hung hosts, Imgur
-## storm, disk full: ~5 minutes; the disk-full scenario needs root). SOAK_MINUTES=30 adds the long soak.
+## storm, disk full: ~5 minutes; the disk-full scenario needs root), then bench/bounds.py (decode bombs,
+## slow senders and the disk floor, thread-holding load, job floods: ~10 minutes). SOAK_MINUTES=30 adds
+## the long soak.
 soak: $(VENV)/.dev-deps
 	$(PY) bench/soak.py $(if $(SOAK_MINUTES),--soak-minutes $(SOAK_MINUTES))
+	$(PY) bench/bounds.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
