@@ -55,6 +55,7 @@ ERROR_STATUS: dict[type[BaseException], int] = {
     imaging.NotAnImage: 422,  # UnsupportedFormat included
     detect.ModelError: 503,  # ModelMissing, ModelInvalid
     ingest.InvalidLabel: 400,
+    ingest.Busy: 503,
     fetch.InvalidURL: 400,
     fetch.BlockedAddress: 400,
     fetch.TooLarge: 413,
@@ -122,7 +123,7 @@ def _json_errors(callback):
             if status is None:
                 log.exception("unexpected error in %s %s", bottle.request.method, bottle.request.path)
                 return problem(500, INTERNAL_ERROR)
-            if status >= 500:
+            if status >= 500 and not isinstance(e, ingest.Busy):  # a Gate logs its refusals, once a minute
                 log.warning("%s %s: %s", bottle.request.method, bottle.request.path, e)
             retry_after = getattr(e, "retry_after", None)
             return problem(status, str(e), {"Retry-After": str(retry_after)} if retry_after else None)
@@ -489,7 +490,12 @@ def build_parts(
         uploader=uploader or None, fetcher=fetcher, workers=settings.upload_workers, max_urls=settings.job_max_urls,
         max_backlog=settings.upload_backlog, keep_finished=settings.jobs_kept, now=now,
     )
-    pipeline = ingest.Ingest(images=images, detector=detector, fetcher=fetcher, max_pixels=settings.max_pixels)
+    wait = settings.admission_wait_ms / 1000
+    pipeline = ingest.Ingest(
+        images=images, detector=detector, fetcher=fetcher, max_pixels=settings.max_pixels,
+        downloads=ingest.download_gate(settings.download_slots, wait),
+        detections=ingest.detection_gate(detector.pool, settings.detect_queue, wait),
+    )
     return Parts(settings, images, detector, fetcher, pipeline, jobs, uploader or None)
 
 

@@ -181,6 +181,20 @@ class Settings:
     channel_timeout: int = _setting(
         "CHANNEL_TIMEOUT", 60, "Seconds a client connection may stay silent before it is closed.", parse=_positive_int
     )
+    download_slots: int = _setting(
+        "DOWNLOAD_SLOTS", 2, "URL downloads of POST /images at once; beyond them (after ADMISSION_WAIT_MS) 503.",
+        parse=_positive_int,
+    )
+    detect_queue: int = _setting(
+        "DETECT_QUEUE", 4,
+        "Detections that may wait for a busy detector (DETECT_THREADS run); beyond them (after ADMISSION_WAIT_MS) 503.",
+        parse=_non_negative_int,
+    )
+    admission_wait_ms: int = _setting(
+        "ADMISSION_WAIT_MS", 500,
+        "Milliseconds a request waits for a download slot or a detection place before 503 with Retry-After.",
+        parse=_non_negative_int,
+    )
 
     def public(self) -> dict[str, Any]:
         """The settings safe to show or log (secrets reduced to whether they are set)."""
