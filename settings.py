@@ -172,7 +172,10 @@ class Settings:
         "JOBS_KEPT", 1000, "Finished jobs remembered; older ones are forgotten first.", parse=_positive_int
     )
     waitress_threads: int = _setting(
-        "WAITRESS_THREADS", 8, "Threads answering HTTP requests.", parse=_positive_int
+        "WAITRESS_THREADS", 0,
+        "Threads answering HTTP requests; reads go first, one thread is kept for them. 0: DOWNLOAD_SLOTS + "
+        "DETECT_THREADS + DETECT_QUEUE + 4; fewer than that + 2 is refused at start.",
+        parse=_non_negative_int,
     )
     connection_limit: int = _setting(
         "CONNECTION_LIMIT", 1000, "Most client connections open at once; waitress stops accepting beyond it.",

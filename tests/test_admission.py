@@ -1,7 +1,7 @@
 """Issue 10, threads: nothing can hold every worker.
 
-Bounded admission for the slow steps (ingest.Gate: URL downloads, detections), and the real process
-under dripping URLs.
+Bounded admission for the slow steps (ingest.Gate: URL downloads, detections), reads past waitress's
+queue (server._Lanes), the thread layout checked at start, and the real process under dripping URLs.
 """
 
 import collections
@@ -10,14 +10,17 @@ import json
 import logging
 import threading
 import time
+import types
 import urllib.error
 import urllib.request
 
 import pytest
 import webtest
-from test_server import start_server, stop_server
+from test_server import _one_line_failure, _run_server, start_server, stop_server
 
 import ingest
+import server
+import settings
 from helpers import assert_problem, b64, jpeg
 from loopback import Loopback, drip, ok, respond
 
@@ -204,6 +207,133 @@ def test_a_waiting_detection_goes_in_when_a_place_frees(make_service):
         wait_for(lambda: gate.waiting == 1)
     t.join(30)
     assert answers[0].status_int == 200, answers[0].text
+
+
+# --------------------------------------------------------------------------------------------------------
+# server._Lanes: reads past waitress's queue
+# --------------------------------------------------------------------------------------------------------
+
+
+class Channel:
+    """What the dispatcher sees of a waitress channel: its first request, service() and cancel()."""
+
+    def __init__(self, method: str, path: str, block: threading.Event | None = None, order: list | None = None):
+        self.requests = [types.SimpleNamespace(command=method, path=path, error=None)]
+        self.block = block
+        self.order = order if order is not None else []
+        self.started = threading.Event()
+        self.cancelled = False
+
+    def service(self):
+        self.order.append(self)
+        self.started.set()
+        if self.block is not None:
+            self.block.wait(10)
+
+    def cancel(self):
+        self.cancelled = True
+
+
+@pytest.fixture
+def lanes():
+    made = []
+
+    def make(threads: int) -> server._Lanes:
+        made.append(server._Lanes())
+        made[-1].set_thread_count(threads)
+        return made[-1]
+
+    yield make
+    for d in made:
+        d.shutdown(timeout=5)
+
+
+def test_a_read_passes_queued_slow_requests_and_finds_a_thread_kept_for_it(lanes):
+    dispatcher = lanes(3)
+    release = threading.Event()
+    slow = [Channel("POST", "/images", release) for _ in range(4)]
+    try:
+        for c in slow:
+            dispatcher.add_task(c)
+        assert slow[0].started.wait(5) and slow[1].started.wait(5)
+        read = Channel("GET", "/health")
+        dispatcher.add_task(read)
+        assert read.started.wait(5), "the read waited behind slow requests"
+        assert not slow[2].started.is_set()  # two of the three threads at most for slow work
+    finally:
+        release.set()
+    assert all(c.started.wait(5) for c in slow)
+
+
+def test_reads_go_first_when_a_thread_frees(lanes):
+    dispatcher = lanes(2)
+    release, read_block = threading.Event(), threading.Event()
+    order = []
+    try:
+        slow = Channel("POST", "/images", release)
+        first_read = Channel("GET", "/images", read_block)
+        dispatcher.add_task(slow)
+        dispatcher.add_task(first_read)
+        assert slow.started.wait(5) and first_read.started.wait(5)  # both threads busy
+        queued = [Channel("DELETE", f"/images/{i}", order=order) for i in range(3)]
+        for c in queued:
+            dispatcher.add_task(c)
+        read = Channel("HEAD", "/health", order=order)
+        dispatcher.add_task(read)  # queued last
+        release.set()  # a thread frees: the read goes before the slow requests queued earlier
+        assert all(c.started.wait(5) for c in [read, *queued])
+        assert order[0] is read
+    finally:
+        release.set()
+        read_block.set()
+
+
+def test_shutdown_cancels_what_is_still_queued_in_both_lanes(lanes):
+    dispatcher = lanes(1)
+    release = threading.Event()
+    try:
+        dispatcher.add_task(Channel("POST", "/images", release))
+        waiting = [Channel("POST", "/images"), Channel("GET", "/health")]
+        for c in waiting:
+            dispatcher.add_task(c)
+    finally:
+        release.set()
+    dispatcher.shutdown(timeout=5)
+    assert all(c.cancelled or c.started.is_set() for c in waiting)
+
+
+@pytest.mark.parametrize(("method", "path", "read"), [
+    ("GET", "/health", True), ("HEAD", "/health", True), ("GET", "/images", True), ("GET", "/images/12/file", True),
+    ("GET", "/objects", True), ("GET", "/", True), ("GET", "/static/app.js", True), ("GET", "/openapi.json", True),
+    ("GET", "/v1/images/upload/abc", True), ("GET", "/v1/images", True),
+    ("POST", "/images", False), ("DELETE", "/images/1", False), ("POST", "/v1/images/upload", False),
+    ("GET", "/healthz", False), ("GET", "/imagesx", False), ("POST", "/health", False),
+])
+def test_which_requests_are_reads(method, path, read):
+    assert server.is_read(method, path) is read
+
+
+# --------------------------------------------------------------------------------------------------------
+# The thread layout
+# --------------------------------------------------------------------------------------------------------
+
+
+def test_the_default_thread_count_leaves_threads_beyond_the_slow_work():
+    s = settings.load([], {"DETECT_THREADS": "2"})
+    assert s.waitress_threads == 0
+    assert server.thread_layout(s, pool=2) == 2 + 2 + 4 + 4  # downloads, interpreters, queue; reads and the rest
+
+
+def test_a_layout_in_which_slow_work_could_hold_every_thread_is_refused():
+    with pytest.raises(settings.SettingError, match=r"WAITRESS_THREADS=9 is too few.*10 or more"):
+        server.thread_layout(settings.load([], {"WAITRESS_THREADS": "9"}), pool=2)
+    assert server.thread_layout(settings.load([], {"WAITRESS_THREADS": "10"}), pool=2) == 10
+
+
+def test_a_layout_that_does_not_fit_is_one_line_at_start(tmp_path, model_path):
+    result = _run_server(tmp_path, "--model", model_path, env={"WAITRESS_THREADS": "6", "DETECT_THREADS": "2"})
+    line = _one_line_failure(result)
+    assert all(name in line for name in ("WAITRESS_THREADS", "DOWNLOAD_SLOTS", "DETECT_QUEUE", "DETECT_THREADS"))
 
 
 # --------------------------------------------------------------------------------------------------------
