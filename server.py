@@ -790,6 +790,11 @@ def main(argv: list[str] | None = None) -> int:
     # waitress warns "Task queue depth is N" for every request that waits for a thread: hundreds of
     # lines a second under load, on a Pi's SD card, burying real warnings.
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)
+    # waitress reads and writes every socket in one thread, which gives up the GIL at each socket call
+    # and then waits for it behind the request threads, up to the switch interval (5 ms) each time.
+    # Under 200 detect POSTs that put /health's p99 at 0.4-1.1 s; 1 ms made it 0.14-0.6 s in the same
+    # runs (bench/bounds_threads.py, machine shared), at no cost in detections per second.
+    sys.setswitchinterval(0.001)
     try:
         settings = settings_mod.load(sys.argv[1:] if argv is None else argv)
     except settings_mod.SettingError as e:
