@@ -4,6 +4,7 @@
 decode completely (imaging.py), run the detector or reuse detections stored for the same bytes by the
 same model and threshold, generate a label when none was given, and store it all in one transaction
 (store.py). POST /images uses it today; bulk import, re-detection and the detection API reuse it.
+The two slow steps, downloads and detections, pass a `Gate` each: bounded admission, Busy beyond it.
 
 Label generation lives here too: "2 dogs", "person and dog", a file name, else "untitled <sha8>".
 This module never imports Bottle; it raises typed errors (its own, and those of fetch, imaging, detect
@@ -12,13 +13,17 @@ and store), which server.py maps to HTTP statuses.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import math
 import re
+import threading
+import time
 import urllib.parse
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import detect
 import fetch
@@ -36,6 +41,121 @@ class IngestError(Exception):
 
 class InvalidLabel(IngestError):
     """The label given cannot be used (not text, too long, or holding a control character)."""
+
+
+class Busy(IngestError):
+    """Every place for one kind of slow work is taken; `retry_after` (whole seconds) says when to try again."""
+
+    def __init__(self, message: str, retry_after: int):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Admission
+# ---------------------------------------------------------------------------------------------------------
+
+
+class Gate:
+    """Bounded admission for one kind of slow work: at most `places` callers inside at once.
+
+    A caller that finds every place taken waits up to `wait` seconds for one, then gets Busy. It is
+    refused at once when the wait cannot succeed: when the holds ahead of it, at the pace holds have
+    been taking, need longer than `wait`. Each caller waiting holds a request thread, so refusing early
+    keeps those threads free. Busy's `retry_after` is that same estimate (at least 1 s): how long holds
+    have been taking (a moving average of the finished ones, or the age of the current holders when
+    they have been at it longer), times the holds ahead, spread over the places. `refusal` is the
+    message, with `{retry}` where the seconds go; it names the setting to change.
+    """
+
+    def __init__(self, places: int, wait: float, refusal: str, *, clock: Callable[[], float] = time.monotonic):
+        if places < 1:
+            raise ValueError("a Gate needs at least one place")
+        self.places = places
+        self.wait = wait
+        self.refusal = refusal
+        self.clock = clock
+        self._cond = threading.Condition()
+        self._holders: dict[object, float] = {}  # token -> when it entered (clock)
+        self._waiting = 0
+        self._mean: float | None = None  # moving average of finished holds, seconds
+        self._refused = 0  # since the last warning
+        self._warned: float | None = None
+
+    @property
+    def in_use(self) -> int:
+        with self._cond:
+            return len(self._holders)
+
+    @property
+    def waiting(self) -> int:
+        with self._cond:
+            return self._waiting
+
+    @contextlib.contextmanager
+    def enter(self) -> Iterator[None]:
+        """Hold a place for the `with` block; Busy when none comes free in time."""
+        token = self._acquire()
+        try:
+            yield
+        finally:
+            self._release(token)
+
+    def _acquire(self) -> object:
+        deadline = time.monotonic() + self.wait
+        with self._cond:
+            if len(self._holders) >= self.places:
+                if self._eta(self._waiting + 1) > self.wait:
+                    raise self._busy(self._waiting + 1)
+                self._waiting += 1
+                try:
+                    while len(self._holders) >= self.places:
+                        left = deadline - time.monotonic()
+                        if left <= 0:
+                            raise self._busy(self._waiting)  # this caller is one of them
+                        self._cond.wait(left)
+                finally:
+                    self._waiting -= 1
+            token = object()
+            self._holders[token] = self.clock()
+            return token
+
+    def _release(self, token: object) -> None:
+        with self._cond:
+            took = self.clock() - self._holders.pop(token)
+            self._mean = took if self._mean is None else 0.7 * self._mean + 0.3 * took
+            self._cond.notify()
+
+    def _eta(self, ahead: int) -> float:
+        """Seconds until `ahead` more holds can have started, at the pace holds have been taking."""
+        now = self.clock()
+        youngest = min((now - t for t in self._holders.values()), default=0.0)
+        return max(self._mean or 0.0, youngest) * ahead / self.places
+
+    def _busy(self, ahead: int) -> Busy:
+        retry = max(1, math.ceil(self._eta(ahead)))
+        self._refused += 1
+        now = self.clock()
+        if self._warned is None or now - self._warned >= 60:  # at most one line a minute under load
+            log.warning("refused %d request(s) (Busy): %s", self._refused, self.refusal.format(retry=retry))
+            self._refused, self._warned = 0, now
+        return Busy(self.refusal.format(retry=retry), retry)
+
+
+def download_gate(slots: int, wait: float, **kw: Any) -> Gate:
+    """URL downloads in request threads: `slots` at once (DOWNLOAD_SLOTS)."""
+    return Gate(slots, wait, (
+        f"the server is downloading {slots} URL(s) already, the most at once (DOWNLOAD_SLOTS); "
+        "try again in {retry} s, or send the image's bytes instead of its URL"
+    ), **kw)
+
+
+def detection_gate(pool: int, queue: int, wait: float, **kw: Any) -> Gate:
+    """Detections: the detector's `pool` interpreters run, at most `queue` more wait (DETECT_QUEUE)."""
+    return Gate(pool + queue, wait, (
+        f"the detector is busy: {pool} detection(s) running (DETECT_THREADS) and {queue} waiting (DETECT_QUEUE); "
+        "try again in {retry} s, or send the image with detect=false"
+    ), **kw)
 
 
 @dataclass(frozen=True)
@@ -149,6 +269,10 @@ def found_from(detections: Iterable[detect.Detection]) -> tuple[store.Found, ...
     )
 
 
+def _entered(gate: Gate | None) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext() if gate is None else gate.enter()
+
+
 class Ingest:
     """Adds images to a store: the same checks, limits and errors for every way in."""
 
@@ -160,13 +284,19 @@ class Ingest:
         fetcher: fetch.Fetcher,
         max_pixels: int = imaging.MAX_PIXELS,
         budget: imaging.DecodeBudget | None = None,
+        downloads: Gate | None = None,
+        detections: Gate | None = None,
     ):
+        """`downloads` and `detections` bound the slow steps (server.build_parts makes them from the
+        settings); None leaves a step unbounded, for callers that run one image at a time."""
         self.images = images
         self.detector = detector
         self.fetcher = fetcher
         self.max_pixels = max_pixels
         # Every decode of the service reserves its memory here, with detection or without.
         self.budget = budget if budget is not None else detector.budget
+        self.downloads = downloads
+        self.detections = detections
 
     def add(self, sub: Submission) -> tuple[store.ImageRecord, bytes]:
         """Store `sub`; returns the record and the stored bytes. Nothing is stored when it raises."""
@@ -177,7 +307,8 @@ class Ingest:
             self.detector.load()  # ModelError now, before any download, when there is no model
         source_url = None
         if sub.url is not None:
-            data, source_url = self.fetcher.fetch(sub.url).data, sub.url
+            with _entered(self.downloads):
+                data, source_url = self.fetcher.fetch(sub.url).data, sub.url
         else:
             data = sub.data
         sha256 = hashlib.sha256(data).hexdigest()
@@ -188,7 +319,8 @@ class Ingest:
                 detected_with = self.detector.fingerprint()
                 cached = self.images.cached_detections(sha256, detected_with)
                 if cached is None:
-                    result = self.detector.detect(data, budget=self.budget)
+                    with _entered(self.detections):
+                        result = self.detector.detect(data, budget=self.budget)
                     decoded, found, detected_with = result.decoded, found_from(result.detections), result.fingerprint
                 else:
                     decoded, found = imaging.inspect(data, self.max_pixels, self.budget), cached

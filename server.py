@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import collections
 import datetime
 import errno
 import functools
@@ -61,6 +62,7 @@ ERROR_STATUS: dict[type[BaseException], int] = {
     imaging.NotAnImage: 422,  # UnsupportedFormat included
     detect.ModelError: 503,  # ModelMissing, ModelInvalid
     ingest.InvalidLabel: 400,
+    ingest.Busy: 503,
     fetch.InvalidURL: 400,
     fetch.BlockedAddress: 400,
     fetch.TooLarge: 413,
@@ -137,7 +139,7 @@ def _json_errors(callback):
             if status is None:
                 log.exception("unexpected error in %s %s", bottle.request.method, bottle.request.path)
                 return problem(500, INTERNAL_ERROR)
-            if status >= 500:
+            if status >= 500 and not isinstance(e, ingest.Busy):  # a Gate logs its refusals, once a minute
                 log.warning("%s %s: %s", bottle.request.method, bottle.request.path, e)
             retry_after = getattr(e, "retry_after", None)
             return problem(status, str(e), {"Retry-After": str(retry_after)} if retry_after else None)
@@ -731,8 +733,11 @@ def build_parts(
         max_backlog=settings.upload_backlog, keep_finished=settings.jobs_kept, now=now,
         keep_finished_bytes=int(settings.jobs_kept_mb * 1024 * 1024),
     )
+    wait = settings.admission_wait_ms / 1000
     pipeline = ingest.Ingest(
-        images=images, detector=detector, fetcher=fetcher, max_pixels=settings.max_pixels, budget=budget
+        images=images, detector=detector, fetcher=fetcher, max_pixels=settings.max_pixels, budget=budget,
+        downloads=ingest.download_gate(settings.download_slots, wait),
+        detections=ingest.detection_gate(detector.pool, settings.detect_queue, wait),
     )
     return Parts(settings, images, detector, fetcher, pipeline, jobs, uploader or None)
 
@@ -1211,6 +1216,107 @@ def _listeners(server: Any) -> list[waitress.server.BaseWSGIServer]:
     return [s for s in server.map.values() if isinstance(s, waitress.server.BaseWSGIServer)]
 
 
+# GET and HEAD of these paths are reads: a few milliseconds of SQLite or a file, never a download or
+# a detection. _Lanes serves them first.
+_READ_PATH = re.compile(r"/(health|objects|images(/.*)?|v1/images(/.*)?|static/.*|openapi\.json)?")
+READ_THREADS = 1  # waitress threads that only reads may use (_Lanes)
+
+
+def is_read(method: str, path: str) -> bool:
+    return method in ("GET", "HEAD") and _READ_PATH.fullmatch(path) is not None
+
+
+class _Lanes(waitress.task.ThreadedTaskDispatcher):
+    """waitress's thread pool with a second queue, so that reads never wait behind slow work.
+
+    waitress queues every complete request for its threads, first come first served: behind 200 POSTs,
+    /health waited seconds even when each POST was refused at once. Here reads (`is_read`) have a queue
+    of their own that every thread serves first, and the other requests run on at most
+    `threads - READ_THREADS` threads at once, so a thread is always free for reads. A task is the
+    channel; the request it stands for is the first of `channel.requests` (waitress holds the channel's
+    lock while it adds the task).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.reads: collections.deque = collections.deque()  # self.queue holds the others
+        self.others_limit = 1
+        self.others_running = 0
+
+    def set_thread_count(self, count):
+        with self.lock:
+            self.others_limit = max(1, count - READ_THREADS)
+        super().set_thread_count(count)
+
+    def add_task(self, task):
+        request = task.requests[0] if getattr(task, "requests", None) else None
+        read = request is not None and not request.error and is_read(
+            getattr(request, "command", ""), getattr(request, "path", "")
+        )
+        with self.lock:
+            (self.reads if read else self.queue).append(task)
+            self.queue_cv.notify()
+
+    def handler_thread(self, thread_no):
+        while True:
+            with self.lock:
+                while self.stop_count == 0 and not self.reads and not (
+                    self.queue and self.others_running < self.others_limit
+                ):
+                    self.active_count -= 1
+                    self.queue_cv.wait()
+                    self.active_count += 1
+                if self.stop_count > 0:
+                    self.active_count -= 1
+                    self.stop_count -= 1
+                    self.threads.discard(thread_no)
+                    self.thread_exit_cv.notify()
+                    break
+                other = not self.reads
+                task = self.queue.popleft() if other else self.reads.popleft()
+                self.others_running += other
+            try:
+                task.service()
+            except BaseException:
+                self.logger.exception("Exception when servicing %r", task)
+            finally:
+                if other:
+                    with self.lock:
+                        self.others_running -= 1
+                        self.queue_cv.notify()  # a waiting other request may run now
+
+    def shutdown(self, cancel_pending=True, timeout=5):
+        done = super().shutdown(cancel_pending, timeout)
+        if cancel_pending:
+            with self.lock:
+                while self.reads:
+                    self.reads.popleft().cancel()
+        return done
+
+
+def thread_layout(settings: Any, pool: int) -> int:
+    """How many waitress threads to run; SettingError for a layout in which slow work could hold them all.
+
+    Admitted slow work holds at most DOWNLOAD_SLOTS + `pool` (the detector's interpreters) + DETECT_QUEUE
+    threads. READ_THREADS more are kept for reads, and at least one must be left for the rest (uploads,
+    quick refusals). WAITRESS_THREADS=0 (the default) runs all that plus 3 threads for the rest. A
+    layout given by hand that does not fit is refused rather than changed: raising the threads or
+    shrinking the queue behind the operator's back would hide the contradiction.
+    """
+    held = settings.download_slots + pool + settings.detect_queue
+    if settings.waitress_threads == 0:
+        return held + READ_THREADS + 3
+    need = held + READ_THREADS + 1
+    if settings.waitress_threads < need:
+        raise settings_mod.SettingError(
+            f"WAITRESS_THREADS={settings.waitress_threads} is too few: downloads (DOWNLOAD_SLOTS={settings.download_slots}), "
+            f"detections ({pool} interpreters, DETECT_THREADS) and the detection queue (DETECT_QUEUE={settings.detect_queue}) "
+            f"can hold {held} threads, and {need - held} more must stay free for reads and for everything else; "
+            f"set WAITRESS_THREADS to {need} or more (or 0 to size it by itself), or lower those settings"
+        )
+    return settings.waitress_threads
+
+
 class _StopSignals:
     """The SIGTERM/SIGINT handler: notes the signal for _serve's loop, which signal.set_wakeup_fd wakes at
     once. (Raising from the handler would unwind waitress's loop wherever it was, mid-way through a
@@ -1291,6 +1397,11 @@ def main(argv: list[str] | None = None) -> int:
     # waitress warns "Task queue depth is N" for every request that waits for a thread: hundreds of
     # lines a second under load, on a Pi's SD card, burying real warnings.
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)
+    # waitress reads and writes every socket in one thread, which gives up the GIL at each socket call
+    # and then waits for it behind the request threads, up to the switch interval (5 ms) each time.
+    # Under 200 detect POSTs that put /health's p99 at 0.4-1.1 s; 1 ms made it 0.14-0.6 s in the same
+    # runs (bench/bounds_threads.py, machine shared), at no cost in detections per second.
+    sys.setswitchinterval(0.001)
     try:
         settings = settings_mod.load(sys.argv[1:] if argv is None else argv)
     except settings_mod.SettingError as e:
@@ -1299,6 +1410,11 @@ def main(argv: list[str] | None = None) -> int:
         parts = build_parts(settings)
     except (store.StoreError, OSError) as e:
         return _startup_failure(_database_hint(settings.db, e))
+    try:
+        threads = thread_layout(settings, parts.detector.pool)
+    except settings_mod.SettingError as e:
+        parts.close(jobs_timeout=0)
+        return _startup_failure(str(e))
     if not parts.detector.ready:
         log.warning("object detection is unavailable until a model is present: %s", parts.detector.error)
     _warn_about_limits(settings, parts)
@@ -1312,11 +1428,17 @@ def main(argv: list[str] | None = None) -> int:
         parts.close(jobs_timeout=0)
         return _startup_failure(str(e))
     app.config["imgsvc.guard"].announce(settings.host)
+    lanes = _Lanes()
     try:
-        server = _create_server(app, settings)
+        server = _create_server(app, settings, lanes)
     except OSError as e:
         parts.close(jobs_timeout=0)
         return _startup_failure(_listen_hint(settings, e))
+    lanes.set_thread_count(threads)
+    log.info(
+        "%d request threads (%d kept for reads); at most %d URL download(s), %d detection(s) running and %d waiting",
+        threads, READ_THREADS, settings.download_slots, parts.detector.pool, settings.detect_queue,
+    )
     signals = _StopSignals()
     signals.install(_listeners(server)[0]._map)
     for listener in _listeners(server):
@@ -1380,13 +1502,14 @@ def _listen_hint(settings: Any, e: OSError) -> str:
     return f"cannot listen on {where}: {e.strerror or e}"
 
 
-def _create_server(app: bottle.Bottle, settings: Any) -> Any:
-    """waitress's server for `app`, its connections _ProblemChannels holding the ReadLimits of `settings`."""
+def _create_server(app: bottle.Bottle, settings: Any, dispatcher: _Lanes) -> Any:
+    """waitress's server for `app` on `dispatcher`'s threads, its connections _ProblemChannels holding the
+    ReadLimits of `settings`."""
     server = waitress.create_server(
         app,
+        _dispatcher=dispatcher,  # its threads start once the server is made (set_thread_count)
         host=settings.host,
         port=settings.port,
-        threads=settings.waitress_threads,
         max_request_body_size=body_limit(settings),
         # waitress stops accepting at connection_limit (default 100), and a client sending one header
         # byte a second never looks idle: 100 such sockets locked everyone else out (bench/soak.py).

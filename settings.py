@@ -248,7 +248,10 @@ class Settings:
         parse=_positive_float,
     )
     waitress_threads: int = _setting(
-        "WAITRESS_THREADS", 8, "Threads answering HTTP requests.", parse=_positive_int
+        "WAITRESS_THREADS", 0,
+        "Threads answering HTTP requests; reads go first, one thread is kept for them. 0: DOWNLOAD_SLOTS + "
+        "DETECT_THREADS + DETECT_QUEUE + 4; fewer than that + 2 is refused at start.",
+        parse=_non_negative_int,
     )
     connection_limit: int = _setting(
         "CONNECTION_LIMIT", 1000, "Most client connections open at once; waitress stops accepting beyond it.",
@@ -283,6 +286,20 @@ class Settings:
         "STOP_GRACE", 8,
         "Seconds SIGTERM waits for requests in flight before stopping; the upload jobs get 2 s more.",
         parse=_non_negative_float,
+    )
+    download_slots: int = _setting(
+        "DOWNLOAD_SLOTS", 2, "URL downloads of POST /images at once; beyond them (after ADMISSION_WAIT_MS) 503.",
+        parse=_positive_int,
+    )
+    detect_queue: int = _setting(
+        "DETECT_QUEUE", 4,
+        "Detections that may wait for a busy detector (DETECT_THREADS run); beyond them (after ADMISSION_WAIT_MS) 503.",
+        parse=_non_negative_int,
+    )
+    admission_wait_ms: int = _setting(
+        "ADMISSION_WAIT_MS", 500,
+        "Milliseconds a request waits for a download slot or a detection place before 503 with Retry-After.",
+        parse=_non_negative_int,
     )
 
     def public(self) -> dict[str, Any]:

@@ -65,7 +65,7 @@ def test_sigterm_lets_requests_in_flight_finish(tmp_path):
     get their 200 once the downloads finish, and it exits 0 without a traceback in its log."""
     release, arrived, results = threading.Event(), [], []
     with _held_image(release, arrived) as host:
-        proc, base, _ = start_server(tmp_path, "--model", str(tmp_path / "none.tflite"), env={"ALLOW_PRIVATE_URLS": "1"})
+        proc, base, _ = start_server(tmp_path, "--model", str(tmp_path / "none.tflite"), env={"ALLOW_PRIVATE_URLS": "1", "DOWNLOAD_SLOTS": "3"})
         clients = [threading.Thread(target=_post_url, args=(base, host.url("/held.jpg"), results)) for _ in range(3)]
         try:
             for c in clients:
