@@ -379,6 +379,31 @@ class _Model:
         return t1 - t0, time.perf_counter() - t1, raw
 
 
+MAX_THREADS_PER_INTERPRETER = 4  # XNNPACK on a small model gains little past 4 (Pi figures are at 4)
+MAX_INTERPRETERS = 8
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (taskset, cgroups), not the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def default_layout(cores: int) -> tuple[int, int]:
+    """(interpreters, threads each) for `cores`: min(cores, 4) threads each, and as many interpreters as
+    keep all of them within 2 x cores (at most 8).
+
+    Measured at 1 and 2 cores (bench/detect.py --layouts, README): at 2 cores 2 x 2 is the best for one
+    caller and for two; at 1 core 2 x 1 serves as fast as 1 x 1 and lets a second caller in. Past 2 cores
+    it is reasoned, not measured: the old N x N default made 16 x 16 = 256 threads on a 16-core laptop,
+    and oversubscribing threads past the cores only adds switching (measured here with 4 x 4 on 2 cores).
+    """
+    threads = max(1, min(cores, MAX_THREADS_PER_INTERPRETER))
+    return max(1, min(MAX_INTERPRETERS, 2 * cores // threads)), threads
+
+
 class Detector:
     """Detects objects in image bytes. Safe to call from many threads.
 
@@ -407,12 +432,10 @@ class Detector:
     ):
         self.model_path = model_path
         self.threshold = threshold
-        cores = os.cpu_count() or 1
-        self.threads = threads or cores
-        # Measured (bench/detect.py, README table): one N-thread interpreter behind a lock serialises
-        # concurrent callers; N one-thread interpreters leave a lone caller at half speed. N interpreters of
-        # N threads each are as fast as the best of both for one caller and for two.
-        self.pool = pool or self.threads
+        _, default_threads = default_layout(usable_cores())
+        self.threads = threads or default_threads
+        # Every interpreter's threads together stay within 2 x cores (default_layout's rule).
+        self.pool = pool or max(1, min(MAX_INTERPRETERS, 2 * usable_cores() // self.threads))
         self.max_pixels = max_pixels
         # The process's decode budget (server.build_parts makes one for all); a Detector of its own has one.
         self.budget = budget if budget is not None else imaging.DecodeBudget()
@@ -581,7 +604,7 @@ def main(argv: Iterable[str] | None = None) -> int:
 
     budget = imaging.DecodeBudget(defaults.decode_memory_mb * imaging.MB, defaults.decode_wait_ms / 1000)
     detector = Detector(
-        args.model, threshold=args.threshold, threads=defaults.detect_threads, pool=1,
+        args.model, threshold=args.threshold, threads=defaults.detect_threads or None, pool=1,
         max_pixels=defaults.max_pixels, budget=budget,
     )
     status = 0

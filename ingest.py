@@ -153,7 +153,7 @@ def download_gate(slots: int, wait: float, **kw: Any) -> Gate:
 def detection_gate(pool: int, queue: int, wait: float, **kw: Any) -> Gate:
     """Detections: the detector's `pool` interpreters run, at most `queue` more wait (DETECT_QUEUE)."""
     return Gate(pool + queue, wait, (
-        f"the detector is busy: {pool} detection(s) running (DETECT_THREADS) and {queue} waiting (DETECT_QUEUE); "
+        f"the detector is busy: {pool} detection(s) running (DETECT_INTERPRETERS) and {queue} waiting (DETECT_QUEUE); "
         "try again in {retry} s, or send the image with detect=false"
     ), **kw)
 

@@ -708,8 +708,8 @@ def build_parts(
     imaging.free_large_blocks_promptly()  # so that the RSS follows the budget, not past decodes' peaks
     if detector is None:
         detector = detect.Detector(
-            settings.model, threshold=settings.detect_threshold, threads=settings.detect_threads,
-            max_pixels=settings.max_pixels, budget=budget,
+            settings.model, threshold=settings.detect_threshold, threads=settings.detect_threads or None,
+            pool=settings.detect_interpreters or None, max_pixels=settings.max_pixels, budget=budget,
         )
     images = store.Store(settings.db, min_free_mb=settings.min_free_disk_mb)
     fetcher = fetch.Fetcher(
@@ -1310,7 +1310,7 @@ def thread_layout(settings: Any, pool: int) -> int:
     if settings.waitress_threads < need:
         raise settings_mod.SettingError(
             f"WAITRESS_THREADS={settings.waitress_threads} is too few: downloads (DOWNLOAD_SLOTS={settings.download_slots}), "
-            f"detections ({pool} interpreters, DETECT_THREADS) and the detection queue (DETECT_QUEUE={settings.detect_queue}) "
+            f"detections ({pool} interpreters, DETECT_INTERPRETERS) and the detection queue (DETECT_QUEUE={settings.detect_queue}) "
             f"can hold {held} threads, and {need - held} more must stay free for reads and for everything else; "
             f"set WAITRESS_THREADS to {need} or more (or 0 to size it by itself), or lower those settings"
         )

@@ -115,13 +115,6 @@ class Setting:
     secret: bool = False  # never logged or shown
 
 
-def _cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
 def _setting(env: str, default: Any, help: str, **spec: Any) -> Any:
     """A dataclass field of Settings that carries its Setting (the name is filled in from the field)."""
     meta = {"setting": dict(env=env, default=default, help=help, **spec)}
@@ -148,8 +141,13 @@ class Settings:
         "DETECT_THRESHOLD", 0.5, "Lowest confidence a detection needs to be reported (0..1].", parse=_fraction
     )
     detect_threads: int = _setting(
-        "DETECT_THREADS", _cpu_count, "CPU threads for inference; also how many detections run at once.",
-        parse=_positive_int, default_doc="number of CPU cores",
+        "DETECT_THREADS", 0, "CPU threads of each detection interpreter; 0: min(cores, 4).",
+        parse=_non_negative_int, default_doc="0 (min(cores, 4))",
+    )
+    detect_interpreters: int = _setting(
+        "DETECT_INTERPRETERS", 0,
+        "Detections that run at once, each on its own interpreter; 0: 2 x cores / DETECT_THREADS, at most 8.",
+        parse=_non_negative_int, default_doc="0 (2 x cores / DETECT_THREADS, at most 8)",
     )
     max_pixels: int = _setting(
         "MAX_PIXELS", 50_000_000,
@@ -250,7 +248,7 @@ class Settings:
     waitress_threads: int = _setting(
         "WAITRESS_THREADS", 0,
         "Threads answering HTTP requests; reads go first, one thread is kept for them. 0: DOWNLOAD_SLOTS + "
-        "DETECT_THREADS + DETECT_QUEUE + 4; fewer than that + 2 is refused at start.",
+        "DETECT_INTERPRETERS + DETECT_QUEUE + 4; fewer than that + 2 is refused at start.",
         parse=_non_negative_int,
     )
     connection_limit: int = _setting(
@@ -293,7 +291,7 @@ class Settings:
     )
     detect_queue: int = _setting(
         "DETECT_QUEUE", 4,
-        "Detections that may wait for a busy detector (DETECT_THREADS run); beyond them (after ADMISSION_WAIT_MS) 503.",
+        "Detections that may wait for a busy detector (DETECT_INTERPRETERS run); beyond them (after ADMISSION_WAIT_MS) 503.",
         parse=_non_negative_int,
     )
     admission_wait_ms: int = _setting(

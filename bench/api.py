@@ -256,7 +256,10 @@ def main() -> int:
     with open(os.path.join(testdata, "images", "cat_1080p.jpg"), "rb") as f:
         cat = f.read()
     resolved = settings_mod.load(environ=dict(os.environ))  # the server's defaults: DETECT_THREADS = cores
-    detector = detect.Detector(model, threshold=resolved.detect_threshold, threads=resolved.detect_threads)
+    detector = detect.Detector(
+        model, threshold=resolved.detect_threshold, threads=resolved.detect_threads or None,
+        pool=resolved.detect_interpreters or None,
+    )
     detector.load()
     cores = os.cpu_count() or 1
     started = time.perf_counter()

@@ -319,7 +319,7 @@ def test_which_requests_are_reads(method, path, read):
 
 
 def test_the_default_thread_count_leaves_threads_beyond_the_slow_work():
-    s = settings.load([], {"DETECT_THREADS": "2"})
+    s = settings.load([], {"DETECT_INTERPRETERS": "2"})
     assert s.waitress_threads == 0
     assert server.thread_layout(s, pool=2) == 2 + 2 + 4 + 4  # downloads, interpreters, queue; reads and the rest
 
@@ -331,9 +331,9 @@ def test_a_layout_in_which_slow_work_could_hold_every_thread_is_refused():
 
 
 def test_a_layout_that_does_not_fit_is_one_line_at_start(tmp_path, model_path):
-    result = _run_server(tmp_path, "--model", model_path, env={"WAITRESS_THREADS": "6", "DETECT_THREADS": "2"})
+    result = _run_server(tmp_path, "--model", model_path, env={"WAITRESS_THREADS": "6", "DETECT_INTERPRETERS": "2"})
     line = _one_line_failure(result)
-    assert all(name in line for name in ("WAITRESS_THREADS", "DOWNLOAD_SLOTS", "DETECT_QUEUE", "DETECT_THREADS"))
+    assert all(name in line for name in ("WAITRESS_THREADS", "DOWNLOAD_SLOTS", "DETECT_QUEUE", "DETECT_INTERPRETERS"))
 
 
 # --------------------------------------------------------------------------------------------------------

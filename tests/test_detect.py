@@ -574,3 +574,16 @@ def test_the_runtime_prints_nothing_raw_on_stderr(model_path, images_dir):
     )
     assert out.returncode == 0, out.stderr
     assert "XNNPACK" not in out.stderr and "loaded" in out.stderr
+
+
+@pytest.mark.parametrize("cores", [1, 2, 3, 4, 8, 16, 64])
+def test_the_default_layout_never_runs_away(cores):
+    pool, threads = detect.default_layout(cores)
+    assert pool * threads <= 2 * cores and 1 <= threads <= 4 and 1 <= pool <= 8
+    if cores == 2:
+        assert (pool, threads) == (2, 2)  # the layout measured best on 2 cores
+
+
+def test_the_detector_follows_the_cores_it_may_use(model_path):
+    d = detect.Detector(model_path)
+    assert (d.pool, d.threads) == detect.default_layout(detect.usable_cores())
