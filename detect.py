@@ -395,10 +395,11 @@ def default_layout(cores: int) -> tuple[int, int]:
     """(interpreters, threads each) for `cores`: min(cores, 4) threads each, and as many interpreters as
     keep all of them within 2 x cores (at most 8).
 
-    Measured at 1 and 2 cores (bench/detect.py --layouts, README): at 2 cores 2 x 2 is the best for one
-    caller and for two; at 1 core 2 x 1 serves as fast as 1 x 1 and lets a second caller in. Past 2 cores
-    it is reasoned, not measured: the old N x N default made 16 x 16 = 256 threads on a 16-core laptop,
-    and oversubscribing threads past the cores only adds switching (measured here with 4 x 4 on 2 cores).
+    Measured at 1 and 2 cores only (bench/detect.py --layouts under taskset, README): at 1 core every
+    layout served within noise of 1 x 1; at 2 cores 2 x 2 was among the best for one caller and for two,
+    and 4 x 4 (16 threads) was no clear loss. Past 2 cores it is reasoned, not measured: the old N x N
+    default made 16 x 16 = 256 threads (and 16 interpreters' memory) on a 16-core laptop; this keeps
+    threads and interpreters bounded by the cores.
     """
     threads = max(1, min(cores, MAX_THREADS_PER_INTERPRETER))
     return max(1, min(MAX_INTERPRETERS, 2 * cores // threads)), threads

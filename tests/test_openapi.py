@@ -475,3 +475,16 @@ def test_answers_without_a_model_match_the_document(make_service, tmp_path, phot
     assert health["detector"]["ready"] is False
     res = client.post_json("/images", {"image": b64(photo("pets.jpg")), "detect": True}, status="*")
     assert "make model" in check(res, "POST", "/images", 503).json["detail"]
+
+
+def test_health_while_the_model_file_is_gone_matches_the_document(make_service, tmp_path, model_path, doc):
+    import shutil
+
+    path = tmp_path / "model.tflite"
+    shutil.copy(model_path, path)
+    served = detect.Detector(str(path), threads=1, pool=1)
+    served.load()
+    path.unlink()  # the loaded model keeps serving; /health says the file is gone
+    client, check = make_service(detector=served).client, Checker(doc)
+    health = check(client.get("/health", status="*"), "GET", "/health", 200).json
+    assert health["detector"]["ready"] is True and "gone" in health["detector"]["error"]
