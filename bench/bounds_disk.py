@@ -316,7 +316,7 @@ def _sigterm(tmp: str, cwd: str) -> list[tuple[str, str, bool | None]]:
 
     results: list = []
     with Loopback({"/slow.jpg": slow}) as host:
-        srv = _server(tmp, "sigterm", cwd, ALLOW_PRIVATE_URLS=1)
+        srv = _server(tmp, "sigterm", cwd, ALLOW_PRIVATE_URLS=1, DOWNLOAD_SLOTS=3)  # 3 downloads in flight at once
         _progress("sigterm: 3 URL downloads in flight (1 s each), then SIGTERM")
 
         def post() -> None:
