@@ -203,10 +203,16 @@ def free_large_blocks_promptly(threshold: int = 8 * MB) -> bool:
     # Fixing the mmap threshold also stops glibc adjusting the trim threshold (the free space at the top of
     # a heap kept for reuse), which then stays at 128 KB: every detection gave back and faulted in again
     # 3 MB (810 page faults, 5-10% slower). Keep as much as the threshold, per heap.
-    return bool(mallopt(_M_MMAP_THRESHOLD, threshold)) and bool(mallopt(_M_TRIM_THRESHOLD, threshold))
+    # And at most MALLOC_ARENAS heaps: glibc makes up to 8 per core as threads allocate, and each keeps up
+    # to the trim threshold free at its top; with the request threads, upload workers and interpreters
+    # that was some 20 heaps holding freed memory (bench/bounds_jobs.py: RSS growth 105 MB with 12
+    # request threads, 84 MB with 8). Python allocates under the GIL, so few heaps cost little.
+    arenas = mallopt(_M_ARENA_MAX, MALLOC_ARENAS)
+    return bool(mallopt(_M_MMAP_THRESHOLD, threshold)) and bool(mallopt(_M_TRIM_THRESHOLD, threshold)) and bool(arenas)
 
 
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8  # glibc's malloc.h
+MALLOC_ARENAS = 2
 
 
 # ---------------------------------------------------------------------------------------------------------
