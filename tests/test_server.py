@@ -92,7 +92,7 @@ def test_flags_win_over_environment_over_defaults():
     assert (s.port, s.host, s.detect_threshold, s.allow_private_urls) == (9100, "0.0.0.0", 0.3, True)
     d = settings.load([], {})
     assert (d.port, d.host, d.db, d.model) == (8080, "127.0.0.1", "data/images.db", "models/efficientdet_lite0.tflite")
-    assert d.detect_threads == len(os.sched_getaffinity(0)) and d.max_image_bytes == 20971520
+    assert d.detect_threads == 0 and d.detect_interpreters == 0 and d.max_image_bytes == 20971520  # 0: sized by the cores
     assert d.upload_workers == 4 and d.imgur_api_url == "https://api.imgur.com" and d.allow_private_urls is False
 
 
