@@ -57,17 +57,9 @@ class LoggingServer(ServerProcess):
         self.completed: set[str] = set()
         super().__init__(*args, **kwargs)
 
-    def _drain(self) -> None:
-        for line in self.proc.stderr:
-            self.log_bytes += len(line.encode("utf-8", "replace"))
-            self.completed.update(JOB_LINE.findall(line))
-            self.lines.append(line)
-            if " WARNING " in line or " ERROR " in line:
-                self.warnings += 1
-            m = re.search(r"listening on (http://\S+)", line)
-            if m:
-                self._url.put(m.group(1))
-        self._url.put(None)
+    def on_line(self, line: str) -> None:
+        self.log_bytes += len(line.encode("utf-8", "replace"))
+        self.completed.update(JOB_LINE.findall(line))
 
     def status_kb(self, key: str) -> int:
         with open(f"/proc/{self.proc.pid}/status", encoding="ascii") as f:

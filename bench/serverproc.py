@@ -58,8 +58,12 @@ class ServerProcess:
             self.stop()
             raise
 
+    def on_line(self, line: str) -> None:
+        """Each line the server logs, as it comes (a subclass counts what it needs)."""
+
     def _drain(self) -> None:
         for line in self.proc.stderr:
+            self.on_line(line)
             self.lines.append(line)
             if " WARNING " in line or " ERROR " in line:
                 self.warnings += 1
