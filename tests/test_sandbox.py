@@ -12,13 +12,12 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
 
 import pytest
-from test_server import ROOT, start_server, stop_server
+from test_server import ROOT, start_listening, start_server, stop_server
 
 import imgur
 from helpers import jpeg
@@ -203,28 +202,7 @@ def test_parse_multipart():
 
 
 def start_sandbox() -> tuple[subprocess.Popen, str, list[str]]:
-    proc = subprocess.Popen([sys.executable, "imgur.py", "--sandbox", "--port", "0"], cwd=ROOT,
-                            stderr=subprocess.PIPE, text=True)
-    lines: list[str] = []
-    found: list[str] = []
-    listening = threading.Event()
-
-    def drain():
-        for line in proc.stderr:
-            lines.append(line)
-            m = re.search(r"listening on (http://\S+)", line)
-            if m and not found:
-                found.append(m.group(1))
-                listening.set()
-        listening.set()
-
-    proc.drain = threading.Thread(target=drain, daemon=True)
-    proc.drain.start()
-    if listening.wait(30) and found:
-        return proc, found[0], lines
-    proc.kill()
-    proc.wait()
-    raise AssertionError("the sandbox did not start:\n" + "".join(lines))
+    return start_listening(["imgur.py", "--sandbox", "--port", "0"], None, "the sandbox")
 
 
 def test_a_job_end_to_end_against_the_sandbox_process(tmp_path, model_path, photo):

@@ -132,16 +132,13 @@ def test_readme_documents_every_setting_route_and_command(service):
 # --------------------------------------------------------------------------------------------------------
 
 
-def start_server(tmp_path, *args, env=None):
-    """Start `python server.py` on a free port: (process, base URL, log lines).
+def start_listening(argv: list[str], env: dict | None, what: str):
+    """Start `python <argv>` (a program that logs "listening on http://..."): (process, base URL, log lines).
 
-    The log list keeps filling while the server runs: a thread drains its stderr, because a full pipe
-    would block the server's logging, and with it the server.
+    The log list keeps filling while it runs: a thread drains its stderr, because a full pipe would
+    block its logging, and with it the program.
     """
-    proc = subprocess.Popen(
-        [sys.executable, "server.py", "--port", "0", "--db", str(tmp_path / "images.db"), *args],
-        cwd=ROOT, stderr=subprocess.PIPE, text=True, env={**os.environ, "MIN_FREE_DISK_MB": "0", **(env or {})},
-    )
+    proc = subprocess.Popen([sys.executable, *argv], cwd=ROOT, stderr=subprocess.PIPE, text=True, env=env)
     lines: list[str] = []
     listening = threading.Event()
     found: list[str] = []
@@ -153,17 +150,25 @@ def start_server(tmp_path, *args, env=None):
             if m and not found:
                 found.append(m.group(1))
                 listening.set()
-        listening.set()  # the server exited
+        listening.set()  # it exited
 
     proc.log_lines = lambda: lines
-    proc.drain = threading.Thread(target=drain, name="server-stderr", daemon=True)
+    proc.drain = threading.Thread(target=drain, name=f"{what}-stderr", daemon=True)
     proc.drain.start()
     if listening.wait(30) and found:
         return proc, found[0], lines
     proc.kill()
     proc.wait()
     proc.drain.join(5)
-    raise AssertionError("server did not start:\n" + "".join(lines))
+    raise AssertionError(f"{what} did not start:\n" + "".join(lines))
+
+
+def start_server(tmp_path, *args, env=None):
+    """Start `python server.py` on a free port: (process, base URL, log lines)."""
+    return start_listening(
+        ["server.py", "--port", "0", "--db", str(tmp_path / "images.db"), *args],
+        {**os.environ, "MIN_FREE_DISK_MB": "0", **(env or {})}, "server",
+    )
 
 
 def stop_server(proc, timeout: float = 15) -> str:
