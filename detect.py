@@ -430,8 +430,12 @@ class Detector:
         max_pixels: int = imaging.MAX_PIXELS,
         budget: imaging.DecodeBudget | None = None,
         interpreter_class: Any = None,
+        observe: Callable[[str, dict[str, float]], None] | None = None,
     ):
+        """`observe(model_name, timings_ms)`: told of each detection once it is done (metrics.DetectionTimes),
+        with the model file's stem and Result.timings plus `total`."""
         self.model_path = model_path
+        self.observe = observe
         self.threshold = threshold
         _, default_threads = default_layout(usable_cores())
         self.threads = threads or default_threads
@@ -564,7 +568,11 @@ class Detector:
         detections = postprocess(*raw, model.labels, threshold)
         t3 = time.perf_counter()
         timings = {"preprocess": t1 - t0, "wait": wait, "invoke": invoke, "postprocess": t3 - t2}
-        return Result(decoded, detections, {k: v * 1000 for k, v in timings.items()}, _fingerprint(model, threshold))
+        timings_ms = {k: v * 1000 for k, v in timings.items()}
+        if self.observe is not None:
+            name = os.path.splitext(os.path.basename(self.model_path))[0]
+            self.observe(name, {**timings_ms, "total": (t3 - t0) * 1000})
+        return Result(decoded, detections, timings_ms, _fingerprint(model, threshold))
 
 
 def _fingerprint(model: _Model, threshold: float) -> str:

@@ -136,6 +136,7 @@ class DecodeBudget:
         self._used = 0
         self._waiting: list[tuple[int, int]] = []  # a heap of (bytes, arrival number)
         self._arrivals = itertools.count()
+        self.refusals = 0  # DecodeBusy raised since the start (GET /metrics)
 
     @property
     def used(self) -> int:
@@ -166,6 +167,7 @@ class DecodeBudget:
             try:
                 if not self._cond.wait_for(lambda: self._waiting[0] == me and self._used + n <= self.limit, wait_s):
                     retry_after = max(1, math.ceil(wait_s))
+                    self.refusals += 1
                     raise DecodeBusy(
                         f"the server is busy decoding other images: {what} needs about {_mb(n)} MB of its "
                         f"{_mb(self.limit)} MB for decoding (DECODE_MEMORY_MB) and no room came within "

@@ -80,6 +80,7 @@ class Gate:
         self._waiting = 0
         self._mean: float | None = None  # moving average of finished holds, seconds
         self._refused = 0  # since the last warning
+        self.refusals = 0  # since the start (GET /metrics)
         self._warned: float | None = None
 
     @property
@@ -135,6 +136,7 @@ class Gate:
     def _busy(self, ahead: int) -> Busy:
         retry = max(1, math.ceil(self._eta(ahead)))
         self._refused += 1
+        self.refusals += 1
         now = self.clock()
         if self._warned is None or now - self._warned >= 60:  # at most one line a minute under load
             log.warning("refused %d request(s) (Busy): %s", self._refused, self.refusal.format(retry=retry))

@@ -212,6 +212,10 @@ class Jobs:
         self._runners = 0
         self._closed = False
         self._seconds_per_url = 1.0  # moving average of how long a URL holds a worker (Retry-After)
+        # Since the start, for GET /metrics: URLs uploaded, failed ones by error class, BacklogFull raised.
+        self._uploaded = 0
+        self._failures: collections.Counter[str] = collections.Counter()
+        self._backlog_refusals = 0
         self._executor = (
             concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="upload") if workers else None
         )
@@ -273,6 +277,7 @@ class Jobs:
                 # When enough URLs will have drained, at the pace they have been taking.
                 excess = self._backlog + len(items) - self.max_backlog
                 retry = max(1, min(600, math.ceil(excess * self._seconds_per_url / max(1, self.workers))))
+                self._backlog_refusals += 1
                 raise BacklogFull(
                     f"{self._backlog:,} URLs are waiting already (the limit is {self.max_backlog:,}); try again later",
                     retry,
@@ -322,6 +327,21 @@ class Jobs:
     def stats(self) -> dict[str, int]:
         with self._lock:
             return {"jobs": len(self._jobs), "backlog": self._backlog, "running": self._running}
+
+    def tally(self) -> dict[str, Any]:
+        """For GET /metrics: {"jobs": {state: jobs in memory}, "uploaded": URLs uploaded, "failures":
+        {error class: URLs failed}, "backlog_refusals": BacklogFull raised}, the counts since the start."""
+        with self._lock:
+            states = dict.fromkeys((PENDING, IN_PROGRESS, COMPLETE), 0)
+            for job in self._jobs.values():  # O(1) each: a job is pending while all its items wait
+                if job.finished is not None:
+                    states[COMPLETE] += 1
+                else:
+                    states[PENDING if job.waiting is not None and len(job.waiting) == len(job.items) else IN_PROGRESS] += 1
+            return {
+                "jobs": states, "uploaded": self._uploaded, "failures": dict(self._failures),
+                "backlog_refusals": self._backlog_refusals,
+            }
 
     def kept(self) -> tuple[int, int]:
         """(finished jobs remembered, the bytes they hold): what JOBS_KEPT and JOBS_KEPT_MB bound."""
@@ -388,11 +408,13 @@ class Jobs:
             if error is None:
                 item.status, item.link, item.deletehash = COMPLETE, link, deletehash
                 self._links.append(link)
+                self._uploaded += 1
             else:
                 reason = stored_reason(error, item.url)
                 item.status, item.error = FAILED, job.reasons.setdefault(reason, reason)
                 key = (kind, _host(item.url))
                 job.failures[key] += 1
+                self._failures[kind or "Error"] += 1  # a class name, never the reason: reasons hold URLs
                 first_of_kind = job.failures[key] == 1 and len(job.failures) <= LOGGED_KINDS
             self._running -= 1
             self._backlog -= 1
