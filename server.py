@@ -47,6 +47,7 @@ import imgur
 import ingest
 import jobs as jobs_mod
 import lan
+import metrics as metrics_mod
 import settings as settings_mod
 import store
 
@@ -680,6 +681,7 @@ class Parts:
     ingest: ingest.Ingest
     jobs: jobs_mod.Jobs
     uploader: imgur.ImgurClient | None = None
+    metrics: metrics_mod.Metrics | None = None  # GET /metrics; build_parts makes it once the rest exists
     closers: list[Callable[[], Any]] = field(default_factory=list, repr=False)
 
     def close(self, jobs_timeout: float = 10.0) -> None:
@@ -706,11 +708,16 @@ def build_parts(
     """
     budget = imaging.DecodeBudget(settings.decode_memory_mb * imaging.MB, settings.decode_wait_ms / 1000)
     imaging.free_large_blocks_promptly()  # so that the RSS follows the budget, not past decodes' peaks
+    # Every Detector of the app reports its detection times here (give the same to one made later).
+    times = metrics_mod.DetectionTimes()
     if detector is None:
         detector = detect.Detector(
             settings.model, threshold=settings.detect_threshold, threads=settings.detect_threads or None,
             pool=settings.detect_interpreters or None, max_pixels=settings.max_pixels, budget=budget,
+            observe=times,
         )
+    elif isinstance(detector.observe, metrics_mod.DetectionTimes):
+        times = detector.observe  # a caller's detector (tests) shows its own times
     images = store.Store(settings.db, min_free_mb=settings.min_free_disk_mb)
     fetcher = fetch.Fetcher(
         max_bytes=settings.max_image_bytes, allow_private=settings.allow_private_urls,
@@ -739,7 +746,9 @@ def build_parts(
         downloads=ingest.download_gate(settings.download_slots, wait),
         detections=ingest.detection_gate(detector.pool, settings.detect_queue, wait),
     )
-    return Parts(settings, images, detector, fetcher, pipeline, jobs, uploader or None)
+    parts = Parts(settings, images, detector, fetcher, pipeline, jobs, uploader or None)
+    parts.metrics = metrics_mod.Metrics(parts, times)
+    return parts
 
 
 def make_app(settings: Any, parts: Parts) -> bottle.Bottle:
@@ -747,6 +756,7 @@ def make_app(settings: Any, parts: Parts) -> bottle.Bottle:
     nothing changes Bottle's process-wide state: each app keeps its own limits."""
     app = bottle.Bottle()
     app.config["imgsvc.settings"] = settings
+    app.config["imgsvc.metrics"] = parts.metrics  # _create_server adds waitress's body budget to it
     app.default_error_handler = _bottle_error
     app.install(_json_errors)
     max_bytes = settings.max_image_bytes
@@ -776,6 +786,21 @@ def make_app(settings: Any, parts: Parts) -> bottle.Bottle:
     @app.hook("after_request")
     def _close():
         images.close()
+
+    @app.hook("after_request")
+    def _count_request():
+        env = bottle.request.environ
+        route = env.get("bottle.route")
+        if route is None:  # refused before routing (the guard), or no route: the rule it would have had
+            try:
+                route = app.router.match(env)[0]
+            except bottle.HTTPError:
+                pass
+        parts.metrics.count_request(bottle.request.method, route and route.rule, bottle.response.status_code)
+
+    @app.get("/metrics")
+    def metrics():
+        return bottle.HTTPResponse(parts.metrics.text(), headers={"Content-Type": metrics_mod.CONTENT_TYPE})
 
     @app.get("/health")
     def health():
@@ -940,11 +965,13 @@ class BodyBudget:
     def __init__(self, limit: int):
         self.limit = limit
         self.used = 0
+        self.refusals = 0  # takes refused since the start (GET /metrics)
         self._lock = threading.Lock()  # taken on waitress's loop, given back on its worker threads
 
     def take(self, n: int) -> bool:
         with self._lock:
             if self.used + n > self.limit:
+                self.refusals += 1
                 return False
             self.used += n
             return True
@@ -1218,7 +1245,7 @@ def _listeners(server: Any) -> list[waitress.server.BaseWSGIServer]:
 
 # GET and HEAD of these paths are reads: a few milliseconds of SQLite or a file, never a download or
 # a detection. _Lanes serves them first.
-_READ_PATH = re.compile(r"/(health|objects|images(/.*)?|v1/images(/.*)?|static/.*|openapi\.json)?")
+_READ_PATH = re.compile(r"/(health|metrics|objects|images(/.*)?|v1/images(/.*)?|static/.*|openapi\.json)?")
 READ_THREADS = 1  # waitress threads that only reads may use (_Lanes)
 
 
@@ -1520,7 +1547,10 @@ def _create_server(app: bottle.Bottle, settings: Any, dispatcher: _Lanes) -> Any
         ident="imgsvc",
         **lan.proxy_options(settings.trusted_proxy),
     )
-    channel = functools.partial(_ProblemChannel, limits=ReadLimits.from_settings(settings))  # one budget for all
+    limits = ReadLimits.from_settings(settings)
+    if app.config.get("imgsvc.metrics") is not None:
+        app.config["imgsvc.metrics"].watch_body_budget(limits.budget)
+    channel = functools.partial(_ProblemChannel, limits=limits)  # one budget for all
     for listener in _listeners(server):
         listener.channel_class = channel
     return server

@@ -345,6 +345,7 @@ def test_real_answers_match_the_document(service, make_service, photo, doc):
     objects = check(client.get("/objects", status="*"), "GET", "/objects", 200).json
     assert {"name": "dog", "images": 2} in objects
     check(client.get("/openapi.json", status="*"), "GET", "/openapi.json", 200)
+    check(client.get("/metrics", status="*"), "GET", "/metrics", 200)  # tests/test_metrics.py reads it
     # Sessions, with the API open (tests/test_lan.py checks them with a key, and every refusal).
     check(client.post_json("/session", {"key": "anything"}, status="*"), "POST", "/session", 409)
     check(client.delete("/session", status="*"), "DELETE", "/session", 204)
