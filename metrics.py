@@ -48,6 +48,8 @@ NAMES = (  # every metric of ours, as it appears in the text (README lists the s
     "imgsvc_upload_jobs",
     "imgsvc_imgur_uploads_total",
     "imgsvc_imgur_failures_total",
+    "imgsvc_connections",
+    "imgsvc_requests_queued",
 )
 
 
@@ -104,7 +106,7 @@ class ServiceCollector:
 
     def __init__(self, parts: Any):
         self.parts = parts
-        self.body_budgets: list[Any] = []  # waitress's BodyBudget, once main() has made its server
+        self.servers: list[tuple[Any, Any, list[Any]]] = []  # (BodyBudget, _Lanes, listeners) of the server
 
     def describe(self) -> Iterator[Metric]:
         # The names only: the registry refuses a second collector with the same ones.
@@ -116,12 +118,31 @@ class ServiceCollector:
         yield GaugeMetricFamily("imgsvc_upload_jobs", "", labels=["state"])
         yield CounterMetricFamily("imgsvc_imgur_uploads", "")
         yield CounterMetricFamily("imgsvc_imgur_failures", "", labels=["error"])
+        yield GaugeMetricFamily("imgsvc_connections", "")
+        yield GaugeMetricFamily("imgsvc_requests_queued", "", labels=["lane"])
 
     def collect(self) -> Iterator[Metric]:
         tally = self.parts.jobs.tally()
         yield from self._detections(tally["backlog_refusals"])
         yield from self._store()
         yield from self._jobs(tally)
+        if self.servers:  # only once main() serves the app with waitress
+            yield from self._server()
+
+    def _server(self) -> Iterator[Metric]:
+        # len() of waitress's dict and deques, read from a request thread: atomic, no lock needed.
+        connections = sum(len(listener.active_channels) for _, _, listeners in self.servers for listener in listeners)
+        yield GaugeMetricFamily(
+            "imgsvc_connections", "Open client connections (waitress stops accepting at CONNECTION_LIMIT).",
+            value=connections,
+        )
+        queued = GaugeMetricFamily(
+            "imgsvc_requests_queued", "Requests read and waiting for a request thread, by lane (reads go first).",
+            labels=["lane"],
+        )
+        queued.add_metric(["read"], sum(len(lanes.reads) for _, lanes, _ in self.servers))
+        queued.add_metric(["other"], sum(len(lanes.queue) for _, lanes, _ in self.servers))
+        yield queued
 
     def _detections(self, backlog_refusals: int) -> Iterator[Metric]:
         pipeline = self.parts.ingest
@@ -147,7 +168,7 @@ class ServiceCollector:
             "download_slots": pipeline.downloads.refusals if pipeline.downloads is not None else 0,
             "decode_memory_mb": pipeline.budget.refusals,
             "upload_backlog": backlog_refusals,
-            "body_buffer_mb": sum(b.refusals for b in self.body_budgets),
+            "body_buffer_mb": sum(budget.refusals for budget, _, _ in self.servers),
         }
         for limit in REFUSALS:
             refusals.add_metric([limit], counts[limit])
@@ -213,9 +234,10 @@ class Metrics:
         method = method if method in METHODS else "other"
         self.requests.labels(method, route or UNMATCHED, str(status)).inc()
 
-    def watch_body_budget(self, budget: Any) -> None:
-        """Count the refusals of a BodyBudget (waitress's, made after the app: server.main)."""
-        self.service.body_budgets.append(budget)
+    def watch_server(self, budget: Any, lanes: Any, listeners: list[Any]) -> None:
+        """Read the waitress server that serves the app too (made after it, by server._create_server):
+        its BodyBudget's refusals, its _Lanes' queues and its listeners' open connections."""
+        self.service.servers.append((budget, lanes, listeners))
 
     def text(self) -> bytes:
         """The exposition, Prometheus text format 0.0.4."""

@@ -756,7 +756,7 @@ def make_app(settings: Any, parts: Parts) -> bottle.Bottle:
     nothing changes Bottle's process-wide state: each app keeps its own limits."""
     app = bottle.Bottle()
     app.config["imgsvc.settings"] = settings
-    app.config["imgsvc.metrics"] = parts.metrics  # _create_server adds waitress's body budget to it
+    app.config["imgsvc.metrics"] = parts.metrics  # _create_server adds waitress's server to it
     app.default_error_handler = _bottle_error
     app.install(_json_errors)
     max_bytes = settings.max_image_bytes
@@ -1548,11 +1548,11 @@ def _create_server(app: bottle.Bottle, settings: Any, dispatcher: _Lanes) -> Any
         **lan.proxy_options(settings.trusted_proxy),
     )
     limits = ReadLimits.from_settings(settings)
-    if app.config.get("imgsvc.metrics") is not None:
-        app.config["imgsvc.metrics"].watch_body_budget(limits.budget)
     channel = functools.partial(_ProblemChannel, limits=limits)  # one budget for all
     for listener in _listeners(server):
         listener.channel_class = channel
+    if app.config.get("imgsvc.metrics") is not None:
+        app.config["imgsvc.metrics"].watch_server(limits.budget, dispatcher, _listeners(server))
     return server
 
 

@@ -316,7 +316,8 @@ def test_the_names_readme_lists_are_the_ones_served(service):
     assert listed == set(metrics.NAMES)
     served = {family.name for family in text_string_to_metric_families(service.client.get("/metrics").text)}
     served |= {n + "_total" for n in served}  # the parser names a counter's family without _total
-    assert set(metrics.NAMES) - {"imgsvc_http_requests_total"} <= served  # requests: once one was answered
+    waitress_only = {"imgsvc_connections", "imgsvc_requests_queued"}  # tests/test_metrics.py's real-server test
+    assert set(metrics.NAMES) - {"imgsvc_http_requests_total"} - waitress_only <= served  # requests: once answered
     assert "each process is its own scrape target" in section.lower()
 
 
@@ -340,6 +341,9 @@ def test_the_real_server_counts_bodies_refused_by_body_buffer_mb(tmp_path):
         try:
             first.sendall(b" " * (MB // 2))
             before = _scrape_url(base)  # a read: served while 1.5 MB of the budget are taken
+            assert value(before, "imgsvc_connections") >= 2  # that upload's and the scrape's own
+            assert {dict(labels)["lane"] for labels in series(before, "imgsvc_requests_queued")} == {"read", "other"}
+            assert value(before, "imgsvc_requests_queued", lane="read") == 0
             second = _connect(proc)
             try:
                 second.sendall(_post_head(proc, MB))
