@@ -14,9 +14,9 @@ import settings
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Our own top-level modules, and the ones each may import. README's "How the code is laid out" says the same.
-OWN = ("server", "ingest", "imaging", "detect", "store", "fetch", "jobs", "imgur", "settings", "lan", "metrics")
+OWN = ("server", "ingest", "imaging", "detect", "store", "fetch", "jobs", "imgur", "settings", "lan", "metrics", "vision")
 ALLOWED = {
-    "server": {"ingest", "store", "detect", "imaging", "fetch", "jobs", "imgur", "settings", "lan", "metrics"},
+    "server": {"ingest", "store", "detect", "imaging", "fetch", "jobs", "imgur", "settings", "lan", "metrics", "vision"},
     "ingest": {"fetch", "imaging", "detect", "store"},
     "detect": {"imaging"},
     "jobs": {"fetch", "imgur"},
@@ -27,6 +27,7 @@ ALLOWED = {
     "settings": set(),
     "lan": set(),
     "metrics": set(),
+    "vision": {"detect"},
 }
 WITH_COMMAND_LINE = {"detect", "ingest", "store", "imgur", "server", "settings"}  # may import settings
 THIRD_PARTY_HTTP = ("bottle", "waitress")
@@ -86,6 +87,7 @@ EXEMPT = {
     "lan.KeyUnusable": "start-up only: main() prints it and exits",
     "settings.SettingError": "start-up only: main() prints it and exits",
     "store.StoreError": "base class, never raised itself",
+    "vision.VisionError": "base class, never raised itself",
 }
 
 
