@@ -562,3 +562,15 @@ def test_a_body_past_its_deadline_is_a_deepstack_408(real):
     status, headers, data = _raw(real, _head("/v1/vision/detection", 5000), b"--" + BOUNDARY.encode())
     body = _assert_raw_error(status, headers, data, 408)
     assert "BODY_TIMEOUT" in body["error"]
+
+
+def test_a_pruned_frame_takes_its_thumbnails_with_its_bytes(make_service, photo):
+    service = make_service(vision_store=True, vision_store_max=1)
+    post(service, "/v1/vision/detection", photo("pets.jpg"))
+    (first,) = service.client.get("/images").json
+    assert service.client.get(first["thumbnail_url"]).status_int == 200
+    with service.store.connection():
+        assert service.store.thumbnail_count()[0] == 1
+    post(service, "/v1/vision/detection", photo("cat.bmp"))  # pets.jpg's frame goes, and nothing else holds it
+    with service.store.connection():
+        assert service.store.thumbnail_count()[0] == 0 and service.store.count()[1] == 1
