@@ -1,0 +1,36 @@
+// Pictures come as the service's thumbnails (GET /images/{id}/thumbnail?size=160|320|640|1280), the
+// original only behind "Open the file". A thumbnail the service could not make just then (503: its decode
+// budget was busy) is fetched again after the answer's Retry-After.
+import { fetchPicture, isAbort } from "./api.js";
+
+const sized = (url, size) => `${url}${url.includes("?") ? "&" : "?"}size=${size}`;
+
+/** Point `img` at the image's thumbnail: `size` at 1x, `size2x` on dense screens (rows older than
+ * thumbnails, or a service without them, fall back to the original file). */
+export function setPicture(img, image, size, size2x) {
+  if (image.thumbnail_url) {
+    img.srcset = `${sized(image.thumbnail_url, size)} 1x, ${sized(image.thumbnail_url, size2x)} 2x`;
+    img.src = sized(image.thumbnail_url, size);
+  } else {
+    img.src = image.file_url;
+  }
+}
+
+/**
+ * When `img` fails, ask for the same URL with fetch(), which can read the status and Retry-After that an
+ * <img> hides: wait out 503s, then show the bytes from an object URL. Other failures go to `onFailed`.
+ */
+export function retryOnError(img, { signal, onFailed = () => {} } = {}) {
+  img.addEventListener("error", async () => {
+    if (img.src.startsWith("blob:")) return onFailed(new Error("the picture cannot be shown"));
+    const url = img.currentSrc || img.src;
+    try {
+      const objectUrl = await fetchPicture(url, { signal });
+      img.addEventListener("load", () => URL.revokeObjectURL(objectUrl), { once: true });
+      img.removeAttribute("srcset");
+      img.src = objectUrl;
+    } catch (err) {
+      if (!isAbort(err)) onFailed(err);
+    }
+  }, { signal });
+}
