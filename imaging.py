@@ -20,7 +20,7 @@ import math
 import re
 import threading
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 from PIL import Image, JpegImagePlugin, PngImagePlugin, UnidentifiedImageError
@@ -563,3 +563,160 @@ def _to_model_input(img: Image.Image, target: tuple[int, int]) -> Image.Image:
                 reduced.paste(tile.reduce(factors), (x // fx, y // fy))
     box = (0.0, 0.0, width / factors[0], height / factors[1])
     return reduced.resize(target, Image.Resampling.BILINEAR, box=box)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Thumbnails and annotated renders
+# ---------------------------------------------------------------------------------------------------------
+
+THUMBNAIL_SIZES = (160, 320, 640, 1280)  # the longest side, in pixels
+THUMBNAIL_FORMATS = {"jpeg": ("JPEG", "image/jpeg"), "webp": ("WEBP", "image/webp")}
+ANNOTATED_SIZE = 1280  # the longest side of an annotated render when no size is asked for
+_JPEG_QUALITY = 82
+_WEBP_QUALITY = 80
+
+
+@dataclass(frozen=True)
+class Rendition:
+    """Encoded pixels made from stored bytes: a thumbnail or an annotated render."""
+
+    data: bytes
+    width: int
+    height: int
+    content_type: str
+
+
+def fitted(width: int, height: int, longest: int) -> tuple[int, int]:
+    """(width, height) scaled so the longest side is `longest`, never larger than the picture itself."""
+    scale = min(1.0, longest / max(width, height))
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def _upright(data: bytes, longest: int, max_pixels: int, budget: DecodeBudget | None) -> Image.Image:
+    """The picture upright (EXIF orientation applied), its longest side at most `longest`, in RGB (RGBA
+    when it has transparency), decoded inside the budget. A JPEG is decoded at the smallest draft scale
+    (1/2, 1/4, 1/8) that is still at least the target: a 4000x3000 photo becomes 500x375 in the decoder."""
+    plan = _early_plan(data)
+    if plan is not None:
+        _check_size(*plan.stored, max_pixels)
+        img = None
+    else:
+        img = open_image(data, max_pixels)
+        stored = img.size
+        if isinstance(img, JpegImagePlugin.JpegImageFile):
+            img.draft("RGB", fitted(*stored, longest))  # the scale does not depend on the orientation
+        plan = _opened_plan(img, data, stored)
+    width, height = plan.decoded
+    target = fitted(width, height, longest)
+    # Beside the decode: a converted copy (not for RGB), the resized image, its transposed copy, the encoder.
+    extra = (0 if plan.mode == "RGB" else width * height * 4) + target[0] * target[1] * 4 * 3
+    with _reserved_bytes(budget, plan.cost(None) + extra, plan):
+        if img is None:
+            img = open_image(data, max_pixels)
+        try:
+            try:
+                img.seek(0)
+                img.load()
+                orientation = orientation_of(img)
+                alpha = img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
+                want = "RGBA" if alpha else "RGB"
+                pic = img if img.mode == want else img.convert(want)
+                size = fitted(*pic.size, longest)
+                if size != pic.size:
+                    pic = pic.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+                elif pic is img:
+                    pic = img.copy()
+            except (OSError, SyntaxError, ValueError, EOFError) as e:
+                raise NotAnImage(f"the image data is truncated or corrupt ({e}); send the complete file") from e
+        finally:
+            img.close()
+        if orientation != 1:
+            pic = pic.transpose(_ORIENTATION[orientation])
+        return pic
+
+
+@contextlib.contextmanager
+def _reserved_bytes(budget: DecodeBudget | None, n: int, plan: _Plan) -> Iterator[None]:
+    if budget is None:
+        yield
+        return
+    with budget.reserve(n, what=f"this {plan.stored[0]}x{plan.stored[1]} {plan.format} image"):
+        yield
+
+
+def _encode(pic: Image.Image, fmt: str) -> Rendition:
+    name, content_type = THUMBNAIL_FORMATS[fmt]
+    out = io.BytesIO()
+    if name == "JPEG":
+        if pic.mode != "RGB":
+            pic = _on_white(pic)
+        pic.save(out, "JPEG", quality=_JPEG_QUALITY, optimize=True, progressive=pic.width * pic.height > 200_000)
+    else:
+        pic.save(out, "WEBP", quality=_WEBP_QUALITY, method=4)
+    return Rendition(out.getvalue(), pic.width, pic.height, content_type)
+
+
+def thumbnail(
+    data: bytes, longest: int, fmt: str = "jpeg", max_pixels: int = MAX_PIXELS, budget: DecodeBudget | None = None
+) -> Rendition:
+    """`data` upright and scaled so its longest side is `longest` (never enlarged), as `fmt` ("jpeg" or
+    "webp"). Decodes inside `budget` (DecodeBusy, TooLargeToDecode) like every decode."""
+    return _encode(_upright(data, longest, max_pixels, budget), fmt)
+
+
+# Box colours by label (a hash of the label picks one): distinct on photos, each readable with black or white text.
+_PALETTE = (
+    ((255, 56, 56), (255, 255, 255)), ((255, 157, 151), (0, 0, 0)), ((255, 178, 29), (0, 0, 0)),
+    ((207, 210, 49), (0, 0, 0)), ((72, 249, 10), (0, 0, 0)), ((26, 147, 52), (255, 255, 255)),
+    ((0, 212, 187), (0, 0, 0)), ((44, 153, 168), (255, 255, 255)), ((0, 194, 255), (0, 0, 0)),
+    ((52, 69, 147), (255, 255, 255)), ((100, 115, 255), (255, 255, 255)), ((203, 56, 255), (255, 255, 255)),
+    ((255, 149, 200), (0, 0, 0)), ((255, 55, 199), (255, 255, 255)),
+)
+
+
+def _colours(label: str) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    return _PALETTE[int.from_bytes(label.encode("utf-8")[:8].ljust(8, b"\0"), "big") % len(_PALETTE)]
+
+
+def annotate(
+    data: bytes, detections: Iterable, longest: int = ANNOTATED_SIZE, max_pixels: int = MAX_PIXELS,
+    budget: DecodeBudget | None = None,
+) -> Rendition:
+    """`data` upright, its longest side at most `longest`, with each detection drawn: its box and a tag
+    "label 82%" (the confidence, rounded down). Detections are anything with `label`, `confidence` and
+    a box `x_min`..`y_max` normalised 0..1 to the upright picture (store.Found). Lines and text scale with
+    the picture, so a tag reads the same at 160 px as at 1280; a tag stays inside the picture's edges.
+    A JPEG."""
+    from PIL import ImageDraw, ImageFont
+
+    pic = _upright(data, longest, max_pixels, budget)
+    if pic.mode != "RGB":
+        pic = _on_white(pic)
+    width, height = pic.size
+    side = max(width, height)
+    line = max(1, round(side / 320))
+    font = ImageFont.load_default(size=max(10, round(side / 45)))
+    draw = ImageDraw.Draw(pic)
+    pad = max(1, line)
+    for d in sorted(detections, key=lambda d: d.confidence):  # the most confident drawn last, on top
+        x0, y0 = round(d.x_min * width), round(d.y_min * height)
+        x1, y1 = max(x0, round(d.x_max * width) - 1), max(y0, round(d.y_max * height) - 1)
+        fill, ink = _colours(d.label)
+        draw.rectangle((x0, y0, x1, y1), outline=fill, width=line)
+        text = f"{d.label} {math.floor(d.confidence * 100)}%"
+        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+        tag_w, tag_h = min(width, right - left + 2 * pad), min(height, bottom - top + 2 * pad)
+        tx = min(max(0, x0), width - tag_w)
+        ty = y0 - tag_h if y0 - tag_h >= 0 else min(max(0, y0), height - tag_h)  # above the box, else inside
+        draw.rectangle((tx, ty, tx + tag_w - 1, ty + tag_h - 1), fill=fill)
+        draw.text((tx + pad - left, ty + pad - top), text, fill=ink, font=font)
+    out = io.BytesIO()
+    pic.save(out, "JPEG", quality=85, optimize=True)
+    return Rendition(out.getvalue(), width, height, "image/jpeg")
+
+
+def _on_white(pic: Image.Image) -> Image.Image:
+    """An RGBA picture on white, as a browser shows it on a white page (JPEG has no transparency)."""
+    back = Image.new("RGB", pic.size, (255, 255, 255))
+    back.paste(pic, mask=pic.getchannel("A"))
+    return back

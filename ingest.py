@@ -33,6 +33,7 @@ import store
 log = logging.getLogger(__name__)
 
 LABEL_MAX = 200
+FILENAME_MAX = 255  # characters of a stored file name (most file systems' limit for one name)
 
 
 class IngestError(Exception):
@@ -249,6 +250,21 @@ def name_hint(name: str | None) -> str | None:
     return name[:LABEL_MAX] or None
 
 
+def file_name(name: str | None, from_url: bool = False) -> str | None:
+    """The file name to show for an image: the last path segment of a file name as a client sent it
+    ("C:\\Photos\\dog.jpg" -> "dog.jpg"), or of a URL's path, percent-decoded; control and bidi
+    characters dropped, whitespace runs as one space, at most FILENAME_MAX characters. None when nothing
+    is left (no name, a URL ending in "/", "." or "..")."""
+    if not name:
+        return None
+    if from_url:
+        name = urllib.parse.unquote(urllib.parse.urlsplit(name).path.rpartition("/")[2], errors="replace")
+    name = _clean(name.replace("\\", "/").rpartition("/")[2])
+    if name in ("", ".", ".."):
+        return None
+    return name[:FILENAME_MAX]
+
+
 def make_label(user: str | None, found: Sequence[store.Found], hint: str | None, sha256: str) -> tuple[str, bool]:
     """(label, generated): the user's, else what was found, else the name, else "untitled <sha8>"."""
     if user is not None and user.strip():
@@ -332,6 +348,7 @@ class Ingest:
                     data=data, sha256=sha256, content_type=decoded.content_type, width=decoded.width,
                     height=decoded.height, label=text, label_generated=generated, detection_enabled=sub.detect,
                     detections=found, detected_with=detected_with, source_url=source_url,
+                    filename=file_name(sub.name, from_url=sub.url is not None),
                 )
             )
         log.info("stored image %d (%s, %d bytes, %d objects)", rec.id, rec.content_type, rec.size, len(found))

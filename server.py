@@ -16,6 +16,7 @@ import collections
 import datetime
 import errno
 import functools
+import hashlib
 import io
 import json
 import logging
@@ -91,19 +92,25 @@ SESSION_BODY_LIMIT = 4096  # {"key": "..."}
 class ClientError(Exception):
     """A mistake in the request that the HTTP layer itself finds (bad JSON, bad query...)."""
 
-    def __init__(self, status: int, detail: str, headers: dict[str, str] | None = None):
+    def __init__(
+        self, status: int, detail: str, headers: dict[str, str] | None = None, members: dict[str, Any] | None = None
+    ):
         super().__init__(detail)
         self.status = status
         self.headers = headers or {}
+        self.members = members or {}  # extension members of the problem (RFC 9457), e.g. a batch's `errors`
 
 
-def problem_body(status: int, detail: str) -> str:
+def problem_body(status: int, detail: str, members: dict[str, Any] | None = None) -> str:
     """The one error shape (RFC 9457); `detail` tells the user what was wrong and what to do."""
-    return json.dumps({"type": "about:blank", "title": HTTPStatus(status).phrase, "status": status, "detail": detail})
+    body = {"type": "about:blank", "title": HTTPStatus(status).phrase, "status": status, "detail": detail}
+    return json.dumps({**body, **(members or {})})
 
 
-def problem(status: int, detail: str, headers: dict[str, str] | None = None) -> bottle.HTTPResponse:
-    res = bottle.HTTPResponse(problem_body(status, detail), status=status, headers=headers)
+def problem(
+    status: int, detail: str, headers: dict[str, str] | None = None, members: dict[str, Any] | None = None
+) -> bottle.HTTPResponse:
+    res = bottle.HTTPResponse(problem_body(status, detail, members), status=status, headers=headers)
     res.content_type = PROBLEM_JSON
     return res
 
@@ -133,7 +140,7 @@ def _json_errors(callback):
         except bottle.HTTPResponse:
             raise
         except ClientError as e:
-            return problem(e.status, str(e), e.headers)
+            return problem(e.status, str(e), e.headers, e.members)
         except Exception as e:
             status = status_for(e)
             if status is None:
@@ -470,7 +477,7 @@ def _read_new_image(data: bytes, max_bytes: int) -> ingest.Submission:
     if _is_json(kind):
         example = '{"image": "<base64>"} or {"url": "https://..."}'
         body = _json_object(
-            data, ("image", "url", "label", "detect"), example, JSON_MAX_TOKENS,
+            data, ("image", "url", "label", "detect", "filename"), example, JSON_MAX_TOKENS,
             f'a new image is one small object: {example}, with "label" and "detect"',
         )
         image, url = body.get("image"), body.get("url")
@@ -482,10 +489,15 @@ def _read_new_image(data: bytes, max_bytes: int) -> ingest.Submission:
         if not isinstance(want, bool):
             raise ClientError(400, "`detect` must be true or false")
         label = ingest.check_label(body.get("label"))
+        filename = body.get("filename")
+        if filename is not None and not isinstance(filename, str):
+            raise ClientError(400, "`filename` must be a string: the image's file name, shown beside its label")
         if "url" in body:
+            if filename is not None:
+                raise ClientError(400, "`filename` goes with `image`; an image from a URL is named by the URL's last path segment")
             url = _check_url(url)
             return ingest.Submission(None, url, label, want, url)
-        return ingest.Submission(_decode_base64(image, max_bytes), None, label, want, None)
+        return ingest.Submission(_decode_base64(image, max_bytes), None, label, want, filename)
     if kind == "multipart/form-data":
         fields, upload = _multipart_form(data)
     elif kind == FORM_URLENCODED:  # what a browser sends for a form with only `url`
@@ -523,6 +535,38 @@ def _int_param(name: str, low: int, high: int | None = None, default: int | None
     if value < low or (high is not None and value > high):
         raise ClientError(400, f"`{name}` must be from {low} to {high}" if high else f"`{name}` must be >= {low}")
     return value
+
+
+def _size_param(default: int) -> int:
+    """`size`: exactly one of imaging.THUMBNAIL_SIZES (the longest side in pixels), `default` when absent."""
+    raw = bottle.request.query.get("size")
+    if raw is None:
+        return default
+    if raw not in {str(n) for n in imaging.THUMBNAIL_SIZES}:
+        sizes = ", ".join(str(n) for n in imaging.THUMBNAIL_SIZES[:-1]) + f" or {imaging.THUMBNAIL_SIZES[-1]}"
+        raise ClientError(400, f"`size` must be one of {sizes} (the longest side in pixels); leave it out for the default")
+    return int(raw)
+
+
+def accepts_webp(accept: str | None) -> bool:
+    """Whether an Accept header names image/webp with a quality above 0 (browsers that show WebP say so)."""
+    for item in (accept or "").split(","):
+        media, *params = item.split(";")
+        if media.strip().lower() != "image/webp":
+            continue
+        q = 1.0
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        return q > 0
+    return False
+
+
+ANNOTATE_VERSION = 1  # in the annotated render's ETag: a new drawing style must not match old copies
 
 
 def _objects_param() -> list[str] | None:
@@ -610,6 +654,8 @@ def image_json(rec: store.ImageRecord, data: bytes | None = None) -> dict[str, A
         "source_url": rec.source_url,
         "created_at": iso_ms(rec.created_ms),
         "file_url": f"/images/{rec.id}/file",
+        "thumbnail_url": f"/images/{rec.id}/thumbnail",
+        "filename": rec.filename,
     }
     if data is not None:
         out["data"] = base64.b64encode(data).decode("ascii")
@@ -636,18 +682,47 @@ def job_json(job: jobs_mod.JobView) -> dict[str, Any]:
     }
 
 
+BATCH_ERRORS_SHOWN = 20  # bad entries a batch's 400 lists in `errors`
+BATCH_URL_SHOWN = 200  # characters of a bad URL repeated in `errors` and `detail`
+_KINDS = {int: "a number", float: "a number", bool: "true or false", dict: "an object", list: "a list"}
+
+
+def batch_reason(p: jobs_mod.BatchProblem) -> str:
+    """Why one entry of a batch cannot be used, as the rest of a sentence that starts "line 3 (...)"."""
+    if not isinstance(p.value, str):
+        return "is empty (null), not a URL" if p.value is None else f"is {_KINDS.get(type(p.value), 'not text')}, not a URL"
+    if not p.value.strip():
+        return "is empty"
+    if p.reason.startswith("Only http:// and https://"):
+        return "is not an http or https URL"
+    return "cannot be fetched: " + p.reason[:1].lower() + p.reason[1:].rstrip(".")
+
+
+def _shown(url: str) -> str:
+    return url if len(url) <= BATCH_URL_SHOWN else url[: BATCH_URL_SHOWN - 3] + "..."
+
+
+def batch_errors(e: jobs_mod.InvalidBatch) -> list[dict[str, Any]]:
+    """The `errors` member of a batch's 400: every bad entry (up to BATCH_ERRORS_SHOWN), by index from 0."""
+    return [
+        {"index": p.index, "url": _shown(p.value) if isinstance(p.value, str) else None, "reason": batch_reason(p)}
+        for p in e.problems[:BATCH_ERRORS_SHOWN]
+    ]
+
+
 def batch_detail(e: jobs_mod.InvalidBatch) -> str:
-    """An InvalidBatch in the request's own terms: which entries of `urls` are wrong, and why."""
+    """An InvalidBatch in the words of someone who typed one URL a line: the first bad line (lines
+    count from 1) and why, then which other lines are bad; `errors` holds each of them."""
     if not e.problems:
         return f"`urls`: {e}"
-    shown = [  # reasons are sentences; joined with "; " they must not end in "." (".;" read badly)
-        f"urls[{p.index}] {p.reason.rstrip('.')}" if not isinstance(p.value, str)
-        else f"urls[{p.index}] ({p.value[:100]!r}): {p.reason.rstrip('.')}"
-        for p in e.problems[:20]
-    ]
-    if len(e.problems) > 20:
-        shown.append(f"... and {len(e.problems) - 20} more")
-    return "some entries of `urls` are not http(s) URLs: " + "; ".join(shown)
+    first = e.problems[0]
+    shown = f" ({_shown(first.value)})" if isinstance(first.value, str) and first.value.strip() else ""
+    detail = f"line {first.index + 1}{shown} {batch_reason(first)}"
+    others = [str(p.index + 1) for p in e.problems[1:BATCH_ERRORS_SHOWN]]
+    if others:
+        more = f" and {len(e.problems) - BATCH_ERRORS_SHOWN} more" if len(e.problems) > BATCH_ERRORS_SHOWN else ""
+        detail += f"; line{'s' if len(others) > 1 else ''} {', '.join(others)}{more} cannot be used either"
+    return detail + "; fix or remove them and send the batch again (`errors` lists each)"
 
 
 def _json(value: Any, status: int = 200, headers: dict[str, str] | None = None) -> bottle.HTTPResponse:
@@ -859,6 +934,62 @@ def make_app(settings: Any, parts: Parts) -> bottle.Bottle:
         res.content_type = content_type
         return res
 
+    budget, max_pixels = parts.ingest.budget, settings.max_pixels
+
+    @app.get("/images/<id>/thumbnail")
+    def get_thumbnail(id):  # noqa: A002
+        longest = _size_param(320)
+        fmt = "webp" if accepts_webp(bottle.request.headers.get("Accept")) else "jpeg"
+        image_id = _image_id(id)
+        sha256, width, height = images.thumbnail_source(image_id)
+        size = min(longest, max(width, height))  # never enlarged: the sizes past the picture's are the picture's
+        etag = f'"{sha256}-{size}-{fmt}"'
+        headers = {
+            "ETag": etag,
+            # Made from bytes that never change; one per format, so caches key on Accept too.
+            "Cache-Control": f"{'private' if guard.key else 'public'}, max-age=31536000, immutable",
+            "Vary": "Accept",
+            "X-Content-Type-Options": "nosniff",
+        }
+        if _etag_matches(bottle.request.headers.get("If-None-Match"), etag):
+            return bottle.HTTPResponse(status=304, headers=headers)
+        thumb = images.thumbnail(sha256, size, fmt)
+        if thumb is None:  # the first request for it: make it, and keep it for every later one
+            data = images.file(image_id)[0]
+            made = imaging.thumbnail(data, size, fmt, max_pixels, budget)
+            thumb = store.Thumbnail(made.data, made.width, made.height)
+            try:
+                images.keep_thumbnail(sha256, size, fmt, thumb)
+            except store.StoreFull as e:  # below the disk floor (or full): served all the same, made again next time
+                log.debug("thumbnail of image %d served without being kept: %s", image_id, e)
+            except store.StoreUnavailable as e:
+                log.warning("thumbnail of image %d served without being kept: %s", image_id, e)
+        res = bottle.HTTPResponse(thumb.data, headers=headers)
+        res.content_type = imaging.THUMBNAIL_FORMATS[fmt][1]
+        return res
+
+    @app.get("/images/<id>/annotated")
+    def get_annotated(id):  # noqa: A002
+        longest = _size_param(imaging.ANNOTATED_SIZE)
+        rec = images.get(_image_id(id))
+        size = min(longest, max(rec.width, rec.height))
+        drawn = [[d.label, d.confidence, d.x_min, d.y_min, d.x_max, d.y_max] for d in rec.detections]
+        key = json.dumps([ANNOTATE_VERSION, rec.sha256, size, drawn])
+        etag = f'"{hashlib.sha256(key.encode()).hexdigest()[:40]}"'  # the bytes and the detections drawn
+        headers = {
+            "ETag": etag,
+            # Detections can change (a new model, a re-detection): kept copies are revalidated each time.
+            "Cache-Control": "private, no-cache" if guard.key else "no-cache",
+            "X-Content-Type-Options": "nosniff",
+        }
+        if _etag_matches(bottle.request.headers.get("If-None-Match"), etag):
+            return bottle.HTTPResponse(status=304, headers=headers)
+        data = images.file(rec.id)[0]
+        made = imaging.annotate(data, rec.detections, size, max_pixels, budget)
+        res = bottle.HTTPResponse(made.data, headers=headers)
+        res.content_type = made.content_type
+        return res
+
     @app.delete("/images/<id>")
     def delete_image(id):  # noqa: A002
         images.delete(_image_id(id))
@@ -884,7 +1015,7 @@ def make_app(settings: Any, parts: Parts) -> bottle.Bottle:
         try:
             checked = jobs.check(urls)
         except jobs_mod.InvalidBatch as e:
-            raise ClientError(400, batch_detail(e)) from None
+            raise ClientError(400, batch_detail(e), members={"errors": batch_errors(e)} if e.problems else None) from None
         job = jobs.submit(checked)
         return _json({"jobId": job.id}, status=202, headers={"Location": f"/v1/images/upload/{job.id}"})
 

@@ -22,6 +22,7 @@ import contextlib
 import logging
 import os
 import re
+import sys
 import time
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -33,7 +34,7 @@ from playhouse.sqlite_ext import AutoIncrementField
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2  # 2: image ids are never reused (AUTOINCREMENT)
+SCHEMA_VERSION = 3  # 2: image ids are never reused (AUTOINCREMENT); 3: image.filename, the thumbnail table
 
 
 class StoreError(Exception):
@@ -89,6 +90,7 @@ class NewImage:
     detected_with: str | None = None
     source_url: str | None = None
     created_ms: int | None = None  # None: now (by the store's clock)
+    filename: str | None = None  # the uploaded file's name, or the URL's last path segment (a display string)
 
 
 @dataclass(frozen=True)
@@ -105,10 +107,20 @@ class ImageRecord:
     source_url: str | None
     created_ms: int  # milliseconds since the epoch, UTC
     detections: tuple[Found, ...] = field(default=())
+    filename: str | None = None  # null for images stored before schema version 3
 
     @property
     def objects(self) -> list[str]:
         return sorted({d.label for d in self.detections})
+
+
+@dataclass(frozen=True)
+class Thumbnail:
+    """A rendition of some stored bytes, made once and kept (keyed by sha256, size and format)."""
+
+    data: bytes
+    width: int
+    height: int
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -150,6 +162,7 @@ def _tables(database: pw.Database, id_field: Callable[[], pw.Field]) -> SimpleNa
         height = pw.IntegerField()
         source_url = pw.TextField(null=True)
         created_ms = pw.BigIntegerField()  # milliseconds since the epoch, UTC
+        filename = pw.TextField(null=True)  # schema version 3; older rows null
 
     class Detection(_Base):
         image = pw.ForeignKeyField(Image, on_delete="CASCADE", backref="detections", index=False)
@@ -167,7 +180,25 @@ def _tables(database: pw.Database, id_field: Callable[[], pw.Field]) -> SimpleNa
                 (("name", "image", "confidence"), False),  # objects=: walk one name newest first
             )
 
-    return SimpleNamespace(Setting=Setting, Blob=Blob, Image=Image, Detection=Detection, all=(Setting, Blob, Image, Detection))
+    class Thumbnail(_Base):
+        """Renditions of stored bytes: keyed by what they are made from, so every image with the same
+        bytes shares them and every process sees those another made. They go with their bytes."""
+
+        sha256 = pw.FixedCharField(64)
+        size = pw.IntegerField()  # the longest side asked for, at most the picture's own
+        format = pw.TextField()  # "jpeg" or "webp"
+        data = pw.BlobField()
+        width = pw.IntegerField()
+        height = pw.IntegerField()
+        created_ms = pw.BigIntegerField()
+
+        class Meta:
+            primary_key = pw.CompositeKey("sha256", "size", "format")
+
+    return SimpleNamespace(
+        Setting=Setting, Blob=Blob, Image=Image, Detection=Detection, Thumbnail=Thumbnail,
+        all=(Setting, Blob, Image, Detection, Thumbnail),
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -266,7 +297,8 @@ class SqliteBackend:
         try:
             with self.write():
                 ImageV2.create_table()
-                columns = ", ".join(f'"{f.column_name}"' for f in tables.Image._meta.sorted_fields)
+                present = {c.name for c in db.get_columns("image")}  # a v1 table has no later columns
+                columns = ", ".join(f'"{f.column_name}"' for f in tables.Image._meta.sorted_fields if f.column_name in present)
                 db.execute_sql(f"INSERT INTO image_v2 ({columns}) SELECT {columns} FROM image")
                 db.execute_sql("DROP TABLE image")
                 db.execute_sql("ALTER TABLE image_v2 RENAME TO image")
@@ -277,6 +309,14 @@ class SqliteBackend:
                 tables.Setting.update(value="2").where(tables.Setting.key == "schema_version").execute()
         finally:
             db.execute_sql("PRAGMA foreign_keys = ON")
+
+    def migrate_v2_to_v3(self, tables: SimpleNamespace) -> None:
+        """Add image.filename (older rows null); the thumbnail table comes with create_tables."""
+        log.info("migrating %s to schema version 3 (file names, thumbnails)", self.path)
+        with self.write():
+            if "filename" not in {c.name for c in self.database.get_columns("image")}:  # v1 rebuilt has it
+                self.database.execute_sql("ALTER TABLE image ADD COLUMN filename TEXT")
+            tables.Setting.update(value="3").where(tables.Setting.key == "schema_version").execute()
 
 
 def open_backend(target: str, **options: Any) -> SqliteBackend:
@@ -364,6 +404,9 @@ class Store:
             )
         if version == 1:
             self.backend.migrate_v1_to_v2(self._t)
+            version = 2
+        if version == 2:
+            self.backend.migrate_v2_to_v3(self._t)
         with self.backend.write():
             self._db.create_tables(self._t.all, safe=True)
             self._t.Setting.insert(key="schema_version", value=str(SCHEMA_VERSION)).on_conflict_replace().execute()
@@ -423,12 +466,13 @@ class Store:
                 height=new.height,
                 source_url=new.source_url,
                 created_ms=created_ms,
+                filename=new.filename,
             )
             if new.detections:
                 t.Detection.insert_many([self._detection_row(image.id, d) for d in new.detections]).execute()
         return ImageRecord(
             image.id, new.sha256, new.label, new.label_generated, new.detection_enabled, new.content_type,
-            len(new.data), new.width, new.height, new.source_url, created_ms, tuple(new.detections),
+            len(new.data), new.width, new.height, new.source_url, created_ms, tuple(new.detections), new.filename,
         )
 
     @staticmethod
@@ -456,11 +500,11 @@ class Store:
                 now_ms = int(self.now() * 1000)
                 cursor.executemany(
                     "INSERT INTO image (id, sha256, label, label_generated, detection_enabled, detected_with, "
-                    f"content_type, size, width, height, source_url, created_ms) VALUES ({', '.join([p] * 12)})",
+                    f"content_type, size, width, height, source_url, created_ms, filename) VALUES ({', '.join([p] * 13)})",
                     [
                         (first + i, n.sha256, n.label, n.label_generated, n.detection_enabled, n.detected_with,
                          n.content_type, len(n.data), n.width, n.height, n.source_url,
-                         now_ms if n.created_ms is None else n.created_ms)
+                         now_ms if n.created_ms is None else n.created_ms, n.filename)
                         for i, n in enumerate(chunk)
                     ],
                 )
@@ -495,6 +539,7 @@ class Store:
             image.delete_instance()  # detections go by ON DELETE CASCADE
             if not self._t.Image.select().where(self._t.Image.sha256 == image.sha256).exists():
                 self._t.Blob.delete().where(self._t.Blob.sha256 == image.sha256).execute()
+                self._t.Thumbnail.delete().where(self._t.Thumbnail.sha256 == image.sha256).execute()
 
     # -- reads -------------------------------------------------------------------------------------------
 
@@ -612,7 +657,7 @@ class Store:
 
     # Hot reads use plain SQL and tuples: peewee's per-value conversion was most of a 100-image page.
     _IMAGE_COLUMNS = (
-        "id, sha256, label, label_generated, detection_enabled, content_type, size, width, height, source_url, created_ms"
+        "id, sha256, label, label_generated, detection_enabled, content_type, size, width, height, source_url, created_ms, filename"
     )
 
     def _detections(self, ids: list[int]) -> dict[int, tuple[Found, ...]]:
@@ -631,8 +676,8 @@ class Store:
         rows = self._db.execute_sql(f"SELECT {self._IMAGE_COLUMNS} FROM image {where}", params).fetchall()
         found = self._detections([r[0] for r in rows])
         return [
-            ImageRecord(i, sha, label, bool(gen), bool(det), ct, size, w, h, url, ms, found.get(i, ()))
-            for i, sha, label, gen, det, ct, size, w, h, url, ms in rows
+            ImageRecord(i, sha, label, bool(gen), bool(det), ct, size, w, h, url, ms, found.get(i, ()), name)
+            for i, sha, label, gen, det, ct, size, w, h, url, ms, name in rows
         ]
 
     def objects(self) -> list[tuple[str, int]]:
@@ -647,3 +692,81 @@ class Store:
         """(images, distinct byte blobs): for tests and health."""
         with self._errors():
             return self._t.Image.select().count(), self._t.Blob.select().count()
+
+    # -- thumbnails --------------------------------------------------------------------------------------
+
+    def thumbnail_source(self, image_id: int) -> tuple[str, int, int]:
+        """(sha256, width, height) of an image: what a thumbnail of it is keyed by and sized from."""
+        with self._errors():
+            row = self._db.execute_sql("SELECT sha256, width, height FROM image WHERE id = ?", [image_id]).fetchone()
+        if row is None:
+            raise NotFound(f"there is no image {image_id}")
+        return row[0], row[1], row[2]
+
+    def thumbnail(self, sha256: str, size: int, fmt: str) -> Thumbnail | None:
+        """The kept thumbnail of these bytes at this size and format, or None when none was made yet."""
+        with self._errors():
+            row = self._db.execute_sql(
+                "SELECT data, width, height FROM thumbnail WHERE sha256 = ? AND size = ? AND format = ?", [sha256, size, fmt]
+            ).fetchone()
+        return None if row is None else Thumbnail(bytes(row[0]), row[1], row[2])
+
+    def keep_thumbnail(self, sha256: str, size: int, fmt: str, thumb: Thumbnail) -> bool:
+        """Keep a thumbnail; False when its bytes are gone meanwhile (nothing kept). Two processes making
+        the same one at once both succeed: the second insert is ignored. LowDisk below the disk floor."""
+        t = self._t
+        with self._errors(), self.backend.write():
+            self._check_space(len(thumb.data))
+            if not t.Blob.select().where(t.Blob.sha256 == sha256).exists():  # deleted while it was made
+                return False
+            t.Thumbnail.insert(
+                sha256=sha256, size=size, format=fmt, data=thumb.data, width=thumb.width, height=thumb.height,
+                created_ms=int(self.now() * 1000),
+            ).on_conflict_ignore().execute()
+        return True
+
+    def purge_thumbnails(self) -> int:
+        """Delete every kept thumbnail (they are made again on request); returns how many went."""
+        with self._errors(), self.backend.write():
+            return self._t.Thumbnail.delete().execute()
+
+    def thumbnail_count(self) -> tuple[int, int]:
+        """(kept thumbnails, their bytes): for tests, health and the command line."""
+        with self._errors():
+            n, size = self._db.execute_sql("SELECT COUNT(*), COALESCE(SUM(LENGTH(data)), 0) FROM thumbnail").fetchone()
+        return n, size
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python store.py purge-thumbnails --db data/images.db`: maintenance of a database, the service running or not."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="store.py", description=main.__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    purge = commands.add_parser("purge-thumbnails", help="delete every kept thumbnail (they are made again on request)")
+    purge.add_argument("--db", default=os.environ.get("IMAGES_DB", "data/images.db"),
+                       help="the database file (default: $IMAGES_DB, else data/images.db)")
+    args = parser.parse_args(argv)
+    if not os.path.exists(args.db):
+        parser.error(f"{args.db} does not exist; give the service's database with --db (IMAGES_DB)")
+    images = Store(args.db)
+    try:
+        with images.connection():
+            _, size = images.thumbnail_count()
+            n = images.purge_thumbnails()
+    except StoreError as e:
+        print(f"store.py: {e}", file=sys.stderr)
+        return 1
+    finally:
+        images.shutdown()
+    print(f"deleted {n} thumbnail(s), {size / 2**20:,.1f} MB; the database file keeps its size, new data reuses the room")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
