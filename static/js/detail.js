@@ -11,8 +11,12 @@ import { retryOnError, setPicture } from "./pictures.js";
 
 const pct = (c) => `${Math.round(c * 100)}%`;
 
-/** Where each label goes: above its box, else inside it, else below, clamped to the picture, the
- * spot that overlaps the labels already placed the least (most confident first). */
+/**
+ * Where each label goes (most confident first): beside its box (above it, inside its top, below it,
+ * inside its bottom, at its left or right edge), else further along the box's sides, else the free spot
+ * of the picture nearest the box; always inside the picture, and over as little of the labels already
+ * placed as can be. `items`: [{box, w, h}] in pixels of a `width` x `height` picture; sets x and y.
+ */
 export function placeLabels(items, width, height) {
   const placed = [];
   const overlap = (a, b) =>
@@ -21,14 +25,19 @@ export function placeLabels(items, width, height) {
   for (const it of items) {
     const { w, h } = it;
     const [x0, y0, x1, y1] = [it.box.x_min * width, it.box.y_min * height, it.box.x_max * width, it.box.y_max * height];
-    const spots = [[x0, y0 - h], [x0, y0], [x0, y1], [x0, y1 - h], [x1 - w, y0 - h], [x1 - w, y0], [x1 - w, y1],
-      [x1 - w, y1 - h], [x0, (y0 + y1 - h) / 2]];
     let best = null;
-    for (const [sx, sy] of spots) {
+    const consider = (sx, sy) => {
       const spot = { x: Math.min(Math.max(sx, 0), Math.max(width - w, 0)), y: Math.min(Math.max(sy, 0), Math.max(height - h, 0)), w, h };
       const cost = placed.reduce((sum, p) => sum + overlap(spot, p), 0);
-      if (!best || cost < best.cost) best = { ...spot, cost };
-      if (cost === 0) break;
+      const far = Math.hypot(spot.x - x0, spot.y - (y0 - h));
+      if (!best || cost < best.cost || (cost === best.cost && far < best.far)) best = { ...spot, cost, far };
+    };
+    for (const x of [x0, x1 - w]) for (const y of [y0 - h, y0, y1, y1 - h]) consider(x, y);
+    for (let k = 1; best.cost > 0 && k <= Math.ceil((y1 - y0) / h) + 3; k++) {
+      for (const x of [x0, x1 - w]) { consider(x, y0 + k * h); consider(x, y0 - h - k * h); }
+    }
+    if (best.cost > 0) { // crowded: the nearest free spot anywhere on the picture
+      for (let y = 0; y <= height - h; y += h / 2) for (let x = 0; x <= width - w; x += w / 4) consider(x, y);
     }
     placed.push(best);
     it.x = best.x;

@@ -1,7 +1,12 @@
 // Pictures come as the service's thumbnails (GET /images/{id}/thumbnail?size=160|320|640|1280), the
 // original only behind "Open the file". A thumbnail the service could not make just then (503: its decode
 // budget was busy) is fetched again after the answer's Retry-After.
-import { fetchPicture, isAbort } from "./api.js";
+import { fetchPicture, isAbort, wait } from "./api.js";
+
+// What the service says in Retry-After when its decode budget is busy (at least 1 s): an <img> cannot
+// read the header, so its first retry waits this long (a little more for each, so a screenful of failed
+// pictures does not come back at once); fetch() then reads every later Retry-After itself.
+const FIRST_WAIT_S = 1;
 
 const sized = (url, size) => `${url}${url.includes("?") ? "&" : "?"}size=${size}`;
 
@@ -17,14 +22,15 @@ export function setPicture(img, image, size, size2x) {
 }
 
 /**
- * When `img` fails, ask for the same URL with fetch(), which can read the status and Retry-After that an
- * <img> hides: wait out 503s, then show the bytes from an object URL. Other failures go to `onFailed`.
+ * When `img` fails, wait, then ask for the same URL with fetch(), which can read the status and Retry-After
+ * that an <img> hides: wait out 503s, then show the bytes from an object URL. Other failures go to `onFailed`.
  */
 export function retryOnError(img, { signal, onFailed = () => {} } = {}) {
   img.addEventListener("error", async () => {
     if (img.src.startsWith("blob:")) return onFailed(new Error("the picture cannot be shown"));
     const url = img.currentSrc || img.src;
     try {
+      await wait(FIRST_WAIT_S + Math.random() / 2, signal);
       const objectUrl = await fetchPicture(url, { signal });
       img.addEventListener("load", () => URL.revokeObjectURL(objectUrl), { once: true });
       img.removeAttribute("srcset");
