@@ -3,7 +3,7 @@
 // view is dropped: the gallery shows only what the newest view asked for. "Load more" sends one request
 // at a time and never adds an id the gallery already shows.
 import { isAbort, nextLink, request } from "./api.js";
-import { retryOnError, setPicture } from "./pictures.js";
+import { retryOnError, setPictureWhenNear } from "./pictures.js";
 
 export const el = (tag, { dataset = {}, ...props } = {}, ...children) => {
   const node = Object.assign(document.createElement(tag), props);
@@ -47,9 +47,9 @@ export function setupGallery({ onOpen }) {
   }
 
   function card(image) {
-    const thumb = el("img", { alt: image.label, loading: "lazy", decoding: "async", width: 320, height: 240 });
+    const thumb = el("img", { alt: image.label, decoding: "async", width: 320, height: 240 });
     retryOnError(thumb, { signal: controller.signal });
-    setPicture(thumb, image, 320, 640);
+    setPictureWhenNear(thumb, image, 320, 640);
     const source = sourceName(image);
     const caption = el("div", { className: "caption" }, el("div", { className: "title" }, image.label));
     if (source && source !== image.label) caption.append(el("div", { className: "source" }, source));

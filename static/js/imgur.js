@@ -111,21 +111,26 @@ export function setupImgur() {
   /**
    * Whether Imgur uploads are on. GET /health does not say (yet: it reports the detector and the auth
    * mode), so when it has no `imgur` member the page asks the upload route with an empty batch: a 503
-   * means off, a 400 (the batch is empty) means on. Nothing is queued either way.
+   * means off, a 400 (the batch is empty) means on; nothing is queued either way. Asked once per page
+   * load, and again when the page comes back only while it was off (the service logs each 503).
    */
+  let on = null;
   async function check(health) {
     if (health && "imgur" in health) {
       const v = health.imgur;
-      const on = typeof v === "object" && v !== null ? Boolean(v.configured ?? v.enabled ?? v.on) : v === true || v === "on";
+      on = typeof v === "object" && v !== null ? Boolean(v.configured ?? v.enabled ?? v.on) : v === true || v === "on";
       return available(on, v?.error || "");
     }
+    if (on) return;
     try {
       await request("POST", "/v1/images/upload", { urls: [] });
-      available(true);
+      on = true;
     } catch (err) {
-      if (err.status === 503) available(false, err.message);
-      else if (err.status === 400) available(true);
+      if (err.status === 503) on = false;
+      else if (err.status === 400) on = true;
+      if (on === false) return available(false, err.message);
     }
+    if (on) available(true);
   }
 
   return { refreshLinks, check };

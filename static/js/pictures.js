@@ -21,6 +21,25 @@ export function setPicture(img, image, size, size2x) {
   }
 }
 
+// The gallery's pictures are asked for when they come near the screen. (Chromium's own loading="lazy"
+// starts 1,250-2,500 px ahead, so on a desktop it asked for every card's picture at once: the pictures
+// below the fold took the bandwidth, and the service's decode budget, from the first screen's.)
+const waiting = new WeakMap(); // img -> what sets its picture
+const nearScreen = new IntersectionObserver((entries) => {
+  for (const e of entries) {
+    if (!e.isIntersecting) continue;
+    nearScreen.unobserve(e.target);
+    waiting.get(e.target)?.();
+    waiting.delete(e.target);
+  }
+}, { rootMargin: "0px 0px 120px 0px" });
+
+/** setPicture() once `img` is within about half a card's height of the screen. */
+export function setPictureWhenNear(img, image, size, size2x) {
+  waiting.set(img, () => setPicture(img, image, size, size2x));
+  nearScreen.observe(img);
+}
+
 /**
  * When `img` fails, wait, then ask for the same URL with fetch(), which can read the status and Retry-After
  * that an <img> hides: wait out 503s, then show the bytes from an object URL. Other failures go to `onFailed`.
