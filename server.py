@@ -694,7 +694,8 @@ def batch_reason(p: jobs_mod.BatchProblem) -> str:
     if not p.value.strip():
         return "is empty"
     if p.reason.startswith("Only http:// and https://"):
-        return "is not an http or https URL"
+        scheme = urllib.parse.urlsplit(p.value.strip()).scheme
+        return "is not an http or https URL" + (f" (its scheme is {scheme[:20]!r})" if scheme else "")
     return "cannot be fetched: " + p.reason[:1].lower() + p.reason[1:].rstrip(".")
 
 

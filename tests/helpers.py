@@ -21,12 +21,13 @@ def jpeg(color=(200, 30, 30), size=(64, 48)) -> bytes:
     return buf.getvalue()
 
 
-def assert_problem(res, code: int) -> str:
-    """`res` is an RFC 9457 problem with status `code` and no traceback; returns its detail."""
+def assert_problem(res, code: int, members: tuple[str, ...] = ()) -> str:
+    """`res` is an RFC 9457 problem with status `code` and no traceback, with exactly the extension
+    `members` beside the four standard ones; returns its detail."""
     assert res.status_int == code, res.text[:500]
     assert res.content_type == "application/problem+json", res.headers
     body = res.json
-    assert set(body) == PROBLEM_KEYS, body
+    assert set(body) == PROBLEM_KEYS | set(members), body
     assert body["status"] == code and body["type"] == "about:blank" and body["title"] == HTTPStatus(code).phrase
     assert isinstance(body["detail"], str) and body["detail"].strip()
     assert "Traceback" not in res.text and 'File "' not in res.text

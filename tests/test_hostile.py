@@ -155,7 +155,7 @@ def assert_job_failed(service, url: str, *words: str) -> str:
 def assert_batch_refused(service, urls, *words: str) -> str:
     """POST /v1/images/upload answers 400 naming the bad entry, and queues nothing."""
     res = service.client.post_json("/v1/images/upload", {"urls": urls}, status=400)
-    detail = assert_problem(res, 400)
+    detail = assert_problem(res, 400, ("errors",))
     for word in words:
         assert word in detail, (word, detail)
     assert service.jobs.stats() == {"jobs": 0, "backlog": 0, "running": 0}
@@ -340,7 +340,7 @@ def test_unfetchable_url_is_a_400_at_both_endpoints(guarded, fake, trap, templat
     assert words in assert_problem(post_image(service, {"url": url}, 400), 400)
     res = service.client.post("/images", {"url": url}, status=400)  # the form field url= too
     assert words in assert_problem(res, 400)
-    assert_batch_refused(service, ["https://example.com/fine.jpg", url], "urls[1]", words)
+    assert_batch_refused(service, ["https://example.com/fine.jpg", url], "line 2", words)
     assert_nothing_kept(service, trap, fake=fake, connected=net.connected)
     assert net.resolved == []
 
@@ -682,10 +682,10 @@ JOB_BODIES = [
     # (what, content type, raw body, status, words)
     ("10,001 URLs", JSON, json.dumps({"urls": _urls_entries(10_001)}).encode(), 400, "10,001 entries"),
     ("1,001 different URLs", JSON, json.dumps({"urls": _urls_entries(1_001)}).encode(), 400, "at most 1,000"),
-    ("URLs that are numbers", JSON, b'{"urls": [1, 2.5, -3]}', 400, "urls[0] is int"),
-    ("URLs that are objects", JSON, b'{"urls": [{"url": "https://example.com/a.jpg"}]}', 400, "urls[0] is dict"),
-    ("URLs that are lists", JSON, b'{"urls": [["https://example.com/a.jpg"]]}', 400, "urls[0] is list"),
-    ("a null URL", JSON, b'{"urls": ["https://example.com/a.jpg", null]}', 400, "urls[1] is null"),
+    ("URLs that are numbers", JSON, b'{"urls": [1, 2.5, -3]}', 400, "line 1 is a number"),
+    ("URLs that are objects", JSON, b'{"urls": [{"url": "https://example.com/a.jpg"}]}', 400, "line 1 is an object"),
+    ("URLs that are lists", JSON, b'{"urls": [["https://example.com/a.jpg"]]}', 400, "line 1 is a list"),
+    ("a null URL", JSON, b'{"urls": ["https://example.com/a.jpg", null]}', 400, "line 2 is empty (null)"),
     ("urls is a string", JSON, b'{"urls": "https://example.com/a.jpg"}', 400, "array"),
     ("urls is an object", JSON, b'{"urls": {"0": "https://example.com/a.jpg"}}', 400, "array"),
     ("urls is null", JSON, b'{"urls": null}', 400, "array"),
@@ -708,7 +708,7 @@ def test_hostile_body_on_post_upload_job(make_service, fake, what, content_type,
     downloaded or sent to Imgur."""
     service = make_service(uploader=imgur_client(fake), upload_workers=0)
     res = service.client.post("/v1/images/upload", raw, content_type=content_type, status=code)
-    assert words in assert_problem(res, code)
+    assert words in assert_problem(res, code, ("errors",) if words.startswith("line ") else ())
     assert service.jobs.stats() == {"jobs": 0, "backlog": 0, "running": 0}
     assert_nothing_kept(service, fake=fake)
 

@@ -537,7 +537,7 @@ def test_a_version_1_database_is_migrated_keeping_ids_and_detections(tmp_path, p
     s = store.Store(path)
     try:
         with s.connection():
-            assert s.schema_version == 2
+            assert s.schema_version == store.SCHEMA_VERSION
             assert [(r.id, r.objects) for r in s.list()[0]] == [(3, ["cup"]), (2, ["cat"]), (1, ["dog"])]
             s.delete(3)
             data = b"new bytes"

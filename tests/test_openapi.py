@@ -336,10 +336,23 @@ def test_real_answers_match_the_document(service, make_service, photo, doc):
     etag = res.headers["ETag"]
     res = client.get(path + "/file", headers={"If-None-Match": etag}, status="*")
     check(res, "GET", "/images/{id}/file", 304)
+    webp = {"Accept": "image/avif,image/webp,*/*"}
+    res = check(client.get(path + "/thumbnail?size=160", headers=webp, status="*"), "GET", "/images/{id}/thumbnail", 200)
+    assert res.content_type == "image/webp"
+    res = client.get(path + "/thumbnail?size=160", headers={**webp, "If-None-Match": res.headers["ETag"]}, status="*")
+    check(res, "GET", "/images/{id}/thumbnail", 304)
+    assert check(client.get(path + "/thumbnail", status="*"), "GET", "/images/{id}/thumbnail", 200).content_type == "image/jpeg"
+    check(client.get(path + "/thumbnail?size=100", status="*"), "GET", "/images/{id}/thumbnail", 400)
+    res = check(client.get(path + "/annotated?size=320", status="*"), "GET", "/images/{id}/annotated", 200)
+    res = client.get(path + "/annotated?size=320", headers={"If-None-Match": res.headers["ETag"]}, status="*")
+    check(res, "GET", "/images/{id}/annotated", 304)
+    check(client.get(path + "/annotated?size=big", status="*"), "GET", "/images/{id}/annotated", 400)
     check(client.delete(path, status="*"), "DELETE", "/images/{id}", 204)
     check(client.delete(path, status="*"), "DELETE", "/images/{id}", 404)
     check(client.get(path, status="*"), "GET", "/images/{id}", 404)
     check(client.get(path + "/file", status="*"), "GET", "/images/{id}/file", 404)
+    check(client.get(path + "/thumbnail", status="*"), "GET", "/images/{id}/thumbnail", 404)
+    check(client.get(path + "/annotated", status="*"), "GET", "/images/{id}/annotated", 404)
     check(client.get("/images/not-an-id", status="*"), "GET", "/images/{id}", 404)
 
     objects = check(client.get("/objects", status="*"), "GET", "/objects", 200).json
@@ -454,8 +467,9 @@ def imgur_jobs(service, make_service, check: Checker, data: bytes) -> None:
         res = client.post("/v1/images/upload", b"urls=x", content_type="text/plain", status="*")
         check(res, "POST", "/v1/images/upload", 415)
         for body, words in (
-            ({}, "urls"), ({"urls": []}, "empty"), ({"urls": good}, "array"), ({"urls": [good, 7]}, "urls[1]"),
-            ({"urls": ["ftp://example.com/a.jpg"]}, "urls[0]"), ({"urls": [good], "priority": 1}, "unknown field"),
+            ({}, "urls"), ({"urls": []}, "empty"), ({"urls": good}, "array"), ({"urls": [good, 7]}, "line 2 is a number"),
+            ({"urls": ["ftp://example.com/a.jpg"]}, "line 1 (ftp://example.com/a.jpg) is not an http or https URL"),
+            ({"urls": [good], "priority": 1}, "unknown field"),
         ):
             assert list(schema_validator(doc, schemas["NewUploadJob"]).iter_errors(body)), body
             assert words in submit(client, body, 400).json["detail"], body
