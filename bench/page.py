@@ -3,7 +3,7 @@
     python bench/page.py [--runs N]          (`make bench`; DETECT_MODEL and TESTDATA_DIR as for the tests)
 
 1. Starts `python server.py --port 0 --db <temp> --model $DETECT_MODEL` on a fresh database and uploads 30
-   photos with detection (POST /images, detect=true, with their file names): 5 are 4000x3000 JPEGs of 2-4 MB
+   photos with detection (POST /images, detect=true, with their file names): 5 are 4000x3000 JPEGs of 2.6-3.3 MB
    with distinct bytes (test photos enlarged, with noise of their own, quality 92); 25 are the photos of
    TESTDATA_DIR/images as JPEGs, one pixel changed per copy. The big ones are spread over the newest 24
    (the gallery's first page), as they come in a real library.
