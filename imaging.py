@@ -608,8 +608,11 @@ def _upright(data: bytes, longest: int, max_pixels: int, budget: DecodeBudget | 
         plan = _opened_plan(img, data, stored)
     width, height = plan.decoded
     target = fitted(width, height, longest)
-    # Beside the decode: a converted copy (not for RGB), the resized image, its transposed copy, the encoder.
-    extra = (0 if plan.mode == "RGB" else width * height * 4) + target[0] * target[1] * 4 * 3
+    # Beside the decode: a converted copy (not for RGB); with transparency (possible in these modes) the
+    # premultiplied copy resize() makes; the resized image, its transposed copy, the encoder's.
+    converted = 0 if plan.mode == "RGB" else width * height * 4
+    premultiplied = width * height * 4 if plan.mode in ("RGBA", "LA", "PA", "P") else 0
+    extra = converted + premultiplied + target[0] * target[1] * 4 * 3
     with _reserved_bytes(budget, plan.cost(None) + extra, plan):
         if img is None:
             img = open_image(data, max_pixels)

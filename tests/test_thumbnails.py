@@ -17,6 +17,8 @@ import threading
 
 import pytest
 from PIL import Image
+from test_decode import CASES as DECODE_CASES
+from test_decode import MB, Recording, _peak_of
 from test_server import ROOT
 
 import imaging
@@ -508,3 +510,27 @@ def test_a_version_2_database_migrates_to_3(tmp_path, photo):
             assert s.schema_version == 3 and s.get(3).filename == "new.png"
     finally:
         s.shutdown()
+
+
+# --------------------------------------------------------------------------------------------------------
+# Inside the decode budget
+# --------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(DECODE_CASES))
+def test_what_a_thumbnail_reserves_covers_what_it_costs(name):
+    """Each kind of image the decoder treats differently (tests/test_decode.py's cases): the reservation
+    made from the header is at least the peak memory of making a thumbnail or an annotated render."""
+    data = DECODE_CASES[name]()
+    box = Box("dog", 0.9, 0.1, 0.1, 0.9, 0.9)
+    calls = (
+        lambda b: imaging.thumbnail(data, 1280, "webp", budget=b),
+        lambda b: imaging.thumbnail(data, 320, "jpeg", budget=b),
+        lambda b: imaging.annotate(data, [box], 1280, budget=b),
+    )
+    for call in calls:
+        call(imaging.DecodeBudget(2**40))  # once first, so imports and caches are not counted
+        budget = Recording(2**40)
+        peak = _peak_of(lambda: call(budget))  # noqa: B023 - called at once
+        (asked,) = budget.asked
+        assert peak <= asked / MB + 1, f"{name}: reserved {asked / MB:.1f} MB, the peak was {peak:.1f} MB"
