@@ -119,7 +119,11 @@ def box_rects(page):
 
 
 def wait_image_loaded(page):
-    page.wait_for_function("() => { const i = document.getElementById('detail-img'); return i.complete && i.naturalWidth > 0; }")
+    """The detail view's picture is shown (loaded, decoded, its stage visible and its boxes drawn)."""
+    page.wait_for_function(
+        "() => { const i = document.getElementById('detail-img'); "
+        "return i.complete && i.naturalWidth > 0 && !document.getElementById('stage').hidden; }"
+    )
 
 
 def test_upload_with_detection_draws_two_dog_boxes(page, images_dir):
@@ -148,7 +152,9 @@ def test_boxes_follow_exif_rotation_and_any_display_size(page, images_dir, tmp_p
     upload_file(page, str(path))
     wait_image_loaded(page)
     natural = page.evaluate("() => { const i = document.getElementById('detail-img'); return [i.naturalWidth, i.naturalHeight]; }")
-    assert natural == list(upright.size)  # the browser shows it upright, the frame the boxes are in
+    # Shown upright (a thumbnail is made upright; the browser shows an original upright), the frame the
+    # boxes are in: the picture's proportions are the upright ones.
+    assert abs(natural[0] / natural[1] - upright.size[0] / upright.size[1]) < 0.01, natural
     big = box_rects(page)
     page.set_viewport_size(PHONE)
     page.wait_for_timeout(100)  # let layout settle after the resize
@@ -209,14 +215,15 @@ def test_an_api_error_shows_its_detail(page, tmp_path, hosts):
     page.goto("/")
     page.fill("#url", host.url("/gone.jpg"))
     page.click("#add-submit")
-    page.wait_for_selector("#alert:not([hidden])")
-    assert "404" in page.text_content("#alert-text")
+    page.wait_for_selector("#add-error:not([hidden])")  # beside the form, not at the top of the page
+    assert "404" in page.text_content("#add-error")
+    assert page.is_hidden("#alert")
     not_an_image = tmp_path / "notes.jpg"
     not_an_image.write_text("these are notes, not a photo")
     page.fill("#url", "")
     page.set_input_files("#file", str(not_an_image))
     page.click("#add-submit")
-    page.wait_for_function("() => document.getElementById('alert-text').textContent.includes('not an image')")
+    page.wait_for_function("() => document.getElementById('add-error').textContent.includes('not an image')")
 
 
 def test_delete_from_the_detail_view(page, images_dir):
@@ -285,7 +292,7 @@ def test_the_page_uses_nothing_from_elsewhere(site):
         csp = res.headers["Content-Security-Policy"]
     assert "default-src 'self'" in csp
     assert not re.search(r"""(src|href)=["']https?://""", html)
-    for module in ("app", "api", "gallery", "imgur", "upload"):
+    for module in ("app", "api", "detail", "gallery", "imgur", "pictures", "session", "upload"):
         with urllib.request.urlopen(f"{site}/static/js/{module}.js") as res:
             assert "javascript" in res.headers["Content-Type"]
             assert "http://" not in res.read().decode().replace("http(s)", "")

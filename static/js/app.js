@@ -1,6 +1,7 @@
-// The page: health, the object search (kept in the page URL, so a search can be bookmarked), and the
-// three parts wired together.
+// The page: health (read again whenever the page comes back into view), the object search (kept in the
+// page URL, so a search can be bookmarked), and the parts wired together.
 import { request } from "./api.js";
+import { setupDetail } from "./detail.js";
 import { setupGallery } from "./gallery.js";
 import { setupImgur } from "./imgur.js";
 import { setupSession } from "./session.js";
@@ -9,6 +10,8 @@ import { setupUpload } from "./upload.js";
 const alertBox = document.getElementById("alert");
 const alertText = document.getElementById("alert-text");
 
+// The alert at the top is for what belongs to no control (the health check, the object list); each form
+// shows its own errors beside it.
 function showError(message) {
   alertText.textContent = message;
   alertBox.hidden = false;
@@ -24,10 +27,11 @@ function filterFromUrl() {
 }
 
 let filter = filterFromUrl();
+const PAGE = "24";
 
 function apiUrl() {
-  if (!filter.objects.size) return "/images?limit=24";
-  const q = new URLSearchParams({ objects: [...filter.objects].join(","), match: filter.match, limit: "24" });
+  if (!filter.objects.size) return `/images?limit=${PAGE}`;
+  const q = new URLSearchParams({ objects: [...filter.objects].join(","), match: filter.match, limit: PAGE });
   return `/images?${q}`;
 }
 
@@ -36,12 +40,22 @@ function pageUrl() {
   return `${location.pathname}?${new URLSearchParams({ objects: [...filter.objects].join(","), match: filter.match })}`;
 }
 
-const gallery = setupGallery({ onError: showError, onChanged: () => refreshChips() });
+function emptyText() {
+  if (!filter.objects.size) return "No images yet.";
+  const names = [...filter.objects].join(filter.match === "all" ? " and " : " or ");
+  return `Nothing matches: no image shows ${names}.`;
+}
 
+const gallery = setupGallery({ onOpen: (image) => detail.show(image) });
+const detail = setupDetail({ gallery, onDeleted: () => refreshChips() });
+
+let chipsAsked = 0; // the newest /objects answer wins
 async function refreshChips() {
   const chips = document.getElementById("chips");
+  const mine = ++chipsAsked;
   try {
     const { body } = await request("GET", "/objects");
+    if (mine !== chipsAsked) return;
     const names = new Set(body.map((o) => o.name));
     const missing = [...filter.objects].filter((n) => !names.has(n)).map((name) => ({ name, images: 0 }));
     chips.replaceChildren(...[...body, ...missing].map(({ name, images }) => {
@@ -59,7 +73,7 @@ async function refreshChips() {
     }));
     if (!chips.children.length) chips.textContent = "Objects appear here once images are analysed.";
   } catch (err) {
-    showError(err.message);
+    if (mine === chipsAsked) showError(`The list of objects could not be read: ${err.message}`);
   }
 }
 
@@ -70,7 +84,7 @@ function apply(push) {
   }
   for (const radio of document.querySelectorAll("input[name=match]")) radio.checked = radio.value === filter.match;
   document.getElementById("clear-filter").hidden = !filter.objects.size;
-  gallery.load(apiUrl());
+  gallery.load(apiUrl(), emptyText());
 }
 
 for (const radio of document.querySelectorAll("input[name=match]")) {
@@ -82,15 +96,13 @@ window.addEventListener("popstate", () => { filter = filterFromUrl(); apply(fals
 // ----- the rest -----
 
 const uploader = setupUpload({
-  onError: showError,
   onAdded(image) {
-    alertBox.hidden = true;
     refreshChips();
     if (filter.objects.size) apply(false); else gallery.prepend(image);
-    gallery.show(image);
   },
+  onShow: (image) => detail.show(image),
 });
-const imgur = setupImgur({ onError: showError });
+const imgur = setupImgur();
 const session = setupSession({
   onSignedIn() {
     alertBox.hidden = true;
@@ -98,7 +110,10 @@ const session = setupSession({
   },
 });
 
+let healthBusy = false;
 async function checkHealth() {
+  if (healthBusy) return;
+  healthBusy = true;
   const health = document.getElementById("health");
   try {
     const { body } = await request("GET", "/health");
@@ -109,11 +124,17 @@ async function checkHealth() {
     health.classList.toggle("bad", !d.ready);
     uploader.detectionAvailable(d.ready, d.error || "");
     session.mode(body.auth);
+    await imgur.check(body);
   } catch (err) {
     health.textContent = err.message;
     health.classList.add("bad");
+  } finally {
+    healthBusy = false;
   }
 }
+// A model added, or Imgur set up, while the page sat in another tab shows when the page is back.
+document.addEventListener("visibilitychange", () => { if (document.visibilityState === "visible") checkHealth(); });
+window.addEventListener("focus", checkHealth);
 
 function loadAll() {
   checkHealth();

@@ -1,101 +1,144 @@
-// The gallery (newest first, "load more" follows the Link header) and the detail view with its boxes.
-import { nextLink, request } from "./api.js";
+// The gallery: newest first, "Load more" follows the Link header. Each view change (a search, a chip,
+// "Show all") cancels the requests of the view before it, and an answer that still arrives for an older
+// view is dropped: the gallery shows only what the newest view asked for. "Load more" sends one request
+// at a time and never adds an id the gallery already shows.
+import { isAbort, nextLink, request } from "./api.js";
+import { retryOnError, setPictureWhenNear } from "./pictures.js";
 
-const el = (tag, { dataset = {}, ...props } = {}, ...children) => {
+export const el = (tag, { dataset = {}, ...props } = {}, ...children) => {
   const node = Object.assign(document.createElement(tag), props);
   Object.assign(node.dataset, dataset); // dataset itself cannot be assigned, only its keys
   node.append(...children);
   return node;
 };
 
+/** Where an image came from, for people: the uploaded file's name, else the URL's last segment. */
+export function sourceName(image) {
+  if (image.filename) return image.filename;
+  if (!image.source_url) return "";
+  try {
+    const u = new URL(image.source_url);
+    const last = decodeURIComponent(u.pathname.split("/").filter(Boolean).pop() || "");
+    return last || u.host;
+  } catch {
+    return image.source_url;
+  }
+}
+
 function tags(objects) {
   return el("div", { className: "tags" }, ...objects.map((o) => el("span", { className: "tag" }, o)));
 }
 
-export function setupGallery({ onError, onChanged }) {
+export function setupGallery({ onOpen }) {
   const list = document.getElementById("gallery");
   const more = document.getElementById("more");
   const status = document.getElementById("gallery-status");
-  const dialog = document.getElementById("detail");
+  const error = document.getElementById("gallery-error");
+  const shown = new Set(); // ids in the gallery
+  let view = 0; // bumped by each load(): answers for an older view are dropped
+  let controller = new AbortController();
   let next = null;
-  let current = null; // the image open in the detail view
+  let moreBusy = false;
+  let emptyText = "No images yet.";
+
+  function showError(message) {
+    error.textContent = message;
+    error.hidden = !message;
+  }
 
   function card(image) {
-    const thumb = el("img", { src: image.file_url, alt: image.label, loading: "lazy", decoding: "async" });
-    const open = el("button", { type: "button", title: `Open ${image.label}` },
-      thumb, el("div", { className: "caption" }, el("div", { className: "title" }, image.label), tags(image.objects)));
-    open.addEventListener("click", () => show(image));
+    const thumb = el("img", { alt: image.label, decoding: "async", width: 320, height: 240 });
+    retryOnError(thumb, { signal: controller.signal });
+    setPictureWhenNear(thumb, image, 320, 640);
+    const source = sourceName(image);
+    const caption = el("div", { className: "caption" }, el("div", { className: "title" }, image.label));
+    if (source && source !== image.label) caption.append(el("div", { className: "source" }, source));
+    caption.append(tags(image.objects));
+    const open = el("button", { type: "button", title: `Open ${image.label}` }, thumb, caption);
+    open.addEventListener("click", () => onOpen(image));
     return el("li", { className: "card", dataset: { id: String(image.id) } }, open);
   }
 
-  async function load(url, replace) {
+  function add(images) {
+    for (const image of images) {
+      if (shown.has(image.id)) continue;
+      shown.add(image.id);
+      list.append(card(image));
+    }
+  }
+
+  function renderStatus() {
+    status.textContent = list.children.length ? "" : emptyText;
+    more.hidden = !next;
+  }
+
+  /** Replace the gallery with the answer to `url`; `empty` is said when it has no image. */
+  async function load(url, empty = "No images yet.") {
+    controller.abort();
+    controller = new AbortController();
+    const mine = ++view;
+    const { signal } = controller;
+    next = null;
+    moreBusy = false;
+    more.disabled = false;
+    more.hidden = true;
+    list.setAttribute("aria-busy", "true");
+    showError("");
     try {
-      const { body, headers } = await request("GET", url);
-      if (replace) list.replaceChildren();
-      list.append(...body.map(card));
+      const { body, headers } = await request("GET", url, undefined, { signal });
+      if (mine !== view) return;
+      list.replaceChildren();
+      shown.clear();
+      emptyText = empty;
+      add(body);
       next = nextLink(headers);
-      more.hidden = !next;
-      status.textContent = list.children.length ? "" : "No images yet.";
+      renderStatus();
     } catch (err) {
-      onError(err.message);
+      if (mine === view && !isAbort(err)) showError(err.message);
+    } finally {
+      if (mine === view) list.removeAttribute("aria-busy");
     }
   }
 
-  function drawBoxes(image) {
-    const boxes = document.getElementById("boxes");
-    boxes.replaceChildren(...image.detections.map((d) => {
-      const b = d.box;
-      const box = el("div", { className: b.y_min < 0.06 ? "box low" : "box" },
-        el("span", {}, `${d.label} ${Math.round(d.confidence * 100)}%`));
-      // Percentages of the stage, which is exactly the displayed image: right at any size.
-      Object.assign(box.style, {
-        left: `${b.x_min * 100}%`, top: `${b.y_min * 100}%`,
-        width: `${(b.x_max - b.x_min) * 100}%`, height: `${(b.y_max - b.y_min) * 100}%`,
-      });
-      box.dataset.label = d.label;
-      return box;
-    }));
-  }
-
-  function show(image) {
-    current = image;
-    document.getElementById("detail-title").textContent = image.label;
-    const img = document.getElementById("detail-img");
-    img.alt = image.label;
-    img.src = image.file_url;
-    drawBoxes(image);
-    const meta = document.getElementById("detail-meta");
-    const rows = [
-      ["Objects", image.detection_enabled ? (image.objects.join(", ") || "none found") : "detection was off"],
-      ["Label", `${image.label}${image.label_generated ? " (generated)" : ""}`],
-      ["Size", `${image.width} × ${image.height}, ${(image.size / 1024).toFixed(0)} KB, ${image.content_type}`],
-      ["Added", new Date(image.created_at).toLocaleString()],
-      ["Source", image.source_url || "upload"],
-      ["sha256", image.sha256],
-    ];
-    meta.replaceChildren(...rows.flatMap(([k, v]) => [el("dt", {}, k), el("dd", {}, v)]));
-    document.getElementById("detail-file").href = image.file_url;
-    dialog.showModal();
-  }
-
-  document.getElementById("detail-close").addEventListener("click", () => dialog.close());
-  dialog.addEventListener("click", (e) => { if (e.target === dialog) dialog.close(); }); // the backdrop
-  document.getElementById("detail-delete").addEventListener("click", async () => {
-    if (!current || !confirm(`Delete "${current.label}"?`)) return;
+  async function loadMore() {
+    if (moreBusy || !next) return; // one at a time: a second click waits for nothing and adds nothing
+    moreBusy = true;
+    more.disabled = true;
+    const mine = view;
     try {
-      await request("DELETE", `/images/${current.id}`);
-      list.querySelector(`[data-id="${current.id}"]`)?.remove();
-      dialog.close();
-      onChanged();
+      const { body, headers } = await request("GET", next, undefined, { signal: controller.signal });
+      if (mine !== view) return;
+      add(body);
+      next = nextLink(headers);
+      showError("");
     } catch (err) {
-      onError(err.message);
+      if (mine === view && !isAbort(err)) showError(`More images could not be loaded: ${err.message}`);
+    } finally {
+      if (mine === view) {
+        moreBusy = false;
+        more.disabled = false;
+        renderStatus();
+      }
     }
-  });
-  more.addEventListener("click", () => next && load(next, false));
+  }
+  more.addEventListener("click", loadMore);
 
   return {
-    load: (url) => load(url, true),
-    show,
-    prepend(image) { list.prepend(card(image)); status.textContent = ""; },
+    load,
+    prepend(image) {
+      if (shown.has(image.id)) return;
+      shown.add(image.id);
+      list.prepend(card(image));
+      renderStatus();
+    },
+    /** Take an image's card out; returns the element to focus next (the next card, or the heading). */
+    remove(id) {
+      const item = list.querySelector(`[data-id="${id}"]`);
+      const after = item && (item.nextElementSibling || item.previousElementSibling);
+      item?.remove();
+      shown.delete(id);
+      renderStatus();
+      return after ? after.querySelector("button") : document.getElementById("gallery-title");
+    },
   };
 }

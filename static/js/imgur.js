@@ -1,20 +1,31 @@
 // The Imgur panel: submit URLs, follow the job until it completes, list every link uploaded so far.
+// Its errors are shown under its own text box, naming the line at fault; when the service has Imgur
+// uploads off, the panel says so and takes no input.
 import { request } from "./api.js";
 
 const POLL_MS = 1000;
 
-export function setupImgur({ onError }) {
+export function setupImgur() {
+  const panel = document.getElementById("imgur");
   const form = document.getElementById("imgur-form");
   const urls = document.getElementById("imgur-urls");
   const submit = document.getElementById("imgur-submit");
+  const error = document.getElementById("imgur-error");
+  const off = document.getElementById("imgur-off");
   const job = document.getElementById("job");
   const summary = document.getElementById("job-summary");
   const items = document.getElementById("job-items");
   const links = document.getElementById("links");
 
+  const showError = (message) => {
+    error.textContent = message;
+    error.hidden = !message;
+    urls.setAttribute("aria-invalid", String(Boolean(message)));
+  };
+  urls.addEventListener("input", () => showError(""));
+
   function link(href) {
-    const a = Object.assign(document.createElement("a"), { href, textContent: href, target: "_blank", rel: "noopener" });
-    return a;
+    return Object.assign(document.createElement("a"), { href, textContent: href, target: "_blank", rel: "noopener" });
   }
 
   async function refreshLinks() {
@@ -22,8 +33,18 @@ export function setupImgur({ onError }) {
       const { body } = await request("GET", "/v1/images");
       links.replaceChildren(...body.uploaded.map((href) => { const li = document.createElement("li"); li.append(link(href)); return li; }));
     } catch (err) {
-      onError(err.message);
+      showError(`The list of links could not be read: ${err.message}`);
     }
+  }
+
+  /** On or off, as the service says; `why` is its sentence when off. */
+  function available(on, why = "") {
+    panel.classList.toggle("is-off", !on);
+    off.hidden = on;
+    off.textContent = on ? "" : `Imgur uploads are off on this service: ${why || "it has no IMGUR_CLIENT_ID"}`;
+    form.inert = !on;
+    urls.disabled = !on;
+    submit.disabled = !on;
   }
 
   function render(view) {
@@ -50,10 +71,27 @@ export function setupImgur({ onError }) {
     }
   }
 
+  /** A batch refused: each bad entry (the 400's `errors` member) by its line number in the text box. */
+  function batchMessage(err, lineOf) {
+    const bad = Array.isArray(err.body?.errors) ? err.body.errors : [];
+    if (!bad.length) return err.message;
+    const lines = bad.map((b) => `line ${lineOf[b.index] ?? b.index + 1} (${b.url}): ${b.reason}`);
+    const head = bad.length === 1 ? "This line is not an image URL" : `${bad.length} lines are not image URLs`;
+    return `${head}; fix it and send again. ${lines.map((l) => l[0].toUpperCase() + l.slice(1)).join(". ")}.`;
+  }
+
   form.addEventListener("submit", async (e) => {
     e.preventDefault();
-    const list = urls.value.split("\n").map((s) => s.trim()).filter(Boolean);
-    if (!list.length) return onError("Paste one or more image URLs, one per line.");
+    const lines = urls.value.split("\n");
+    const list = [];
+    const lineOf = []; // the text box's line number of each URL sent (blank lines are skipped)
+    lines.forEach((text, n) => { if (text.trim()) { list.push(text.trim()); lineOf.push(n + 1); } });
+    if (!list.length) {
+      showError("Nothing to upload: paste one or more image URLs, one per line.");
+      urls.focus();
+      return;
+    }
+    showError("");
     submit.disabled = true;
     try {
       const { body } = await request("POST", "/v1/images/upload", { urls: list });
@@ -63,11 +101,37 @@ export function setupImgur({ onError }) {
       await follow(`/v1/images/upload/${body.jobId}`);
       await refreshLinks();
     } catch (err) {
-      onError(err.message);
+      if (err.status === 503 && /imgur/i.test(err.message)) available(false, err.message);
+      showError(err.status === 400 ? batchMessage(err, lineOf) : err.message);
     } finally {
-      submit.disabled = false;
+      submit.disabled = !off.hidden; // stays disabled when the answer said Imgur is off
     }
   });
 
-  return { refreshLinks };
+  /**
+   * Whether Imgur uploads are on. GET /health does not say (yet: it reports the detector and the auth
+   * mode), so when it has no `imgur` member the page asks the upload route with an empty batch: a 503
+   * means off, a 400 (the batch is empty) means on; nothing is queued either way. Asked once per page
+   * load, and again when the page comes back only while it was off (the service logs each 503).
+   */
+  let on = null;
+  async function check(health) {
+    if (health && "imgur" in health) {
+      const v = health.imgur;
+      on = typeof v === "object" && v !== null ? Boolean(v.configured ?? v.enabled ?? v.on) : v === true || v === "on";
+      return available(on, v?.error || "");
+    }
+    if (on) return;
+    try {
+      await request("POST", "/v1/images/upload", { urls: [] });
+      on = true;
+    } catch (err) {
+      if (err.status === 503) on = false;
+      else if (err.status === 400) on = true;
+      if (on === false) return available(false, err.message);
+    }
+    if (on) available(true);
+  }
+
+  return { refreshLinks, check };
 }
