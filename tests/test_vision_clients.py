@@ -374,3 +374,13 @@ def test_every_refusal_under_the_key_is_json_with_a_length(key_server, photo):
         except AssertionError as e:
             raise AssertionError(f"{what}: {e}") from None
     assert_json_answer(*raw_post(key_server, "/v1/vision/face", *_image(pets, api_key="wrong-key-here")), 401)
+
+
+def test_without_a_model_the_refusal_is_json_with_a_length_and_retry_after(tmp_path, photo):
+    proc, base, _ = start_server(tmp_path, "--model", str(tmp_path / "absent.tflite"))
+    try:
+        status, headers, chunked, body = raw_post(Running(proc, base), "/v1/vision/detection", *_image(photo("pets.jpg")))
+    finally:
+        stop_server(proc)
+    assert_json_answer(status, headers, chunked, body, 503)
+    assert int(dict((k.lower(), v) for k, v in headers)["retry-after"]) > 0, headers
