@@ -30,7 +30,7 @@ import threading
 import time
 import urllib.request
 import zipfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable
 
 import numpy as np
@@ -293,12 +293,23 @@ def postprocess(
 # ---------------------------------------------------------------------------------------------------------
 
 
+# The lowest confidence the detector reports as a candidate, whatever threshold a caller asks for: each
+# caller filters the candidates at its own (POST /images at DETECT_THRESHOLD, /v1/vision/* at the request's
+# min_confidence). Below it a model's anchors are noise, and min_confidence=0 would return every one.
+CANDIDATE_FLOOR = 0.05
+
+
 @dataclass
 class Result:
     decoded: imaging.Decoded
-    detections: list[Detection]
+    detections: list[Detection]  # at the threshold asked for (the detector's by default)
     timings: dict[str, float]  # milliseconds: preprocess, wait, invoke, postprocess
     fingerprint: str  # the model and threshold that produced `detections` (Detector.fingerprint)
+    candidates: list[Detection] = field(default_factory=list)  # down to CANDIDATE_FLOOR, same order
+
+    def above(self, min_confidence: float) -> list[Detection]:
+        """The candidates at or above `min_confidence` (never below CANDIDATE_FLOOR), highest first."""
+        return [d for d in self.candidates if d.confidence >= min_confidence]
 
 
 _STDERR_LOCK = threading.Lock()
@@ -562,9 +573,16 @@ class Detector:
         wait, invoke, raw = model.invoke(decoded.pixels)
         t2 = time.perf_counter()
         detections = postprocess(*raw, model.labels, threshold)
+        candidates = postprocess(*raw, model.labels, CANDIDATE_FLOOR)  # for callers that filter by themselves
         t3 = time.perf_counter()
         timings = {"preprocess": t1 - t0, "wait": wait, "invoke": invoke, "postprocess": t3 - t2}
-        return Result(decoded, detections, {k: v * 1000 for k, v in timings.items()}, _fingerprint(model, threshold))
+        return Result(decoded, detections, {k: v * 1000 for k, v in timings.items()}, _fingerprint(model, threshold), candidates)
+
+    def close(self) -> None:
+        """Let go of the loaded model: its interpreters are freed once the detections running on it end
+        (each holds its own reference). A later detect() would load the file again."""
+        with self._lock:
+            self._model = self._model_stat = None
 
 
 def _fingerprint(model: _Model, threshold: float) -> str:

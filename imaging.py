@@ -106,6 +106,7 @@ class Decoded:
     width: int  # as displayed, after EXIF orientation
     height: int
     pixels: np.ndarray | None  # [1, H, W, 3] uint8 at the model's input size; None from inspect()
+    orientation: int = 1  # the EXIF orientation applied (1: none); maps boxes back to the grid as sent
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -538,7 +539,7 @@ def _finish(img: Image.Image, stored: tuple[int, int], size: tuple[int, int] | N
         pixels = pixels.transpose(_ORIENTATION[orientation])
     width, height = (stored[1], stored[0]) if swap else stored
     array = None if pixels is None else np.asarray(pixels, dtype=np.uint8)[np.newaxis, ...]
-    return Decoded(fmt, CONTENT_TYPES.get(fmt, "application/octet-stream"), width, height, array)
+    return Decoded(fmt, CONTENT_TYPES.get(fmt, "application/octet-stream"), width, height, array, orientation)
 
 
 def _to_model_input(img: Image.Image, target: tuple[int, int]) -> Image.Image:

@@ -336,3 +336,24 @@ class Ingest:
             )
         log.info("stored image %d (%s, %d bytes, %d objects)", rec.id, rec.content_type, rec.size, len(found))
         return rec, data
+
+    def add_frame(self, data: bytes, result: detect.Result, *, keep: int, name: str | None = None) -> store.ImageRecord:
+        """Store an image a /v1/vision/ route has analysed (VISION_STORE) as add() with detection would have
+        stored it: its detections at the detector's threshold (`result.detections`, with the fingerprint
+        that produced them), a label made from them, as one of the newest `keep` frames (store.add_frame).
+        The image was decoded completely for the detection: nothing is decoded again."""
+        sha256 = hashlib.sha256(data).hexdigest()
+        found = found_from(result.detections)
+        text, generated = make_label(None, found, name, sha256)
+        decoded = result.decoded
+        with self.images.connection():
+            rec = self.images.add_frame(
+                store.NewImage(
+                    data=data, sha256=sha256, content_type=decoded.content_type, width=decoded.width,
+                    height=decoded.height, label=text, label_generated=generated, detection_enabled=True,
+                    detections=found, detected_with=result.fingerprint, source_url=None,
+                ),
+                keep,
+            )
+        log.debug("stored vision frame %d (%d bytes, %d objects)", rec.id, rec.size, len(found))
+        return rec

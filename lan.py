@@ -241,6 +241,11 @@ def _presented_key(environ: Mapping[str, Any]) -> str | None:
     return None
 
 
+def sends_credentials(environ: Mapping[str, Any]) -> bool:
+    """Whether a request carries a key header or a session cookie (right or wrong)."""
+    return _presented_key(environ) is not None or _cookie(environ) is not None
+
+
 def client_of(environ: Mapping[str, Any]) -> str:
     """Whom wrong keys are counted against: the peer address (the real client's behind TRUSTED_PROXY);
     an IPv6 client by its /64, since one host may hold all of those addresses."""
@@ -459,6 +464,16 @@ class Guard:
             'or sign in on the page (POST /session with {"key": "<key>"}).',
             (("WWW-Authenticate", "Bearer"),),
         )
+
+    def check_key(self, presented: str, environ: Mapping[str, Any]) -> Answer | None:
+        """None when `presented`, a key sent another way than a header (the api_key form field of the
+        DeepStack-compatible routes), is the key; else the refusal check() gives a wrong key (429 while
+        the client waits, 401 counted against it)."""
+        client = client_of(environ)
+        refused = self._too_many(client)
+        if refused is not None:
+            return refused
+        return None if self.key_matches(presented) else self._wrong_key(client)
 
     def host_allowed(self, host_header: str) -> bool:
         """Whether a browser may name this service so: any IP address, localhost, this machine's name and

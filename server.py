@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import binascii
 import collections
+import contextlib
 import datetime
 import errno
 import functools
@@ -49,6 +50,7 @@ import jobs as jobs_mod
 import lan
 import settings as settings_mod
 import store
+import vision
 
 __version__ = "0.1.0"
 
@@ -79,6 +81,8 @@ ERROR_STATUS: dict[type[BaseException], int] = {
     jobs_mod.BacklogFull: 503,
     jobs_mod.Closed: 503,
     imgur.NotConfigured: 503,
+    vision.UnknownModel: 404,
+    vision.UnusableModel: 400,
 }
 
 PROBLEM_JSON = "application/problem+json"
@@ -102,15 +106,45 @@ def problem_body(status: int, detail: str) -> str:
     return json.dumps({"type": "about:blank", "title": HTTPStatus(status).phrase, "status": status, "detail": detail})
 
 
+VISION_PREFIX = "/v1/vision/"
+# DeepStack's clients know one status for every mistake in what was sent, 400; the other statuses stay.
+DEEPSTACK_STATUS = {415: 400, 422: 400}
+MODEL_RETRY_AFTER = 30  # seconds: the hint given to a DeepStack client while there is no model
+
+
+def is_vision(path: str) -> bool:
+    """Whether `path` is under /v1/vision/, where every answer is in DeepStack's shape."""
+    return path.startswith(VISION_PREFIX) or path == VISION_PREFIX[:-1]
+
+
+def refusal(path: str, status: int, detail: str) -> tuple[int, str, str]:
+    """(status, body, Content-Type) of every refusal, the one place one takes its shape: problem+json, or
+    under /v1/vision/ DeepStack's `{"success": false, "error", "code", "duration": 0}` as application/json
+    (Frigate's detector process crashes on a body that is not JSON; Blue Iris reads only this)."""
+    if is_vision(path):
+        status = DEEPSTACK_STATUS.get(status, status)
+        body = json.dumps({"success": False, "error": detail, "code": status, "duration": 0})
+        return status, body, "application/json"
+    return status, problem_body(status, detail), PROBLEM_JSON
+
+
+def _request_path() -> str:
+    try:
+        return bottle.request.path
+    except (RuntimeError, KeyError):  # outside a request
+        return ""
+
+
 def problem(status: int, detail: str, headers: dict[str, str] | None = None) -> bottle.HTTPResponse:
-    res = bottle.HTTPResponse(problem_body(status, detail), status=status, headers=headers)
-    res.content_type = PROBLEM_JSON
+    status, body, kind = refusal(_request_path(), status, detail)
+    res = bottle.HTTPResponse(body, status=status, headers=headers)
+    res.content_type = kind
     return res
 
 
 def lan_answer(answer: lan.Answer) -> bottle.HTTPResponse:
-    """The guard's answers (refusals, preflights, the session routes'). The one place they take a shape:
-    DeepStack-compatible routes (/v1/vision/...) would answer theirs in DeepStack's shape here."""
+    """The guard's answers (refusals, preflights, the session routes'), shaped by problem(): under
+    /v1/vision/ in DeepStack's shape."""
     if not answer.detail:
         return bottle.HTTPResponse(status=answer.status, headers=dict(answer.headers))
     return problem(answer.status, answer.detail, dict(answer.headers))
@@ -142,6 +176,8 @@ def _json_errors(callback):
             if status >= 500 and not isinstance(e, ingest.Busy):  # a Gate logs its refusals, once a minute
                 log.warning("%s %s: %s", bottle.request.method, bottle.request.path, e)
             retry_after = getattr(e, "retry_after", None)
+            if retry_after is None and isinstance(e, detect.ModelError) and is_vision(bottle.request.path):
+                retry_after = MODEL_RETRY_AFTER  # DeepStack clients retry on it; a model may be put in place
             return problem(status, str(e), {"Retry-After": str(retry_after)} if retry_after else None)
 
     return wrapper
@@ -163,8 +199,9 @@ def _bottle_error(res: bottle.HTTPError) -> str:
         detail = INTERNAL_ERROR
     else:
         detail = str(res.body) or HTTPStatus(status).phrase
-    bottle.response.content_type = PROBLEM_JSON
-    return problem_body(status, detail)
+    _, body, kind = refusal(bottle.request.path, status, detail)  # 404, 405, 413, 500: no status changes
+    bottle.response.content_type = kind
+    return body
 
 
 def body_limit(settings: Any) -> int:
@@ -401,14 +438,8 @@ def _part(head: bytes, content: memoryview) -> _Part:
     return _Part(params["name"], params.get("filename"), content)
 
 
-def _multipart_form(data: bytes) -> tuple[dict[str, str], _Part | None]:
-    """A multipart/form-data body as ({text field: value}, the file part `image` or None).
-
-    Bounded while scanning, before anything is built: at most FORM_MAX_FIELDS parts, at most
-    PART_HEADERS_MAX_BYTES of headers per part; parts are views into the body, not copies. Bottle's
-    parser built every part first (424,000 parts: 19 s), failed with a 500 on a field or header that was
-    not UTF-8, and on control characters in a file name.
-    """
+def _multipart_parts(data: bytes) -> list[_Part]:
+    """The parts of a multipart/form-data body, the scan of _multipart_form (which says its bounds)."""
     params = _header_params(";" + bottle.request.environ.get("CONTENT_TYPE", "").partition(";")[2])  # not lower-cased
     boundary = params.get("boundary", "")
     if not 1 <= len(boundary) <= 70:
@@ -443,6 +474,18 @@ def _multipart_form(data: bytes) -> tuple[dict[str, str], _Part | None]:
             raise ClientError(400, "the multipart body ends without its closing boundary line; send the whole form")
         parts.append(_part(data[start:head_end], view[body_start:body_end]))
         pos = body_end + len(delimiter)
+    return parts
+
+
+def _multipart_form(data: bytes) -> tuple[dict[str, str], _Part | None]:
+    """A multipart/form-data body as ({text field: value}, the file part `image` or None).
+
+    Bounded while scanning, before anything is built: at most FORM_MAX_FIELDS parts, at most
+    PART_HEADERS_MAX_BYTES of headers per part; parts are views into the body, not copies. Bottle's
+    parser built every part first (424,000 parts: 19 s), failed with a 500 on a field or header that was
+    not UTF-8, and on control characters in a file name.
+    """
+    parts = _multipart_parts(data)
     fields: dict[str, str] = {}
     upload = None
     for p in parts:
@@ -511,6 +554,56 @@ def _read_new_image(data: bytes, max_bytes: int) -> ingest.Submission:
     if not len(upload.content):
         raise ClientError(400, "the file part `image` is empty")
     return ingest.Submission(upload.content.tobytes(), None, label, raw in _TRUE, upload.filename)
+
+
+VISION_FIELDS = ("min_confidence", "api_key")  # with the file part `image`; clients' other fields are ignored
+
+
+def _vision_form(limit: int) -> tuple[dict[str, str], _Part | None]:
+    """The form of a /v1/vision/ POST: ({min_confidence, api_key present}, the part `image` or None).
+
+    Kept in the environ, since the key check (api_key) and the route both read it. `image` may come with
+    any file name or none and any Content-Type (the bytes are sniffed); other fields are ignored, as
+    DeepStack does; the bounds of _multipart_form hold."""
+    env = bottle.request.environ
+    cached = env.get("imgsvc.vision_form")
+    if cached is not None:
+        return cached
+    if _media_type() != "multipart/form-data":
+        raise ClientError(
+            400, "no image: send the picture as the file part `image` of a multipart/form-data body (curl -F image=@photo.jpg)"
+        )
+    too_large = f"the body is larger than {limit:,} bytes; send a smaller image (MAX_IMAGE_BYTES)"
+    if bottle.request.content_length > limit:
+        raise ClientError(413, too_large)
+    fields: dict[str, str] = {}
+    upload = None
+    for p in _multipart_parts(read_body(limit, too_large)):
+        if p.name != "image" and p.name not in VISION_FIELDS:
+            continue
+        if p.name in fields or (p.name == "image" and upload is not None):
+            raise ClientError(400, f"`{p.name}` is given more than once; send each field once")
+        if p.name == "image":
+            upload = p
+            continue
+        try:
+            fields[p.name] = str(p.content, "utf-8")
+        except UnicodeDecodeError:
+            raise ClientError(400, f"`{p.name}` is not UTF-8 text; send it as UTF-8") from None
+    env["imgsvc.vision_form"] = (fields, upload)
+    return fields, upload
+
+
+def _vision_confidence(raw: str | None) -> float:
+    if raw is None or not raw.strip():
+        return vision.DEFAULT_MIN_CONFIDENCE
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:  # also refuses nan
+        raise ClientError(400, f"`min_confidence` must be a number from 0 to 1 (default {vision.DEFAULT_MIN_CONFIDENCE}), not {raw[:40]!r}")
+    return value
 
 
 def _int_param(name: str, low: int, high: int | None = None, default: int | None = None) -> int | None:
@@ -681,10 +774,13 @@ class Parts:
     jobs: jobs_mod.Jobs
     uploader: imgur.ImgurClient | None = None
     closers: list[Callable[[], Any]] = field(default_factory=list, repr=False)
+    shelf: vision.Shelf | None = None  # the models of /v1/vision/custom/<name>
 
     def close(self, jobs_timeout: float = 10.0) -> None:
         """Stop the upload jobs (waiting for uploads under way, up to a deadline) and close the database."""
         self.jobs.close(timeout=jobs_timeout)  # logs what it abandoned; closes the Imgur client
+        if self.shelf is not None:
+            self.shelf.close()
         self.images.shutdown()
 
 
@@ -739,7 +835,14 @@ def build_parts(
         downloads=ingest.download_gate(settings.download_slots, wait),
         detections=ingest.detection_gate(detector.pool, settings.detect_queue, wait),
     )
-    return Parts(settings, images, detector, fetcher, pipeline, jobs, uploader or None)
+    shelf = vision.Shelf(
+        settings.vision_models_dir, loaded=settings.vision_models_loaded, main=detector,
+        make_detector=lambda path: detect.Detector(
+            path, threshold=settings.detect_threshold, threads=detector.threads, pool=detector.pool,
+            max_pixels=settings.max_pixels, budget=budget,
+        ),
+    )
+    return Parts(settings, images, detector, fetcher, pipeline, jobs, uploader or None, shelf=shelf)
 
 
 def make_app(settings: Any, parts: Parts) -> bottle.Bottle:
@@ -756,7 +859,12 @@ def make_app(settings: Any, parts: Parts) -> bottle.Bottle:
 
     @app.hook("before_request")  # first: a refused request never touches the database
     def _guard():
-        answer = guard.check(bottle.request.environ)
+        environ = bottle.request.environ
+        answer = guard.check(environ)
+        if answer is not None and answer.status == 401 and is_vision(bottle.request.path) and not lan.sends_credentials(environ):
+            key = _vision_key(limit)  # DeepStack's clients send the key as the form field api_key
+            if key is not None:
+                answer = guard.check_key(key, environ)
         if answer is not None:
             raise lan_answer(answer)
 
@@ -910,6 +1018,7 @@ def make_app(settings: Any, parts: Parts) -> bottle.Bottle:
         res.set_header("Cache-Control", "no-cache")  # revalidate (Last-Modified): a new version shows at once
         return res
 
+    _vision_routes(app, settings, parts)
     openapi = _openapi_document()
 
     @app.get("/openapi.json")
@@ -917,6 +1026,67 @@ def make_app(settings: Any, parts: Parts) -> bottle.Bottle:
         return openapi
 
     return app
+
+
+def _vision_key(limit: int) -> str | None:
+    """The api_key form field of a /v1/vision/ POST, or None (absent, blank, or the body is not a form)."""
+    if bottle.request.method != "POST":
+        return None
+    try:
+        fields, _ = _vision_form(limit)
+    except ClientError:
+        return None  # the request is refused for its missing key; its form is not the question now
+    return fields.get("api_key", "").strip() or None
+
+
+def _vision_routes(app: bottle.Bottle, settings: Any, parts: Parts) -> None:
+    """The DeepStack / CodeProject.AI-compatible routes (README: Use it as a DeepStack / CodeProject.AI
+    server). Their refusals take DeepStack's shape in refusal(); every other path under /v1/vision/ is a
+    404 there."""
+    limit, max_bytes = body_limit(settings), settings.max_image_bytes
+    shelf, pipeline = parts.shelf, parts.ingest
+    host_name = socket.gethostname()
+    store_failures = vision.Throttled(60)
+
+    def detect_objects(name: str | None) -> bottle.HTTPResponse:
+        started = time.perf_counter()
+        fields, upload = _vision_form(limit)
+        min_confidence = _vision_confidence(fields.get("min_confidence"))
+        if upload is None:
+            raise ClientError(400, "no image: send the picture as the file part `image` (curl -F image=@photo.jpg)")
+        if len(upload.content) > max_bytes:
+            raise ClientError(413, f"the image is larger than {max_bytes:,} bytes (MAX_IMAGE_BYTES); send a smaller one")
+        if not len(upload.content):
+            raise ClientError(400, "the file part `image` is empty; send the picture's bytes")
+        data = upload.content.tobytes()
+        lent = contextlib.nullcontext(parts.detector) if name is None else shelf.use(name)
+        with lent as detector:
+            detector.load()  # no model: 503 now, before a place in the detection queue is taken
+            gate = pipeline.detections
+            with contextlib.nullcontext() if gate is None else gate.enter():
+                result = detector.detect(data, budget=pipeline.budget)
+        found = vision.predictions(result, min_confidence, settings.vision_max_predictions)
+        body = vision.detection_answer(
+            found, result.timings, (time.perf_counter() - started) * 1000, host=host_name, now=time.time()
+        )
+        if settings.vision_store:
+            try:
+                pipeline.add_frame(data, result, keep=settings.vision_store_max, name=upload.filename)
+            except (store.StoreError, ingest.Busy) as e:  # the detection stands; the frame is lost, and said so
+                store_failures.warn(log, "an image /v1/vision/ analysed was not stored (VISION_STORE): %s", e)
+        return _json(body)
+
+    @app.post("/v1/vision/detection")
+    def vision_detection():
+        return detect_objects(None)
+
+    @app.post("/v1/vision/custom/list")
+    def vision_models():
+        return _json({"success": True, "models": shelf.names()})
+
+    @app.post("/v1/vision/custom/<name>")
+    def vision_custom(name):
+        return detect_objects(name)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1073,9 +1243,10 @@ class _ProblemErrorTask(waitress.task.ErrorTask):
             413: BODY_TOO_LARGE,
             431: "The request headers are too large; send at most 256 KB of headers.",
         }.get(status, f"The request could not be read ({error.reason}); check what your client sends.")
-        body = problem_body(status, detail).encode()
-        self.status = f"{error.code} {error.reason}"
-        self.response_headers.append(("Content-Type", PROBLEM_JSON))
+        status, text, kind = refusal(getattr(self.request, "path", "") or "", status, detail)
+        body = text.encode()
+        self.status = f"{status} {HTTPStatus(status).phrase}"
+        self.response_headers.append(("Content-Type", kind))
         self.response_headers.extend(getattr(error, "extra_headers", ()))
         self.set_close_on_finish()
         self.content_length = len(body)
@@ -1144,12 +1315,14 @@ class _ProblemChannel(waitress.channel.HTTPChannel):
 
     def _time_out(self, detail: str) -> None:
         """Answer 408 and close. Written here on the loop: no task owns this channel's output now."""
+        path = getattr(self.request, "path", "") or ""  # known once the headers are in
         self.request.close()  # gives its body budget back
         self.request = None
-        body = problem_body(408, detail).encode()
+        _, text, kind = refusal(path, 408, detail)
+        body = text.encode()
         head = (
             f"HTTP/1.1 408 {HTTPStatus(408).phrase}\r\nConnection: close\r\nContent-Length: {len(body)}\r\n"
-            f"Content-Type: {PROBLEM_JSON}\r\nDate: {waitress.utilities.build_http_date(time.time())}\r\n"
+            f"Content-Type: {kind}\r\nDate: {waitress.utilities.build_http_date(time.time())}\r\n"
             f"Server: {self.adj.ident}\r\n\r\n"
         ).encode("latin-1")
         with self.outbuf_lock:

@@ -299,6 +299,30 @@ class Settings:
         "Milliseconds a request waits for a download slot or a detection place before 503 with Retry-After.",
         parse=_non_negative_int,
     )
+    vision_models_dir: str = _setting(
+        "VISION_MODELS_DIR", "models",
+        "Folder of the models `/v1/vision/custom/{name}` serves: each .tflite file there, named by its file name without .tflite.",
+    )
+    vision_models_loaded: int = _setting(
+        "VISION_MODELS_LOADED", 2,
+        "Custom models kept loaded at once (besides DETECT_MODEL); the least recently used is unloaded first.",
+        parse=_positive_int,
+    )
+    vision_max_predictions: int = _setting(
+        "VISION_MAX_PREDICTIONS", 20,
+        "Most predictions one /v1/vision/ answer holds, highest confidence first (Frigate reads at most 20).",
+        parse=_positive_int,
+    )
+    vision_store: bool = _setting(
+        "VISION_STORE", False,
+        "Store each image /v1/vision/ analyses, as POST /images with detection would (searchable by its objects).",
+        parse=_bool,
+    )
+    vision_store_max: int = _setting(
+        "VISION_STORE_MAX", 10000,
+        "Most images VISION_STORE keeps; past it the oldest stored that way are deleted.",
+        parse=_positive_int,
+    )
 
     def public(self) -> dict[str, Any]:
         """The settings safe to show or log (secrets reduced to whether they are set)."""

@@ -167,7 +167,16 @@ def _tables(database: pw.Database, id_field: Callable[[], pw.Field]) -> SimpleNa
                 (("name", "image", "confidence"), False),  # objects=: walk one name newest first
             )
 
-    return SimpleNamespace(Setting=Setting, Blob=Blob, Image=Image, Detection=Detection, all=(Setting, Blob, Image, Detection))
+    class VisionFrame(_Base):
+        """Images stored by /v1/vision/* (VISION_STORE), so that only the newest VISION_STORE_MAX are kept.
+        A table of its own (created where it is missing): older databases gain it without a migration."""
+
+        image = pw.ForeignKeyField(Image, primary_key=True, on_delete="CASCADE")
+
+    return SimpleNamespace(
+        Setting=Setting, Blob=Blob, Image=Image, Detection=Detection, VisionFrame=VisionFrame,
+        all=(Setting, Blob, Image, Detection, VisionFrame),
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -430,6 +439,33 @@ class Store:
             image.id, new.sha256, new.label, new.label_generated, new.detection_enabled, new.content_type,
             len(new.data), new.width, new.height, new.source_url, created_ms, tuple(new.detections),
         )
+
+    def add_frame(self, new: NewImage, keep: int) -> ImageRecord:
+        """add() an image as a vision frame (VISION_STORE): in the same transaction, vision frames beyond the
+        newest `keep` are deleted, with their bytes when no other image uses them. Images added otherwise
+        are never deleted here."""
+        t = self._t
+        with self._errors(), self.backend.write():
+            rec = self.add(new)
+            t.VisionFrame.insert(image=rec.id).execute()
+            old = [
+                row.image_id
+                for row in t.VisionFrame.select(t.VisionFrame.image).order_by(t.VisionFrame.image.desc()).offset(keep)
+            ]
+            if old:
+                shas = {row.sha256 for row in t.Image.select(t.Image.sha256).where(t.Image.id.in_(old))}
+                t.Image.delete().where(t.Image.id.in_(old)).execute()  # detections and frames by ON DELETE CASCADE
+                used = {row.sha256 for row in t.Image.select(t.Image.sha256).where(t.Image.sha256.in_(shas))}
+                if shas - used:
+                    t.Blob.delete().where(t.Blob.sha256.in_(shas - used)).execute()
+                log.debug("deleted %d vision frame(s) beyond VISION_STORE_MAX (%d)", len(old), keep)
+        return rec
+
+    def vision_frames(self) -> list[int]:
+        """Ids of the images stored as vision frames, newest first."""
+        t = self._t
+        with self._errors():
+            return [row.image_id for row in t.VisionFrame.select(t.VisionFrame.image).order_by(t.VisionFrame.image.desc())]
 
     @staticmethod
     def _detection_row(image_id: int, d: Found) -> dict[str, Any]:
