@@ -19,7 +19,8 @@ body deepstack-python and Frigate send (part `image`, filename "image", no Conte
 
 The CPU of the benchmark's own client: the requesting thread's CPU per POST (time.thread_time) in part 1;
 in part 2 this whole process (two client threads and the thread reading the server's log;
-resource.getrusage) against the server process (/proc/<pid>/stat), per image. Prints one markdown table
+resource.getrusage) against the server process (/proc/<pid>/stat), per image, and the CPU that detect()
+took per image in this process in the same part. Prints one markdown table
 of medians against the targets and one line of context. Progress goes to stderr. It reports; it asserts
 nothing.
 """
@@ -161,12 +162,14 @@ def two_clients(srv: ServerProcess, detector: detect.Detector, data: bytes, per_
         return lambda: post(conn, body, kind)
 
     http_rates, detect_rates = [], []
-    cpu_self = cpu_server = 0.0
+    cpu_self = cpu_server = cpu_detect = 0.0
     try:
         for r in range(rounds):
             for kind_of in (("http", "detect") if r % 2 == 0 else ("detect", "http")):
                 if kind_of == "detect":
+                    s0 = self_cpu()
                     detect_rates.append(rate(2, per_client, lambda: lambda: detector.detect(data)))
+                    cpu_detect += self_cpu() - s0
                     continue
                 s0, v0 = self_cpu(), srv.cpu_seconds()
                 http_rates.append(rate(2, per_client, http_client))
@@ -180,14 +183,15 @@ def two_clients(srv: ServerProcess, detector: detect.Detector, data: bytes, per_
     images = 2 * per_client * rounds
     return {"http": statistics.median(http_rates), "detect": statistics.median(detect_rates),
             "http_all": http_rates, "detect_all": detect_rates,
-            "self_ms": cpu_self * 1000 / images, "server_ms": cpu_server * 1000 / images}
+            "self_ms": cpu_self * 1000 / images, "server_ms": cpu_server * 1000 / images,
+            "detect_ms": cpu_detect * 1000 / images}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=60, help="timed POSTs (and detect() calls) per photo (default 60)")
-    parser.add_argument("--per-client", type=int, default=60, help="POSTs per client per two-client round (default 60)")
-    parser.add_argument("--rounds", type=int, default=3, help="two-client rounds of each kind (default 3)")
+    parser.add_argument("--per-client", type=int, default=40, help="POSTs per client per two-client round (default 40)")
+    parser.add_argument("--rounds", type=int, default=5, help="two-client rounds of each kind (default 5)")
     args = parser.parse_args()
     # SIGTERM (make, CI) unwinds like Ctrl-C, so the server is stopped and the temp dir removed.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
@@ -237,7 +241,8 @@ def main() -> int:
         f"\nclient CPU: the requesting thread {one[FRAME]['client_cpu']:.2f} ms per POST of the {FRAME} "
         f"({one[FRAME]['bytes']:,} bytes), {one[CAT]['client_cpu']:.2f} ms of {CAT} ({one[CAT]['bytes']:,} bytes); "
         f"with two clients this whole process (2 client threads + the server-log reader) "
-        + ", ".join(f"{two[n]['self_ms']:.2f} ms per image of the {n} (the server {two[n]['server_ms']:.1f} ms)" for n in images)
+        + ", ".join(f"{two[n]['self_ms']:.2f} ms per image of the {n} (the server {two[n]['server_ms']:.1f} ms, "
+                    f"detect() in-process {two[n]['detect_ms']:.1f} ms)" for n in images)
     )
     print(
         f"cores: {os.cpu_count()}, {detector.pool} interpreter(s) x {detector.threads} thread(s), server and "
