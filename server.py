@@ -120,7 +120,7 @@ def is_vision(path: str) -> bool:
 def refusal(path: str, status: int, detail: str) -> tuple[int, str, str]:
     """(status, body, Content-Type) of every refusal, the one place one takes its shape: problem+json, or
     under /v1/vision/ DeepStack's `{"success": false, "error", "code", "duration": 0}` as application/json
-    (Frigate's detector process crashes on a body that is not JSON; Blue Iris reads only this)."""
+    (what DeepStack's clients read; Frigate's detector process crashes on a body that is not JSON)."""
     if is_vision(path):
         status = DEEPSTACK_STATUS.get(status, status)
         body = json.dumps({"success": False, "error": detail, "code": status, "duration": 0})
@@ -186,7 +186,12 @@ def _json_errors(callback):
 def _bottle_error(res: bottle.HTTPError) -> str:
     """Bottle's own errors (no route, wrong method, a failure outside a route) as problem+json."""
     status = res.status_code
-    if status == 404:
+    if status == 404 and is_vision(bottle.request.path):
+        detail = (
+            f"There is no {bottle.request.path[:200]} here: of DeepStack's API this service offers object detection, "
+            "POST /v1/vision/detection, /v1/vision/custom/<model> and /v1/vision/custom/list."
+        )
+    elif status == 404:
         detail = f"There is no {bottle.request.path} here; GET /openapi.json lists the routes."
     elif status == 405:
         allowed = res.headers.get("Allow", "")

@@ -31,6 +31,7 @@ DOC_PATH = os.path.join(ROOT, "openapi.json")
 DOC_URI = "urn:imgsvc:openapi.json"
 PROBLEM_JSON = "application/problem+json"
 PROBLEM_REF = "#/components/schemas/Problem"
+DEEPSTACK_REF = "#/components/schemas/DeepStackError"  # every error under /v1/vision/ (server.refusal)
 
 METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
 TOP_FIELDS = {"openapi", "info", "jsonSchemaDialect", "servers", "paths", "webhooks", "components", "security", "tags", "externalDocs"}
@@ -217,7 +218,9 @@ def test_document_is_structurally_openapi_3_1(doc):
                 assert set(header) <= HEADER_FIELDS and header.get("description"), (where, code, name)
                 assert name.lower() != "content-type", "Content-Type is described by `content`"
             content = response.get("content", {})
-            if code[0] in "45":
+            if code[0] in "45" and path.startswith("/v1/vision/"):
+                assert content == {"application/json": {"schema": {"$ref": DEEPSTACK_REF}}}, (where, code)
+            elif code[0] in "45":
                 assert content == {PROBLEM_JSON: {"schema": {"$ref": PROBLEM_REF}}}, (where, code)
             elif code in ("204", "304"):
                 assert not content, (where, code)
@@ -285,6 +288,8 @@ class Checker:
             assert_valid(self.doc, res.json, media["schema"], what)
             if res.content_type == PROBLEM_JSON:
                 assert res.json["status"] == res.status_int
+            elif res.status_int >= 400:
+                assert res.json["code"] == res.status_int
         else:
             assert res.body, f"{what}: empty body"
 
@@ -380,6 +385,7 @@ def test_real_answers_match_the_document(service, make_service, photo, doc):
     check(client.get("/static/../server.py", status="*"), "GET", "/static/{filepath}", 404)
 
     imgur_jobs(service, make_service, check, data)
+    vision_routes(make_service, check, data)
 
     documented = {(method, path) for path, method, _, _ in operations(doc)}
     assert documented - check.seen == set(), "operations this test never called: add them above"
@@ -466,6 +472,35 @@ def imgur_jobs(service, make_service, check: Checker, data: bytes) -> None:
         on.jobs.close(timeout=5)
         res = submit(client, {"urls": [good]}, 503)
         assert "shutting down" in res.json["detail"] and "Retry-After" not in res.headers
+
+
+def vision_routes(make_service, check: Checker, data: bytes) -> None:
+    """The DeepStack-compatible routes: a detection, the model list, a custom model, and their refusals."""
+    import shutil
+
+    import conftest
+
+    service = make_service()
+    client = service.client
+    form = [("min_confidence", "0.3")]
+    res = client.post("/v1/vision/detection", form, upload_files=[("image", "frame.jpg", data)], status="*")
+    assert check(res, "POST", "/v1/vision/detection", 200).json["predictions"][0]["label"] == "dog"
+    res = client.post("/v1/vision/detection", form, upload_files=[("image", "frame.jpg", b"no picture")], status="*")
+    check(res, "POST", "/v1/vision/detection", 400)
+    check(client.post("/v1/vision/detection", form, status="*"), "POST", "/v1/vision/detection", 400)
+    check(client.post("/v1/vision/custom/list", status="*"), "POST", "/v1/vision/custom/list", 200)
+    res = client.post("/v1/vision/custom/nope", form, upload_files=[("image", "a.jpg", data)], status="*")
+    check(res, "POST", "/v1/vision/custom/{name}", 404)
+    tmp = service.settings.db + ".models"
+    os.makedirs(tmp)
+    shutil.copy(conftest.MODEL_PATH, os.path.join(tmp, "door.tflite"))
+    client = make_service(vision_models_dir=tmp).client
+    assert check(client.post("/v1/vision/custom/list", status="*"), "POST", "/v1/vision/custom/list", 200).json["models"] == ["door"]
+    res = client.post("/v1/vision/custom/door", form, upload_files=[("image", "a.jpg", data)], status="*")
+    check(res, "POST", "/v1/vision/custom/{name}", 200)
+    res = client.get("/v1/vision/detection", status="*")
+    check.response(res, deref(check.doc, {"$ref": "#/components/responses/MethodNotAllowed"}) | {
+        "content": {"application/json": {"schema": {"$ref": DEEPSTACK_REF}}}}, "GET /v1/vision/detection 405")
 
 
 def test_answers_without_a_model_match_the_document(make_service, tmp_path, photo, doc):

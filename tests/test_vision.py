@@ -161,6 +161,17 @@ def test_at_most_vision_max_predictions_highest_first(make_service, photo):
     assert capped["predictions"] == every[:3] and capped["count"] == 3
 
 
+@pytest.mark.parametrize("name", ["pets.jpg", "table.jpg", "kite_and_cold.jpg"])
+def test_candidates_go_down_to_the_floor_and_detections_stay_at_the_threshold(detector, photo, name):
+    result = detector.detect(photo(name))
+    assert all(d.confidence >= detect.CANDIDATE_FLOOR for d in result.candidates)
+    assert all(d.confidence >= detector.threshold for d in result.detections)
+    assert set(result.detections) <= set(result.candidates)
+    assert [d for d in result.candidates if d.confidence >= detector.threshold] == result.detections
+    assert result.fingerprint == detector.fingerprint()  # what POST /images caches detections by
+    assert result.above(0) == result.candidates and len(result.above(0.3)) <= len(result.candidates)
+
+
 def test_the_default_cap_is_20(detector, photo):
     result = detector.detect(photo("pets.jpg"))
     box = detect.Box(0.1, 0.1, 0.5, 0.5)
