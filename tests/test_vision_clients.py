@@ -19,8 +19,9 @@ Everything runs against the real `python server.py` on a loopback port (tests/te
 
 Frigate's label map is test data, not code of ours: `labelmap.txt` of blakeblackshear/frigate (MIT licence,
 Copyright (c) 2026 Frigate, Inc.) at commit e3fa70189324e5eb3b1dba756c153f6696f457de, sha256
-6884be1f4f35344c499f944a1c168a34d837f7f7578f203fba95b3ede42fac09. It is read from
-TESTDATA_DIR/frigate_labelmap.txt; the Frigate test is skipped where that file is absent.
+6884be1f4f35344c499f944a1c168a34d837f7f7578f203fba95b3ede42fac09. Like the photos it is not in this
+repository: it is read from TESTDATA_DIR/frigate_labelmap.txt, and the Frigate test is skipped where that
+file is absent.
 """
 
 from __future__ import annotations
@@ -203,7 +204,7 @@ def frigate_labelmap() -> dict[int, str]:
     prefill of 91 "unknown" entries."""
     path = os.path.join(TESTDATA_DIR, "frigate_labelmap.txt")
     if not os.path.isfile(path):
-        pytest.skip(f"{path} is absent: Frigate's labelmap.txt (see this module's docstring) is needed for its test")
+        pytest.skip(f"{path} is absent: put Frigate's labelmap.txt there (the commit is in this module's docstring)")
     with open(path, "rb") as f:
         raw = f.read()
     assert hashlib.sha256(raw).hexdigest() == FRIGATE_LABELMAP_SHA256, "not the labelmap.txt this test was written for"
