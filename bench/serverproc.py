@@ -94,6 +94,12 @@ class ServerProcess:
                     return int(line.split()[1])
         raise RuntimeError("no VmRSS in /proc status")
 
+    def cpu_seconds(self) -> float:
+        """The server's CPU time so far (utime + stime, all its threads), from /proc."""
+        with open(f"/proc/{self.proc.pid}/stat", encoding="ascii") as f:
+            fields = f.read().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def tail(self, n: int = 20) -> str:
         return "".join(list(self.lines)[-n:])
 
