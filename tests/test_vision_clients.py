@@ -20,8 +20,9 @@ Everything runs against the real `python server.py` on a loopback port (tests/te
 Frigate's label map is test data, not code of ours: `labelmap.txt` of blakeblackshear/frigate (MIT licence,
 Copyright (c) 2026 Frigate, Inc.) at commit e3fa70189324e5eb3b1dba756c153f6696f457de, sha256
 6884be1f4f35344c499f944a1c168a34d837f7f7578f203fba95b3ede42fac09. Like the photos it is not in this
-repository: it is read from TESTDATA_DIR/frigate_labelmap.txt, and the Frigate test is skipped where that
-file is absent.
+repository (what a snapshot of another repository brings is not committed here): it is read from
+TESTDATA_DIR/frigate_labelmap.txt. The replay runs twice: with the test model's own label map, always (every
+rule of Frigate's but the label names), and with Frigate's, skipped where that file is absent.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from PIL import Image
 from test_server import start_server, stop_server
 
 import detect
-from conftest import TESTDATA_DIR
+from conftest import MODEL_PATH, TESTDATA_DIR
 
 API_KEY = "vision-clients-test-key"
 SMALL_MAX_BYTES = 200_000  # the key server's MAX_IMAGE_BYTES: pets.jpg (171 KB) fits, cat_1080p.jpg (212 KB) does not
@@ -199,6 +200,11 @@ def test_custom_models_with_both_clients(open_server, photo):
 # --------------------------------------------------------------------------------------------------------
 
 
+def model_labelmap() -> dict[int, str]:
+    """The test model's own label map, as a Frigate configured with that model's labels would hold it."""
+    return {i: label for i, label in enumerate(detect.load_labels(MODEL_PATH)) if label != "???"}
+
+
 def frigate_labelmap() -> dict[int, str]:
     """TESTDATA_DIR/frigate_labelmap.txt read as Frigate reads a label map: `<index> <label>` lines over a
     prefill of 91 "unknown" entries."""
@@ -248,8 +254,9 @@ def frigate_read(answer: dict, labels: dict[int, str]) -> tuple[np.ndarray, int]
     return rows, read
 
 
-def test_frigate_reads_every_prediction(open_server, expected, images_dir):
-    labels = frigate_labelmap()
+@pytest.mark.parametrize("labelmap", ["model", "frigate"])
+def test_frigate_reads_every_prediction(open_server, expected, images_dir, labelmap):
+    labels = frigate_labelmap() if labelmap == "frigate" else model_labelmap()
     session = requests.Session()  # Frigate keeps one session: one kept-alive connection
     found = {}
     for name, _spec, data in photos(expected, images_dir):
