@@ -44,9 +44,7 @@ import detect  # noqa: E402
 import ingest  # noqa: E402
 import settings as settings_mod  # noqa: E402
 import store  # noqa: E402
-from serverproc import ServerProcess  # noqa: E402  (bench/serverproc.py)
-
-SSD = "coco_ssd_mobilenet_v1_1.0_quant_2018_06_29.tflite"
+from serverproc import ServerProcess, testdata_paths  # noqa: E402  (bench/serverproc.py)
 
 
 def median_ms(values: list[float]) -> float:
@@ -251,8 +249,7 @@ def main() -> int:
     # SIGTERM (make, CI) unwinds like Ctrl-C, so servers are stopped and temp dirs removed.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
-    testdata = os.path.abspath(os.environ.get("TESTDATA_DIR") or os.path.join(ROOT, "testdata"))
-    model = os.path.abspath(os.environ.get("DETECT_MODEL") or os.path.join(testdata, "models", SSD))
+    testdata, model = testdata_paths()
     with open(os.path.join(testdata, "images", "cat_1080p.jpg"), "rb") as f:
         cat = f.read()
     resolved = settings_mod.load(environ=dict(os.environ))  # the server's defaults: DETECT_THREADS = cores

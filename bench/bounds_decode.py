@@ -31,9 +31,7 @@ import zlib
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from serverproc import ServerProcess  # noqa: E402  (bench/serverproc.py)
-
-SSD = "coco_ssd_mobilenet_v1_1.0_quant_2018_06_29.tflite"
+from serverproc import ServerProcess, testdata_paths  # noqa: E402  (bench/serverproc.py)
 
 
 def progress(text: str) -> None:
@@ -41,8 +39,7 @@ def progress(text: str) -> None:
 
 
 def model_path() -> str:
-    testdata = os.path.abspath(os.environ.get("TESTDATA_DIR") or os.path.join(ROOT, "testdata"))
-    return os.path.abspath(os.environ.get("DETECT_MODEL") or os.path.join(testdata, "models", SSD))
+    return testdata_paths()[1]
 
 
 # ---------------------------------------------------------------------------------------------------------

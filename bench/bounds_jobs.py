@@ -28,9 +28,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from serverproc import ServerProcess  # noqa: E402  (bench/serverproc.py)
+from serverproc import ServerProcess, testdata_paths  # noqa: E402  (bench/serverproc.py)
 
-SSD = "coco_ssd_mobilenet_v1_1.0_quant_2018_06_29.tflite"
 JOB_LINE = re.compile(r"job ([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}) complete: ")
 
 
@@ -44,8 +43,7 @@ def row(target: str, measured: str, ok: bool) -> bool:
 
 
 def model_path() -> str:
-    testdata = os.path.abspath(os.environ.get("TESTDATA_DIR") or os.path.join(ROOT, "testdata"))
-    return os.path.abspath(os.environ.get("DETECT_MODEL") or os.path.join(testdata, "models", SSD))
+    return testdata_paths()[1]
 
 
 class LoggingServer(ServerProcess):

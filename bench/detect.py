@@ -26,8 +26,7 @@ sys.path.insert(0, ROOT)
 from PIL import Image  # noqa: E402
 
 import detect  # noqa: E402
-
-SSD = "coco_ssd_mobilenet_v1_1.0_quant_2018_06_29.tflite"
+from serverproc import testdata_paths  # noqa: E402  (bench/serverproc.py, beside this file)
 
 
 def median_ms(values: list[float]) -> float:
@@ -103,8 +102,7 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=40, help="timed calls per measurement (default 40)")
     parser.add_argument("--layouts", help="only compare these interpreter layouts, e.g. 1x1,2x1,2x2,4x4")
     args = parser.parse_args()
-    testdata = os.path.abspath(os.environ.get("TESTDATA_DIR") or os.path.join(ROOT, "testdata"))
-    model = os.path.abspath(os.environ.get("DETECT_MODEL") or os.path.join(testdata, "..", "testdata", "models", SSD))
+    testdata, model = testdata_paths()
     cores = usable_cores()
     images = photos(os.path.join(testdata, "images"))
     if args.layouts:

@@ -57,9 +57,8 @@ import imgur  # noqa: E402
 import settings as settings_mod  # noqa: E402
 from fake_imgur import FakeImgur, _parse_multipart  # noqa: E402
 from loopback import Loopback, respond  # noqa: E402
-from serverproc import ServerProcess  # noqa: E402  (bench/serverproc.py)
+from serverproc import ServerProcess, testdata_paths  # noqa: E402  (bench/serverproc.py)
 
-SSD = "coco_ssd_mobilenet_v1_1.0_quant_2018_06_29.tflite"
 SUBMIT = "/v1/images/upload"
 TAG = re.compile(rb"\n<bench-url (\d+)>$")  # appended after the JPEG's end: which URL an upload came from
 
@@ -362,8 +361,7 @@ def main() -> int:
     # SIGTERM (make, CI) unwinds like Ctrl-C, so the server is stopped and temp dirs removed.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
-    testdata = os.path.abspath(os.environ.get("TESTDATA_DIR") or os.path.join(ROOT, "testdata"))
-    model = os.path.abspath(os.environ.get("DETECT_MODEL") or os.path.join(testdata, "models", SSD))
+    testdata, model = testdata_paths()
     with open(os.path.join(testdata, "images", args.photo), "rb") as f:
         photo = f.read()
     cores = os.cpu_count() or 1

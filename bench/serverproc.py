@@ -22,6 +22,14 @@ import time
 import urllib.parse
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SSD = "coco_ssd_mobilenet_v1_1.0_quant_2018_06_29.tflite"  # the offline test model
+
+
+def testdata_paths() -> tuple[str, str]:
+    """(the test data folder, the model file) a bench uses: TESTDATA_DIR and DETECT_MODEL, else the
+    repository's testdata/ (what `make testdata` fills) and the SSD test model in it."""
+    testdata = os.path.abspath(os.environ.get("TESTDATA_DIR") or os.path.join(ROOT, "testdata"))
+    return testdata, os.path.abspath(os.environ.get("DETECT_MODEL") or os.path.join(testdata, "models", SSD))
 
 
 class ServerProcess:

@@ -77,9 +77,8 @@ from PIL import Image  # noqa: E402
 
 from fake_imgur import FakeImgur, answer  # noqa: E402
 from loopback import Loopback, read_body, respond  # noqa: E402
-from serverproc import ServerProcess  # noqa: E402  (bench/serverproc.py)
+from serverproc import ServerProcess, testdata_paths  # noqa: E402  (bench/serverproc.py)
 
-SSD = "coco_ssd_mobilenet_v1_1.0_quant_2018_06_29.tflite"
 SUBMIT = "/v1/images/upload"
 DEFAULT = ["writers", "kill9", "slowloris", "hung-hosts", "imgur-storm", "disk-full"]
 ALL = DEFAULT + ["soak"]
@@ -1212,8 +1211,7 @@ def main() -> int:
     signal.signal(signal.SIGTERM, _interrupt)
 
     names = args.only or (DEFAULT + (["soak"] if args.soak_minutes else []))
-    testdata = os.path.abspath(os.environ.get("TESTDATA_DIR") or os.path.join(ROOT, "testdata"))
-    model = os.path.abspath(os.environ.get("DETECT_MODEL") or os.path.join(testdata, "models", SSD))
+    testdata, model = testdata_paths()
     if not os.path.isfile(model):
         print(f"bench/soak.py: no model at {model}: set DETECT_MODEL (see README)", file=sys.stderr)
         return 2

@@ -47,9 +47,8 @@ from PIL import Image  # noqa: E402
 
 import detect  # noqa: E402
 import settings as settings_mod  # noqa: E402
-from serverproc import ServerProcess  # noqa: E402  (bench/serverproc.py)
+from serverproc import ServerProcess, testdata_paths  # noqa: E402  (bench/serverproc.py)
 
-SSD = "coco_ssd_mobilenet_v1_1.0_quant_2018_06_29.tflite"
 ROUTE = "/v1/vision/detection"
 FRAME = "320x320 JPEG"
 CAT = "cat_1080p.jpg"
@@ -196,8 +195,7 @@ def main() -> int:
     # SIGTERM (make, CI) unwinds like Ctrl-C, so the server is stopped and the temp dir removed.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
-    testdata = os.path.abspath(os.environ.get("TESTDATA_DIR") or os.path.join(ROOT, "testdata"))
-    model = os.path.abspath(os.environ.get("DETECT_MODEL") or os.path.join(testdata, "models", SSD))
+    testdata, model = testdata_paths()
     with open(os.path.join(testdata, "images", CAT), "rb") as f:
         cat = f.read()
     images = {FRAME: frigate_frame(cat), CAT: cat}

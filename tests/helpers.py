@@ -3,12 +3,22 @@
 import base64
 import io
 import re
+import time
 from http import HTTPStatus
 
 from PIL import Image
 
 PROBLEM_KEYS = {"type", "title", "status", "detail"}
 ISO_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+
+
+def wait_for(predicate, timeout: float = 10.0) -> None:
+    """Until `predicate()` holds (the state of real parts in other threads), failing after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting for the condition")
+        time.sleep(0.005)
 
 
 def b64(data: bytes) -> str:

@@ -21,7 +21,7 @@ from test_server import _one_line_failure, _run_server, start_server, stop_serve
 import ingest
 import server
 import settings
-from helpers import assert_problem, b64, jpeg
+from helpers import assert_problem, b64, jpeg, wait_for
 from loopback import Loopback, drip, ok, respond
 
 
@@ -34,13 +34,6 @@ class Clock:
     def __call__(self) -> float:
         return self.t
 
-
-def wait_for(predicate, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out waiting for the condition")
-        time.sleep(0.005)
 
 
 def refused(gate: ingest.Gate) -> ingest.Busy:

@@ -5,7 +5,6 @@ import os
 import re
 import shutil
 import threading
-import time
 import urllib.parse
 import urllib.request
 import uuid
@@ -20,7 +19,7 @@ import imgur
 import metrics
 import server
 from fake_imgur import FakeImgur, answer
-from helpers import assert_problem, jpeg
+from helpers import assert_problem, jpeg, wait_for
 from loopback import Loopback, ok, status
 
 KEY = "metrics-test-key-1234"
@@ -53,14 +52,6 @@ def requests(samples, method: str, route: str, code: int) -> float:
 def series(samples, name: str) -> set[tuple]:
     return {labels for (n, labels) in samples if n == name}
 
-
-def wait_for(predicate, timeout: float = 10.0) -> None:
-    """Until `predicate()` holds (the state of real parts in other threads), failing after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out waiting for the condition")
-        time.sleep(0.005)
 
 
 @pytest.fixture(scope="module")
