@@ -77,6 +77,8 @@ window.__firstScreen = new Promise((resolve) => {
       bytes: nav.transferSize + resources.reduce((s, e) => s + e.transferSize, 0),
       pictureBytes: resources.filter((e) => /\\/images\\/\\d+\\/(thumbnail|file)/.test(e.name)).reduce((s, e) => s + e.transferSize, 0),
       requests: resources.length + 1,
+      waterfall: [nav, ...resources].map((e) => [e.name.replace(location.origin, ''), e.startTime, e.requestStart,
+        e.responseStart, e.responseEnd, e.transferSize]),
     });
   };
   requestAnimationFrame(check);
@@ -182,6 +184,8 @@ def made_row(size: str, answers: list[tuple[float, int, int, str | None]]) -> tu
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3, help="first-screen loads, each on fresh thumbnails (default 3)")
+    parser.add_argument("--waterfall", action="store_true",
+                        help="also print each request of the median cold run and of the warm run (to stderr)")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     from playwright import sync_api as playwright_api
@@ -232,6 +236,11 @@ def main() -> int:
             stop = srv.stop_problem
 
     run = sorted(runs, key=lambda r: r["done"])[len(runs) // 2]  # the median run by time
+    if args.waterfall:
+        for title, r in (("cold (median run)", run), ("thumbnails kept", warm)):
+            progress(f"waterfall, {title}: ms from navigation start: start, request sent, first byte, last byte; bytes")
+            for name, start, sent, first, last, size in sorted(r["waterfall"], key=lambda e: e[1]):
+                progress(f"  {start:7.0f} {sent:7.0f} {first:7.0f} {last:7.0f} {size:8d}  {name}")
     originals = sum(by_id[i]["size"] for i in run["cards"])
     share = run["bytes"] / originals
     big_on_screen = sum(1 for i in run["cards"] if i in big_ids)
