@@ -994,7 +994,9 @@ def make_app(settings: Any, parts: Parts) -> bottle.Bottle:
     @app.get("/health")
     def health():
         info = detector.info()
-        return {"status": "ok", "version": __version__, "detector": info, "auth": guard.mode}
+        # `imgur` lets the page say whether its Imgur panel works without sending a batch to find out.
+        return {"status": "ok", "version": __version__, "detector": info, "auth": guard.mode,
+                "imgur": {"enabled": jobs.configured}}
 
     @app.post("/session")
     def sign_in():

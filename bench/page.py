@@ -15,7 +15,9 @@
    included: the page, its scripts, the API's JSON and every picture, below the fold too). Against that,
    what the same cards' originals weigh (their stored sizes), from the same run. Repeated `--runs` times
    on fresh thumbnails; the median is reported. Once more with the thumbnails kept, which separates the
-   page's own time from the making.
+   page's own time from the making. Beside each run: the CPU time the server's process used by then and
+   the load average (browser and server share the machine's cores, often with other work). `--waterfall`
+   prints each request's timing (Resource Timing) of the median cold run and of the warm one.
 3. Thumbnail making, server side (GET over loopback without throttling, so the time is the server's):
    the first request of a 4000x3000 and of a 1080p JPEG's thumbnail (size 320, WebP as the browser asks),
    and a kept thumbnail's latency (the median of 50 requests for one already made).
@@ -78,7 +80,8 @@ window.__firstScreen = new Promise((resolve) => {
       pictureBytes: resources.filter((e) => /\\/images\\/\\d+\\/(thumbnail|file)/.test(e.name)).reduce((s, e) => s + e.transferSize, 0),
       requests: resources.length + 1,
       waterfall: [nav, ...resources].map((e) => [e.name.replace(location.origin, ''), e.startTime, e.requestStart,
-        e.responseStart, e.responseEnd, e.transferSize]),
+        e.responseStart, e.responseEnd, e.transferSize]).concat(performance.getEntriesByType('mark')
+        .map((m) => [`mark: ${m.name}`, m.startTime, m.startTime, m.startTime, m.startTime, 0])),
     });
   };
   requestAnimationFrame(check);
@@ -145,7 +148,19 @@ def get(srv: ServerProcess, path: str, **headers: str) -> tuple[float, int, int,
 # ---------------------------------------------------------------------------------------------------------
 
 
-def first_screen(browser, base: str) -> dict:
+def cpu_ms(pid: int) -> float:
+    """CPU time (user + system) a process has used so far, in ms (Linux's /proc; 0 elsewhere)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) * 1000 / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def first_screen(browser, base: str, server_pid: int) -> dict:
+    """One load of the page; with what the server's process spent on CPU meanwhile, and the load average
+    (the machine is shared: a first screen that waits for CPU is slower than the server's work needs)."""
     context = browser.new_context(viewport=VIEWPORT, device_scale_factor=1, base_url=base)
     try:
         page = context.new_page()
@@ -154,8 +169,12 @@ def first_screen(browser, base: str) -> dict:
         cdp.send("Network.setCacheDisabled", {"cacheDisabled": True})
         cdp.send("Network.emulateNetworkConditions", THROTTLE)
         page.add_init_script(FIRST_SCREEN)
+        before = cpu_ms(server_pid)
         page.goto("/", wait_until="commit")
-        return page.evaluate("() => window.__firstScreen")
+        result = page.evaluate("() => window.__firstScreen")
+        result["serverCpu"] = cpu_ms(server_pid) - before
+        result["load"] = os.getloadavg()[0]
+        return result
     finally:
         context.close()
 
@@ -217,9 +236,9 @@ def main() -> int:
                     for n in range(args.runs):
                         purged.append(no_thumbnails(db))
                         progress(f"first screen, run {n + 1} of {args.runs}")
-                        runs.append(first_screen(browser, srv.url))
+                        runs.append(first_screen(browser, srv.url, srv.proc.pid))
                     progress("first screen again, its thumbnails kept")
-                    warm = first_screen(browser, srv.url)
+                    warm = first_screen(browser, srv.url, srv.proc.pid)
                 finally:
                     browser.close()
 
@@ -264,11 +283,14 @@ def main() -> int:
     for what, got, want, ok in rows:
         print(f"| {what} | {got} | {want or '—'} | {'—' if ok is None else 'ok' if ok else 'MISSED'} |")
     times = ", ".join(f"{r['done']:.0f}" for r in runs)
+    cpu = ", ".join(f"{r['serverCpu']:.0f}" for r in runs)
+    load = ", ".join(f"{r['load']:.1f}" for r in runs)
     shares = ", ".join(f"{r['bytes'] / sum(by_id[i]['size'] for i in r['cards']):.1%}" for r in runs)
     print(
         f"\n{len(records)} photos ({len(big_ids)} of 4000x3000, {sum(by_id[i]['size'] for i in big_ids) / 2**20:.1f} MB "
         f"together), Chromium {VIEWPORT['width']}x{VIEWPORT['height']} at DPR 1, 20 Mbit/s and 20 ms; runs {args.runs}: "
-        f"first screen {times} ms, bytes/originals {shares}; thumbnails kept before each run: {purged}; "
+        f"first screen {times} ms, bytes/originals {shares}; the server's CPU time by then {cpu} ms "
+        f"(kept thumbnails: {warm['serverCpu']:.0f} ms), load average {load}; thumbnails kept before each run: {purged}; "
         f"pictures on screen asked as {sorted({s.rsplit('?', 1)[-1] for s in run['srcs']})}; cores: {os.cpu_count()}; "
         f"{time.perf_counter() - started:.0f} s in all" + (f"; REGRESSION: {stop()}" if stop() else "")
     )
