@@ -15,7 +15,9 @@
    included: the page, its scripts, the API's JSON and every picture, below the fold too). Against that,
    what the same cards' originals weigh (their stored sizes), from the same run. Repeated `--runs` times
    on fresh thumbnails; the median is reported. Once more with the thumbnails kept, which separates the
-   page's own time from the making.
+   page's own time from the making. Beside each run: the CPU time the server's process used by then and
+   the load average (browser and server share the machine's cores, often with other work). `--waterfall`
+   prints each request's timing (Resource Timing) of the median cold run and of the warm one.
 3. Thumbnail making, server side (GET over loopback without throttling, so the time is the server's):
    the first request of a 4000x3000 and of a 1080p JPEG's thumbnail (size 320, WebP as the browser asks),
    and a kept thumbnail's latency (the median of 50 requests for one already made).
@@ -77,6 +79,9 @@ window.__firstScreen = new Promise((resolve) => {
       bytes: nav.transferSize + resources.reduce((s, e) => s + e.transferSize, 0),
       pictureBytes: resources.filter((e) => /\\/images\\/\\d+\\/(thumbnail|file)/.test(e.name)).reduce((s, e) => s + e.transferSize, 0),
       requests: resources.length + 1,
+      waterfall: [nav, ...resources].map((e) => [e.name.replace(location.origin, ''), e.startTime, e.requestStart,
+        e.responseStart, e.responseEnd, e.transferSize]).concat(performance.getEntriesByType('mark')
+        .map((m) => [`mark: ${m.name}`, m.startTime, m.startTime, m.startTime, m.startTime, 0])),
     });
   };
   requestAnimationFrame(check);
@@ -143,7 +148,19 @@ def get(srv: ServerProcess, path: str, **headers: str) -> tuple[float, int, int,
 # ---------------------------------------------------------------------------------------------------------
 
 
-def first_screen(browser, base: str) -> dict:
+def cpu_ms(pid: int) -> float:
+    """CPU time (user + system) a process has used so far, in ms (Linux's /proc; 0 elsewhere)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) * 1000 / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def first_screen(browser, base: str, server_pid: int) -> dict:
+    """One load of the page; with what the server's process spent on CPU meanwhile, and the load average
+    (the machine is shared: a first screen that waits for CPU is slower than the server's work needs)."""
     context = browser.new_context(viewport=VIEWPORT, device_scale_factor=1, base_url=base)
     try:
         page = context.new_page()
@@ -152,8 +169,12 @@ def first_screen(browser, base: str) -> dict:
         cdp.send("Network.setCacheDisabled", {"cacheDisabled": True})
         cdp.send("Network.emulateNetworkConditions", THROTTLE)
         page.add_init_script(FIRST_SCREEN)
+        before = cpu_ms(server_pid)
         page.goto("/", wait_until="commit")
-        return page.evaluate("() => window.__firstScreen")
+        result = page.evaluate("() => window.__firstScreen")
+        result["serverCpu"] = cpu_ms(server_pid) - before
+        result["load"] = os.getloadavg()[0]
+        return result
     finally:
         context.close()
 
@@ -182,6 +203,8 @@ def made_row(size: str, answers: list[tuple[float, int, int, str | None]]) -> tu
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3, help="first-screen loads, each on fresh thumbnails (default 3)")
+    parser.add_argument("--waterfall", action="store_true",
+                        help="also print each request of the median cold run and of the warm run (to stderr)")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     from playwright import sync_api as playwright_api
@@ -213,9 +236,9 @@ def main() -> int:
                     for n in range(args.runs):
                         purged.append(no_thumbnails(db))
                         progress(f"first screen, run {n + 1} of {args.runs}")
-                        runs.append(first_screen(browser, srv.url))
+                        runs.append(first_screen(browser, srv.url, srv.proc.pid))
                     progress("first screen again, its thumbnails kept")
-                    warm = first_screen(browser, srv.url)
+                    warm = first_screen(browser, srv.url, srv.proc.pid)
                 finally:
                     browser.close()
 
@@ -232,6 +255,11 @@ def main() -> int:
             stop = srv.stop_problem
 
     run = sorted(runs, key=lambda r: r["done"])[len(runs) // 2]  # the median run by time
+    if args.waterfall:
+        for title, r in (("cold (median run)", run), ("thumbnails kept", warm)):
+            progress(f"waterfall, {title}: ms from navigation start: start, request sent, first byte, last byte; bytes")
+            for name, start, sent, first, last, size in sorted(r["waterfall"], key=lambda e: e[1]):
+                progress(f"  {start:7.0f} {sent:7.0f} {first:7.0f} {last:7.0f} {size:8d}  {name}")
     originals = sum(by_id[i]["size"] for i in run["cards"])
     share = run["bytes"] / originals
     big_on_screen = sum(1 for i in run["cards"] if i in big_ids)
@@ -255,11 +283,14 @@ def main() -> int:
     for what, got, want, ok in rows:
         print(f"| {what} | {got} | {want or '—'} | {'—' if ok is None else 'ok' if ok else 'MISSED'} |")
     times = ", ".join(f"{r['done']:.0f}" for r in runs)
+    cpu = ", ".join(f"{r['serverCpu']:.0f}" for r in runs)
+    load = ", ".join(f"{r['load']:.1f}" for r in runs)
     shares = ", ".join(f"{r['bytes'] / sum(by_id[i]['size'] for i in r['cards']):.1%}" for r in runs)
     print(
         f"\n{len(records)} photos ({len(big_ids)} of 4000x3000, {sum(by_id[i]['size'] for i in big_ids) / 2**20:.1f} MB "
         f"together), Chromium {VIEWPORT['width']}x{VIEWPORT['height']} at DPR 1, 20 Mbit/s and 20 ms; runs {args.runs}: "
-        f"first screen {times} ms, bytes/originals {shares}; thumbnails kept before each run: {purged}; "
+        f"first screen {times} ms, bytes/originals {shares}; the server's CPU time by then {cpu} ms "
+        f"(kept thumbnails: {warm['serverCpu']:.0f} ms), load average {load}; thumbnails kept before each run: {purged}; "
         f"pictures on screen asked as {sorted({s.rsplit('?', 1)[-1] for s in run['srcs']})}; cores: {os.cpu_count()}; "
         f"{time.perf_counter() - started:.0f} s in all" + (f"; REGRESSION: {stop()}" if stop() else "")
     )

@@ -511,9 +511,14 @@ def test_health_is_read_again_on_focus_and_imgur_off_is_said(browser, tmp_path, 
     try:
         context = browser.new_context(viewport=DESKTOP, base_url=base)
         page = context.new_page()
+        sent = []
+        page.on("request", lambda r: sent.append((r.method, r.url)))
         page.goto("/")
         page.wait_for_selector("#imgur-off:not([hidden])")
         assert "Imgur uploads are off" in page.text_content("#imgur-off")
+        assert "IMGUR_CLIENT_ID" in page.text_content("#imgur-off")
+        # Said from GET /health's `imgur` member: no batch sent to find out (each made a WARNING in the log)
+        assert [u for m, u in sent if m != "GET"] == []
         assert page.is_disabled("#imgur-urls") and page.is_disabled("#imgur-submit")
         assert page.evaluate("() => document.getElementById('imgur-form').inert")
         assert "unavailable" in page.text_content("#health") and page.is_disabled("#detect")
@@ -521,6 +526,7 @@ def test_health_is_read_again_on_focus_and_imgur_off_is_said(browser, tmp_path, 
         page.evaluate("() => document.dispatchEvent(new Event('visibilitychange'))")
         page.wait_for_function("() => document.getElementById('health').textContent.includes('detecting with')")
         assert page.is_enabled("#detect") and page.is_checked("#detect")
+        assert page.is_disabled("#imgur-urls") and [u for m, u in sent if m != "GET"] == []
         context.close()
     finally:
         stop_server(proc)

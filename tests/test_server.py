@@ -45,6 +45,14 @@ def test_health_without_a_model_says_how_to_fix_it(tmp_path, make_service):
     assert body["detector"]["ready"] is False and "make model" in body["detector"]["error"]
 
 
+def test_health_says_whether_imgur_uploads_are_on(app, make_service):
+    import imgur
+
+    assert app.get("/health").json["imgur"] == {"enabled": False}  # no IMGUR_CLIENT_ID
+    uploader = imgur.ImgurClient(client_id="test-client", api_url="http://127.0.0.1:9")  # never reached here
+    assert make_service(uploader=uploader).client.get("/health").json["imgur"] == {"enabled": True}
+
+
 def test_unknown_route_is_problem_json(app):
     assert_problem(app.get("/nope", status=404), 404)
 

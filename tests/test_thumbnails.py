@@ -316,6 +316,42 @@ def test_concurrent_first_requests_all_succeed(service, big_photo):
     assert kept(service) == 1
 
 
+def test_a_first_answer_does_not_wait_for_the_database_write(tmp_path, photo):
+    """The real server writes a new thumbnail's bytes, then keeps it: with the database's write lock held
+    elsewhere (as by another process's commit) the answer still comes at once, and it is kept once the
+    lock is free. (Kept before answering, the request waited for the lock, up to the busy timeout.)"""
+    import json
+    import time
+    import urllib.request
+
+    from test_server import start_server, stop_server
+
+    proc, base, _ = start_server(tmp_path)
+    try:
+        body = json.dumps({"image": b64(photo("pets.jpg")), "detect": False}).encode()
+        send = urllib.request.Request(base + "/images", body, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(send, timeout=30) as res:
+            image = json.loads(res.read())
+        holder = sqlite3.connect(str(tmp_path / "images.db"), isolation_level=None)
+        try:
+            holder.execute("BEGIN IMMEDIATE")  # the write lock, until ROLLBACK
+            with urllib.request.urlopen(base + image["thumbnail_url"], timeout=5) as res:
+                data = res.read()
+                assert res.status == 200 and int(res.headers["Content-Length"]) == len(data) > 0
+            assert holder.execute("SELECT COUNT(*) FROM thumbnail").fetchone() == (0,)  # not kept yet
+            holder.execute("ROLLBACK")
+            deadline = time.monotonic() + 10
+            while holder.execute("SELECT COUNT(*) FROM thumbnail").fetchone() != (1,):
+                assert time.monotonic() < deadline, "the thumbnail was not kept once the write lock was free"
+                time.sleep(0.02)
+            assert holder.execute("SELECT data FROM thumbnail").fetchone()[0] == data
+        finally:
+            holder.close()
+    finally:
+        log = stop_server(proc)
+    assert "Traceback" not in log and " ERROR " not in log
+
+
 def test_a_full_decode_budget_is_a_503_with_retry_after(make_service, big_photo):
     service = make_service(decode_wait_ms=50)
     image = upload(service, big_photo)

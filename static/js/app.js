@@ -124,7 +124,7 @@ async function checkHealth() {
     health.classList.toggle("bad", !d.ready);
     uploader.detectionAvailable(d.ready, d.error || "");
     session.mode(body.auth);
-    await imgur.check(body);
+    imgur.check(body);
   } catch (err) {
     health.textContent = err.message;
     health.classList.add("bad");

@@ -3,7 +3,7 @@
 // view is dropped: the gallery shows only what the newest view asked for. "Load more" sends one request
 // at a time and never adds an id the gallery already shows.
 import { isAbort, nextLink, request } from "./api.js";
-import { retryOnError, setPictureWhenNear } from "./pictures.js";
+import { retryOnError, setPictureWhenNear, showNearNow } from "./pictures.js";
 
 export const el = (tag, { dataset = {}, ...props } = {}, ...children) => {
   const node = Object.assign(document.createElement(tag), props);
@@ -65,6 +65,7 @@ export function setupGallery({ onOpen }) {
       shown.add(image.id);
       list.append(card(image));
     }
+    showNearNow();
   }
 
   function renderStatus() {
@@ -129,6 +130,7 @@ export function setupGallery({ onOpen }) {
       if (shown.has(image.id)) return;
       shown.add(image.id);
       list.prepend(card(image));
+      showNearNow();
       renderStatus();
     },
     /** Take an image's card out; returns the element to focus next (the next card, or the heading). */

@@ -41,7 +41,7 @@ export function setupImgur() {
   function available(on, why = "") {
     panel.classList.toggle("is-off", !on);
     off.hidden = on;
-    off.textContent = on ? "" : `Imgur uploads are off on this service: ${why || "it has no IMGUR_CLIENT_ID"}`;
+    off.textContent = on ? "" : `Imgur uploads are off on this service: ${why || "it needs IMGUR_CLIENT_ID set (see README) and a restart"}`;
     form.inert = !on;
     urls.disabled = !on;
     submit.disabled = !on;
@@ -108,29 +108,11 @@ export function setupImgur() {
     }
   });
 
-  /**
-   * Whether Imgur uploads are on. GET /health does not say (yet: it reports the detector and the auth
-   * mode), so when it has no `imgur` member the page asks the upload route with an empty batch: a 503
-   * means off, a 400 (the batch is empty) means on; nothing is queued either way. Asked once per page
-   * load, and again when the page comes back only while it was off (the service logs each 503).
-   */
-  let on = null;
-  async function check(health) {
-    if (health && "imgur" in health) {
-      const v = health.imgur;
-      on = typeof v === "object" && v !== null ? Boolean(v.configured ?? v.enabled ?? v.on) : v === true || v === "on";
-      return available(on, v?.error || "");
-    }
-    if (on) return;
-    try {
-      await request("POST", "/v1/images/upload", { urls: [] });
-      on = true;
-    } catch (err) {
-      if (err.status === 503) on = false;
-      else if (err.status === 400) on = true;
-      if (on === false) return available(false, err.message);
-    }
-    if (on) available(true);
+  /** Whether Imgur uploads are on, as GET /health's `imgur.enabled` says (read again with every health
+   * check). A service that does not say leaves the panel as it is; a 503 to a submit turns it off. */
+  function check(health) {
+    const v = health?.imgur;
+    if (v && typeof v === "object" && "enabled" in v) available(v.enabled === true);
   }
 
   return { refreshLinks, check };

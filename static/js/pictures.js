@@ -24,6 +24,7 @@ export function setPicture(img, image, size, size2x) {
 // The gallery's pictures are asked for when they come near the screen. (Chromium's own loading="lazy"
 // starts 1,250-2,500 px ahead, so on a desktop it asked for every card's picture at once: the pictures
 // below the fold took the bandwidth, and the service's decode budget, from the first screen's.)
+const MARGIN_PX = 120; // how far below the screen a picture is asked for
 const waiting = new WeakMap(); // img -> what sets its picture
 const nearScreen = new IntersectionObserver((entries) => {
   for (const e of entries) {
@@ -32,12 +33,35 @@ const nearScreen = new IntersectionObserver((entries) => {
     waiting.get(e.target)?.();
     waiting.delete(e.target);
   }
-}, { rootMargin: "0px 0px 120px 0px" });
+}, { rootMargin: `0px 0px ${MARGIN_PX}px 0px` });
+
+let added = []; // imgs given to setPictureWhenNear since the last showNearNow()
 
 /** setPicture() once `img` is within about half a card's height of the screen. */
 export function setPictureWhenNear(img, image, size, size2x) {
   waiting.set(img, () => setPicture(img, image, size, size2x));
   nearScreen.observe(img);
+  added.push(img);
+}
+
+/**
+ * Set at once the pictures of the imgs just added that are near the screen already (one layout), rather
+ * than a frame later when the observer first reports: the first screen's pictures are asked for in the
+ * same task as their cards are made. The others still wait for the observer.
+ */
+export function showNearNow() {
+  const imgs = added;
+  added = [];
+  for (const img of imgs) {
+    if (!img.isConnected || !waiting.has(img)) continue;
+    const r = img.getBoundingClientRect();
+    if (r.width === 0 && r.height === 0) continue; // not laid out (hidden): the observer decides
+    if (r.bottom >= 0 && r.top <= innerHeight + MARGIN_PX && r.right >= 0 && r.left <= innerWidth) {
+      nearScreen.unobserve(img);
+      waiting.get(img)();
+      waiting.delete(img);
+    }
+  }
 }
 
 /**
