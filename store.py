@@ -664,8 +664,9 @@ class Store:
         if match_all:
             # Walk the rarest group; each candidate must hold a name of every other group (an index lookup
             # each). A group nothing has ends the search at once instead of walking a common one to the end.
-            groups = sorted(groups, key=lambda g: sum(self._rough_count(n) for n in g))
-            walked = [n for n in groups[0] if self._rough_count(n)]
+            counts = {n: self._rough_count(n) for g in groups for n in g}
+            groups = sorted(groups, key=lambda g: sum(counts[n] for n in g))
+            walked = [n for n in groups[0] if counts[n]]
             if not walked:
                 return []
             for group in groups[1:]:
