@@ -243,8 +243,9 @@ def describe(labels: Iterable[str], most: int = 3) -> str | None:
 # and one plural(); store.py stays free of English and only ever sees names.
 
 # COCO 2017's category -> supercategory mapping, as `categories` of the official annotation files
-# (cocodataset.org, instances_val2017.json) give it: the names are those of the test model's label map
-# (detect.load_labels) and of the EfficientDet-Lite label maps, which use the same COCO names.
+# (cocodataset.org, instances_val2017.json) give it. The names are those of the test model's label map
+# (detect.load_labels; tests/test_search_words.py checks it) and of the EfficientDet-Lite label maps,
+# which come from the same COCO names (google/automl efficientdet label_util.py `coco`, checked by eye).
 CATEGORIES: dict[str, tuple[str, ...]] = {
     "person": ("person",),
     "vehicle": ("bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat"),
