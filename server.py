@@ -700,7 +700,8 @@ def _check_query(known: tuple[str, ...], repeatable: tuple[str, ...] = ()) -> No
     query = bottle.request.query
     unknown = sorted(set(query) - set(known))
     if unknown:
-        shown = ", ".join(name[:40] for name in unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+        names = [name.encode("latin-1").decode("utf-8", "replace")[:40] for name in unknown[:5]]  # WSGI's latin-1
+        shown = ", ".join(names) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
         takes = f"the parameters are {', '.join(known)}" if known else "this route takes no query parameters"
         raise ClientError(400, f"unknown query parameter(s) {shown}; {takes}")
     for name in known:

@@ -173,6 +173,14 @@ def test_an_unknown_list_parameter_is_a_400_naming_the_known_ones(service, query
     assert detail == f"unknown query parameter(s) {', '.join(sorted(unknown))}; the parameters are {', '.join(LIST_PARAMS)}"
 
 
+def test_unknown_parameters_are_shown_readably_and_briefly(service):
+    detail = assert_problem(service.client.get("/images?%C3%A9t%C3%A9=1", status=400), 400)
+    assert detail.startswith("unknown query parameter(s) été;")
+    many = "&".join(f"p{i}=1" for i in range(50)) + "&" + "x" * 5000 + "=1"
+    detail = assert_problem(service.client.get(f"/images?{many}", status=400), 400)
+    assert detail.startswith("unknown query parameter(s) p0, p1, p10, p11, p12 and 46 more;") and len(detail) < 300
+
+
 def test_a_single_valued_parameter_given_twice_is_a_400(service):
     for query in ("limit=1&limit=2", "objects=dog&match=all&match=any", "before=3&before=3"):
         assert "give it once" in assert_problem(service.client.get(f"/images?{query}", status=400), 400)
