@@ -238,6 +238,57 @@ def describe(labels: Iterable[str], most: int = 3) -> str | None:
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
+# The search vocabulary: the words our own labels use. It lives beside label generation so that the
+# plural a label says ("2 people") and the plural a search understands come from one _IRREGULAR table
+# and one plural(); store.py stays free of English and only ever sees names.
+
+# COCO 2017's category -> supercategory mapping, as `categories` of the official annotation files
+# (cocodataset.org, instances_val2017.json) give it. The names are those of the test model's label map
+# (detect.load_labels; tests/test_search_words.py checks it) and of the EfficientDet-Lite label maps,
+# which come from the same COCO names (google/automl efficientdet label_util.py `coco`, checked by eye).
+CATEGORIES: dict[str, tuple[str, ...]] = {
+    "person": ("person",),
+    "vehicle": ("bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat"),
+    "outdoor": ("traffic light", "fire hydrant", "stop sign", "parking meter", "bench"),
+    "animal": ("bird", "cat", "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe"),
+    "accessory": ("backpack", "umbrella", "handbag", "tie", "suitcase"),
+    "sports": (
+        "frisbee", "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard",
+        "surfboard", "tennis racket",
+    ),
+    "kitchen": ("bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl"),
+    "food": ("banana", "apple", "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake"),
+    "furniture": ("chair", "couch", "potted plant", "bed", "dining table", "toilet"),
+    "electronic": ("tv", "laptop", "mouse", "remote", "keyboard", "cell phone"),
+    "appliance": ("microwave", "oven", "toaster", "sink", "refrigerator"),
+    "indoor": ("book", "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush"),
+}
+_SINGULAR = {many: one for one, many in _IRREGULAR.items() if many != one}
+_KNOWN = set(CATEGORIES).union(*CATEGORIES.values())
+
+
+def singulars(word: str) -> set[str]:
+    """The nouns whose plural() is `word` ("dogs" -> dog, "people" -> person, "hot dogs" -> hot dog)."""
+    head, _, last = word.rpartition(" ")
+    guesses = {last[:-1], last[:-2], last[:-3] + "y"} if last.endswith("s") else set()
+    if last in _SINGULAR:
+        guesses.add(_SINGULAR[last])
+    found = {f"{head} {g}" if head else g for g in guesses if g}
+    nouns = {noun for noun in found if noun != word and plural(noun) == word}
+    # "buses" is the plural of "bus" and of "buse": where a COCO word is among them, the others go.
+    return (nouns & _KNOWN) or nouns
+
+
+def search_names(term: str) -> tuple[str, ...]:
+    """The object names one search term finds, any of them: the term as written, the nouns it is the
+    plural of, and the members of a COCO supercategory it names (singular or plural: "animal", "animals")."""
+    names = {term}
+    for word in {term} | singulars(term):
+        names.add(word)
+        names.update(CATEGORIES.get(word, ()))
+    return tuple(sorted(names))
+
+
 def name_hint(name: str | None) -> str | None:
     """A label from a file name or a URL's last path segment: "golden-retriever.jpg" -> "golden-retriever"."""
     if not name:

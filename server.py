@@ -668,21 +668,45 @@ def accepts_webp(accept: str | None) -> bool:
 ANNOTATE_VERSION = 1  # in the annotated render's ETag: a new drawing style must not match old copies
 
 
-def _objects_param() -> list[str] | None:
-    raw = bottle.request.query.get("objects")  # as latin-1 (WSGI); getunicode gave None for non-UTF-8: "no filter"
-    if raw is None:
+OBJECTS_MAX_TERMS = 20  # search terms of one GET /images, counted as written (before plurals and categories)
+
+
+def _objects_param() -> list[list[str]] | None:
+    """The terms of every `objects` parameter (it may repeat), one list per parameter; None without any."""
+    given = bottle.request.query.getall("objects")  # as latin-1 (WSGI); getunicode gave None for non-UTF-8: "no filter"
+    if not given:
         return None
-    try:
-        raw = raw.encode("latin-1").decode("utf-8")
-    except UnicodeError:
-        raise ClientError(400, "`objects` is not UTF-8 text once percent-decoded; percent-encode the names as UTF-8") from None
-    names = [n.strip().strip("\"'").strip().lower() for n in raw.strip().strip("\"'").split(",")]
-    names = [n for n in names if n]
-    if not names:
-        raise ClientError(400, "`objects` names no object; give one or more names, e.g. objects=dog,cat")
-    if len(names) > 20:
-        raise ClientError(400, "`objects` names more than 20 objects; search for fewer at once")
-    return names
+    terms = []
+    for raw in given:
+        try:
+            raw = raw.encode("latin-1").decode("utf-8")
+        except UnicodeError:
+            raise ClientError(400, "`objects` is not UTF-8 text once percent-decoded; percent-encode the names as UTF-8") from None
+        names = [n.strip().strip("\"'").strip().lower() for n in raw.strip().strip("\"'").split(",")]
+        names = [n for n in names if n]
+        if not names:
+            raise ClientError(400, "`objects` names no object; give one or more names, e.g. objects=dog,cat")
+        terms.append(names)
+    if sum(len(t) for t in terms) > OBJECTS_MAX_TERMS:
+        raise ClientError(
+            400, f"`objects` names more than {OBJECTS_MAX_TERMS} objects (plurals and categories count once); search for fewer at once"
+        )
+    return terms
+
+
+def _check_query(known: tuple[str, ...], repeatable: tuple[str, ...] = ()) -> None:
+    """ClientError (400) for a query parameter not in `known`, or one of them given twice unless `repeatable`:
+    a misspelt filter (object=dog) must not answer as if there were none."""
+    query = bottle.request.query
+    unknown = sorted(set(query) - set(known))
+    if unknown:
+        names = [name.encode("latin-1").decode("utf-8", "replace")[:40] for name in unknown[:5]]  # WSGI's latin-1
+        shown = ", ".join(names) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+        takes = f"the parameters are {', '.join(known)}" if known else "this route takes no query parameters"
+        raise ClientError(400, f"unknown query parameter(s) {shown}; {takes}")
+    for name in known:
+        if name not in repeatable and len(query.getall(name)) > 1:
+            raise ClientError(400, f"`{name}` is given {len(query.getall(name))} times; give it once")
 
 
 def _confidence_param() -> float | None:
@@ -1032,32 +1056,44 @@ def make_app(settings: Any, parts: Parts) -> bottle.Bottle:
 
     @app.get("/images")
     def list_images():
+        if "include" in bottle.request.query:  # pages carry no bytes: a page of 1,000 would not fit in memory
+            raise ClientError(400, "`include` is not taken by the list; ask GET /images/{id}?include=data for one image's bytes")
+        _check_query(("limit", "before", "objects", "match", "min_confidence"), repeatable=("objects",))
         limit = _int_param("limit", 1, 1000, default=100)
         before = _int_param("before", 1)
-        names = _objects_param()
+        terms = _objects_param()
         match = bottle.request.query.get("match", "any")
         if match not in ("any", "all"):
             raise ClientError(400, "`match` must be any or all")
         min_confidence = _confidence_param()
-        if names is None and (min_confidence is not None or "match" in bottle.request.query):
+        if terms is None and (min_confidence is not None or "match" in bottle.request.query):
             raise ClientError(400, "`match` and `min_confidence` go with `objects`, e.g. objects=dog&match=all")
+        # `match` is between the terms as written; each term stands for any of its names ("dogs": dog or dogs).
+        groups = [ingest.search_names(term) for names in terms or () for term in names]
         records, more = images.list(
-            limit=limit, before=before, objects=names or (), match_all=match == "all", min_confidence=min_confidence
+            limit=limit, before=before, objects=groups, match_all=match == "all", min_confidence=min_confidence
         )
         headers = {}
         if more and records:
-            params = {"limit": limit, "before": records[-1].id}
-            if names:
-                params["objects"] = ",".join(names)
-                params["match"] = match
+            params: list[tuple[str, Any]] = [("limit", limit), ("before", records[-1].id)]
+            if terms:
+                # The terms as written, one `objects` each as given, so the next page expands them the same way.
+                params += [("objects", ",".join(names)) for names in terms]
+                params.append(("match", match))
                 if min_confidence is not None:
-                    params["min_confidence"] = min_confidence
+                    params.append(("min_confidence", min_confidence))
             headers["Link"] = f'</images?{urllib.parse.urlencode(params)}>; rel="next"'
         return _json([image_json(r) for r in records], headers=headers)
 
     @app.get("/images/<id>")
     def get_image(id):  # noqa: A002 - the route parameter is documented as {id}
-        return image_json(images.get(_image_id(id)))
+        _check_query(("include",))
+        include = bottle.request.query.get("include")
+        if include not in (None, "data"):
+            raise ClientError(400, "`include` takes one value, data (to return the stored bytes as base64)")
+        image_id = _image_id(id)
+        rec = images.get(image_id)
+        return image_json(rec, images.file(image_id)[0] if include == "data" else None)
 
     @app.get("/images/<id>/file")
     def get_file(id):  # noqa: A002
@@ -1151,6 +1187,7 @@ def make_app(settings: Any, parts: Parts) -> bottle.Bottle:
 
     @app.get("/objects")
     def list_objects():
+        _check_query(())
         return _json([{"name": name, "images": n} for name, n in images.objects()])
 
     @app.post("/v1/images/upload")

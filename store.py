@@ -27,7 +27,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from types import SimpleNamespace
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Collection, Iterable, Iterator, Sequence
 
 import peewee as pw
 from playhouse.pool import PooledSqliteDatabase
@@ -618,19 +618,21 @@ class Store:
         *,
         limit: int = 100,
         before: int | None = None,
-        objects: Sequence[str] = (),
+        objects: Sequence[str | Collection[str]] = (),
         match_all: bool = False,
         min_confidence: float | None = None,
     ) -> tuple[list[ImageRecord], bool]:
         """Images newest first, at most `limit`, and whether more remain.
 
         With `objects`, only images holding any (or, with `match_all`, every) of those names, at or above
-        `min_confidence` when given.
+        `min_confidence` when given. An entry may be a group of names instead of one (a search term and
+        what it stands for, such as "animal"): a group is held when any of its names is.
         """
-        names = sorted({n.strip().lower() for n in objects if n.strip()})
+        groups = _name_groups(objects)
+        names = sorted(set().union(*groups)) if groups else []
         with self._errors():
             if names:
-                ids = self._ids_with(names, match_all, min_confidence, before, limit + 1)
+                ids = self._ids_with(groups, match_all, min_confidence, before, limit + 1)
                 more = len(ids) > limit
                 ids = ids[:limit]
                 records = self._records(f"WHERE id IN ({','.join('?' * len(ids))}) ORDER BY id DESC", ids) if ids else []
@@ -644,45 +646,45 @@ class Store:
             return records, more
 
     def _ids_with(
-        self, names: list[str], match_all: bool, min_confidence: float | None, before: int | None, limit: int
+        self, groups: list[tuple[str, ...]], match_all: bool, min_confidence: float | None, before: int | None, limit: int
     ) -> list[int]:
-        """Ids of images with any/all of `names`, newest first.
+        """Ids of images holding a name of any/every group, newest first.
 
         Each name is one walk down the (name, image, confidence) index from `before`, stopping after
         `limit` images, so the cost depends on the page size and not on how many images hold the name.
         """
-        def holds(alias: str, name: str) -> tuple[str, list]:
+        def holds(alias: str, names: Sequence[str]) -> tuple[str, list]:
+            cond = f"{alias}.name = ?" if len(names) == 1 else f"{alias}.name IN ({','.join('?' * len(names))})"
             if min_confidence is None:
-                return f"{alias}.name = ?", [name]
-            return f"{alias}.name = ? AND {alias}.confidence >= ?", [name, min_confidence]
+                return cond, list(names)
+            return f"{cond} AND {alias}.confidence >= ?", [*names, min_confidence]
 
         below, below_args = ("", []) if before is None else (" AND d.image_id < ?", [before])
+        also, also_args = "", []
         if match_all:
-            # Walk the rarest name; each candidate must hold every other name (an index lookup each).
-            # A name nothing has ends the search at once instead of walking a common one to the end.
-            names = sorted(names, key=self._rough_count)
-            if self._rough_count(names[0]) == 0:
+            # Walk the rarest group; each candidate must hold a name of every other group (an index lookup
+            # each). A group nothing has ends the search at once instead of walking a common one to the end.
+            counts = {n: self._rough_count(n) for g in groups for n in g}
+            groups = sorted(groups, key=lambda g: sum(counts[n] for n in g))
+            walked = [n for n in groups[0] if counts[n]]
+            if not walked:
                 return []
-            first, params = holds("d", names[0])
-            sql = f"SELECT DISTINCT d.image_id FROM detection d WHERE {first}{below}"
-            params += below_args
-            for name in names[1:]:
-                cond, cond_args = holds("o", name)
-                sql += f" AND EXISTS (SELECT 1 FROM detection o WHERE o.image_id = d.image_id AND {cond})"
-                params += cond_args
-            sql += " ORDER BY d.image_id DESC LIMIT ?"
-            params.append(limit)
+            for group in groups[1:]:
+                cond, cond_args = holds("o", group)
+                also += f" AND EXISTS (SELECT 1 FROM detection o WHERE o.image_id = d.image_id AND {cond})"
+                also_args += cond_args
         else:
-            walks, params = [], []
-            for name in names:
-                cond, cond_args = holds("d", name)
-                walks.append(
-                    f"SELECT * FROM (SELECT DISTINCT d.image_id FROM detection d WHERE {cond}{below} "
-                    "ORDER BY d.image_id DESC LIMIT ?)"
-                )
-                params += cond_args + below_args + [limit]
-            sql = f"SELECT image_id FROM ({' UNION '.join(walks)}) ORDER BY image_id DESC LIMIT ?"
-            params.append(limit)
+            walked = sorted(set().union(*groups))
+        walks, params = [], []
+        for name in walked:
+            cond, cond_args = holds("d", [name])
+            walks.append(
+                f"SELECT * FROM (SELECT DISTINCT d.image_id FROM detection d WHERE {cond}{below}{also} "
+                "ORDER BY d.image_id DESC LIMIT ?)"
+            )
+            params += cond_args + below_args + also_args + [limit]
+        sql = f"SELECT image_id FROM ({' UNION '.join(walks)}) ORDER BY image_id DESC LIMIT ?"
+        params.append(limit)
         return [row[0] for row in self._db.execute_sql(sql, params).fetchall()]
 
     def _rough_count(self, name: str, cap: int = 5000) -> int:
@@ -777,6 +779,17 @@ class Store:
 # ---------------------------------------------------------------------------------------------------------
 
 
+def _name_groups(objects: Sequence[str | Collection[str]]) -> list[tuple[str, ...]]:
+    """`objects` of Store.list as groups of names (a lone name is a group of one), trimmed, lower-cased,
+    without empty names, empty groups or repeated groups."""
+    groups = []
+    for entry in objects:
+        names = tuple(sorted({n.strip().lower() for n in ([entry] if isinstance(entry, str) else entry) if n.strip()}))
+        if names and names not in groups:
+            groups.append(names)
+    return groups
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python store.py purge-thumbnails --db data/images.db`: maintenance of a database, the service running or not."""
     import argparse
@@ -805,3 +818,4 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+

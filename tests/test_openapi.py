@@ -332,10 +332,17 @@ def test_real_answers_match_the_document(service, make_service, photo, doc):
     assert [i["id"] for i in last.json] == [first["id"]] and "Link" not in last.headers
     dogs = check(client.get("/images?objects=dog&min_confidence=0.5", status="*"), "GET", "/images", 200).json
     assert [i["id"] for i in dogs] == [third["id"], second["id"], first["id"]]
+    words = check(client.get("/images?objects=dogs&objects=cat&limit=1", status="*"), "GET", "/images", 200)
+    assert [i["id"] for i in words.json] == [third["id"]] and "objects=dogs&objects=cat" in words.headers["Link"]
+    check(client.get("/images?object=dog", status="*"), "GET", "/images", 400)
+    check(client.get("/images?include=data", status="*"), "GET", "/images", 400)
 
     # One image, its bytes, a revalidation, its deletion.
     path = f"/images/{first['id']}"
     assert check(client.get(path, status="*"), "GET", "/images/{id}", 200).json == first
+    with_data = check(client.get(path + "?include=data", status="*"), "GET", "/images/{id}", 200).json
+    assert base64.b64decode(with_data.pop("data")) == data and with_data == first
+    check(client.get(path + "?include=bogus", status="*"), "GET", "/images/{id}", 400)
     res = check(client.get(path + "/file", status="*"), "GET", "/images/{id}/file", 200)
     assert res.body == data and res.content_type == "image/jpeg"
     etag = res.headers["ETag"]
@@ -362,6 +369,7 @@ def test_real_answers_match_the_document(service, make_service, photo, doc):
 
     objects = check(client.get("/objects", status="*"), "GET", "/objects", 200).json
     assert {"name": "dog", "images": 2} in objects
+    check(client.get("/objects?limit=5", status="*"), "GET", "/objects", 400)
     check(client.get("/openapi.json", status="*"), "GET", "/openapi.json", 200)
     check(client.get("/metrics", status="*"), "GET", "/metrics", 200)  # tests/test_metrics.py reads it
     # Sessions, with the API open (tests/test_lan.py checks them with a key, and every refusal).

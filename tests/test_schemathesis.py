@@ -197,7 +197,13 @@ def test_every_operation_conforms_to_openapi_json(case):
 
 def test_stateful_links(api_schema):
     workflow = api_schema.as_state_machine()
-    links = [name for name in dir(workflow) if "_images" in name and not name.startswith("RANDOM")]
+    # Links out of the list (GET /images -> an id of its first row) lead to whatever earlier tests left in
+    # the database, not to what this run made: when Hypothesis replays a scenario the list holds other
+    # ids, a rule's bundle is empty where it was not, and the run fails as FlakyStrategyDefinition. Only
+    # links out of this run's own answers are followed (POST /images, GET of that id, a job).
+    for name in [n for n in dir(workflow) if n.startswith("GET_images___")]:
+        setattr(workflow, name, None)
+    links = [name for name in dir(workflow) if "_images" in name and not name.startswith("RANDOM") and getattr(workflow, name)]
     assert any(name.startswith("POST_images") for name in links), links  # the links were inferred
     assert any(name.startswith("POST_v1_images_upload") for name in links), links
     workflow.run(
@@ -207,7 +213,8 @@ def test_stateful_links(api_schema):
             derandomize=True,
             database=None,
             deadline=None,
-            suppress_health_check=[hypothesis.HealthCheck.too_slow],
+            # Rules wait for their bundles (an id a POST made): many early draws find none and are dropped.
+            suppress_health_check=[hypothesis.HealthCheck.too_slow, hypothesis.HealthCheck.filter_too_much],
         )
     )
 
