@@ -17,7 +17,6 @@ import io
 import os
 import statistics
 import sys
-import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,7 +25,7 @@ sys.path.insert(0, ROOT)
 from PIL import Image  # noqa: E402
 
 import detect  # noqa: E402
-from serverproc import testdata_paths  # noqa: E402  (bench/serverproc.py, beside this file)
+from serverproc import rate, testdata_paths  # noqa: E402  (bench/serverproc.py, beside this file)
 
 
 def median_ms(values: list[float]) -> float:
@@ -57,21 +56,7 @@ def one_caller(det: detect.Detector, data: bytes, runs: int) -> dict[str, float]
 
 def callers(det: detect.Detector, data: bytes, n_callers: int, per_caller: int) -> float:
     """Images per second with `n_callers` threads calling detect() back to back."""
-    barrier = threading.Barrier(n_callers + 1)
-
-    def work():
-        barrier.wait()
-        for _ in range(per_caller):
-            det.detect(data)
-
-    threads = [threading.Thread(target=work) for _ in range(n_callers)]
-    for t in threads:
-        t.start()
-    barrier.wait()
-    start = time.perf_counter()
-    for t in threads:
-        t.join()
-    return n_callers * per_caller / (time.perf_counter() - start)
+    return rate(n_callers, per_caller, lambda: lambda: det.detect(data))
 
 
 def usable_cores() -> int:

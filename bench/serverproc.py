@@ -142,3 +142,29 @@ class ServerProcess:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def rate(n_threads: int, per_thread: int, make_work) -> float:
+    """Images per second with `n_threads` threads, each running `make_work()`'s callable `per_thread` times
+    back to back (the clock starts when all are ready)."""
+    barrier = threading.Barrier(n_threads + 1)
+    errors: list[BaseException] = []
+
+    def run(work):
+        barrier.wait()
+        try:
+            for _ in range(per_thread):
+                work()
+        except BaseException as e:  # reported below: a silent thread would flatter the rate
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(make_work(),)) for _ in range(n_threads)]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    start = time.perf_counter()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return n_threads * per_thread / (time.perf_counter() - start)

@@ -37,7 +37,6 @@ import signal
 import statistics
 import sys
 import tempfile
-import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,7 +46,7 @@ from PIL import Image  # noqa: E402
 
 import detect  # noqa: E402
 import settings as settings_mod  # noqa: E402
-from serverproc import ServerProcess, testdata_paths  # noqa: E402  (bench/serverproc.py)
+from serverproc import ServerProcess, rate, testdata_paths  # noqa: E402  (bench/serverproc.py)
 
 ROUTE = "/v1/vision/detection"
 FRAME = "320x320 JPEG"
@@ -84,32 +83,6 @@ def post(conn: http.client.HTTPConnection, body: bytes, content_type: str) -> by
     if res.status != 200:
         raise RuntimeError(f"POST {ROUTE}: HTTP {res.status}: {data[:300]!r}")
     return data
-
-
-def rate(n_threads: int, per_thread: int, make_work) -> float:
-    """Images per second with `n_threads` threads, each running `make_work()`'s callable `per_thread` times
-    back to back (the clock starts when all are ready)."""
-    barrier = threading.Barrier(n_threads + 1)
-    errors: list[BaseException] = []
-
-    def run(work):
-        barrier.wait()
-        try:
-            for _ in range(per_thread):
-                work()
-        except BaseException as e:  # reported below: a silent thread would flatter the rate
-            errors.append(e)
-
-    threads = [threading.Thread(target=run, args=(make_work(),)) for _ in range(n_threads)]
-    for t in threads:
-        t.start()
-    barrier.wait()
-    start = time.perf_counter()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
-    return n_threads * per_thread / (time.perf_counter() - start)
 
 
 def self_cpu() -> float:
