@@ -190,6 +190,23 @@ def test_a_late_search_answer_never_wins_over_a_newer_one(page, stocked):
     assert page.get_attribute(".chip[data-name=dog]", "aria-pressed") == "false"
 
 
+def test_a_bookmarked_plural_or_category_search_shows_its_images_and_no_count_of_0(page, stocked):
+    page.goto("/?objects=dogs")
+    gallery_ready(page)
+    titles = page.locator("#gallery .card .title").all_text_contents()
+    assert titles and all("dog" in t for t in titles), titles  # "dogs" finds what "dog" finds
+    page.wait_for_selector(".chip[data-name=dogs]")
+    chip = page.locator(".chip[data-name=dogs]")
+    assert chip.get_attribute("aria-pressed") == "true" and chip.text_content() == "dogs", chip.text_content()
+    page.goto("/?objects=animal")
+    gallery_ready(page)
+    titles = page.locator("#gallery .card .title").all_text_contents()
+    assert any("cat" in t for t in titles) and any("dog" in t for t in titles), titles
+    page.wait_for_selector(".chip[data-name=animal]")
+    assert page.locator(".chip[data-name=animal]").text_content() == "animal"
+    assert page.locator(".chip[data-name=dog] .count").text_content() not in ("", "(0)")
+
+
 def test_load_more_is_single_flight_and_adds_each_image_once(page, site, stocked):
     page.goto("/")
     gallery_ready(page)

@@ -57,14 +57,17 @@ async function refreshChips() {
     const { body } = await request("GET", "/objects");
     if (mine !== chipsAsked) return;
     const names = new Set(body.map((o) => o.name));
-    const missing = [...filter.objects].filter((n) => !names.has(n)).map((name) => ({ name, images: 0 }));
+    // A searched word that is no object's name (a plural, a category such as "animal", or a name no image
+    // has) gets a chip without a count: the service expands it, so a count of 0 would be wrong.
+    const missing = [...filter.objects].filter((n) => !names.has(n)).map((name) => ({ name, images: null }));
     chips.replaceChildren(...[...body, ...missing].map(({ name, images }) => {
       const chip = document.createElement("button");
       chip.type = "button";
       chip.className = "chip";
       chip.dataset.name = name;
       chip.setAttribute("aria-pressed", String(filter.objects.has(name)));
-      chip.append(name, Object.assign(document.createElement("span"), { className: "count", textContent: `(${images})` }));
+      chip.append(name);
+      if (images !== null) chip.append(Object.assign(document.createElement("span"), { className: "count", textContent: `(${images})` }));
       chip.addEventListener("click", () => {
         if (filter.objects.has(name)) filter.objects.delete(name); else filter.objects.add(name);
         apply(true);
