@@ -43,8 +43,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import numpy as np  # noqa: E402
-from api import jpeg, variants  # noqa: E402  (bench/api.py)
+from api import BIG, big_photo, jpeg, variants  # noqa: E402  (bench/api.py)
 from PIL import Image  # noqa: E402
 
 import store  # noqa: E402
@@ -55,7 +54,6 @@ CHROMIUM = os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium")
 VIEWPORT = {"width": 1366, "height": 768}
 MBIT = 1_000_000 / 8  # bytes per second in one Mbit/s
 THROTTLE = {"offline": False, "latency": 20, "downloadThroughput": 20 * MBIT, "uploadThroughput": 20 * MBIT}
-BIG = (4000, 3000)
 WEBP = "image/avif,image/webp,image/apng,image/*,*/*;q=0.8"  # what Chromium sends for an <img>
 
 # In the page from its first script on: the first moment every gallery <img> on screen is complete, then
@@ -96,14 +94,6 @@ def progress(text: str) -> None:
 # ---------------------------------------------------------------------------------------------------------
 # The photos
 # ---------------------------------------------------------------------------------------------------------
-
-
-def big_photo(source: Image.Image, seed: int) -> bytes:
-    """`source` enlarged to 4000x3000 with noise of its own (distinct bytes, camera-like size)."""
-    rng = np.random.default_rng(seed)
-    pixels = np.asarray(source.convert("RGB").resize(BIG, Image.Resampling.BICUBIC), dtype=np.int16)
-    pixels = pixels + rng.normal(0, 6, size=pixels.shape).astype(np.int16)
-    return jpeg(Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)), quality=92)
 
 
 def photos(images_dir: str) -> list[tuple[str, bytes]]:
