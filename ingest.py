@@ -13,10 +13,12 @@ and store), which server.py maps to HTTP statuses.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import hashlib
 import logging
 import math
+import os
 import re
 import threading
 import time
@@ -428,3 +430,151 @@ class Ingest:
             )
         log.debug("stored vision frame %d (%d bytes, %d objects)", rec.id, rec.size, len(found))
         return rec
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Thumbnails
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _lower_priority() -> None:
+    """Run the calling thread at a lower CPU priority than the request threads (Linux nice applies per
+    thread; elsewhere, or without permission, it runs at the usual priority)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), os.getpriority(os.PRIO_PROCESS, 0) + 10)
+    except (AttributeError, OSError):
+        pass
+
+
+class Thumbnails:
+    """The thumbnails of stored images: a kept one read, a missing one made (inside the decode budget),
+    and the grid's thumbnails of a listed page made ahead, in the background.
+
+    `read_ahead(records)` is what GET /images calls with the page it answers: the `size` (the grid's 320)
+    `fmt` (WebP, which every current browser asks for) thumbnails of its first `read_ahead` images that
+    are not kept yet are made and kept by `workers` threads at a lower CPU priority, so that the browser
+    asking for them a few hundred milliseconds later (after its scripts ran) finds them made, or being
+    made: a request for one under way waits for it rather than making it twice; one still queued is taken
+    off the queue and made by the request. At most twice `read_ahead` wait; more are not queued.
+    """
+
+    def __init__(
+        self,
+        images: store.Store,
+        *,
+        max_pixels: int = imaging.MAX_PIXELS,
+        budget: imaging.DecodeBudget | None = None,
+        read_ahead: int = 24,
+        size: int = 320,
+        fmt: str = "webp",
+        workers: int | None = None,
+        make: Callable[..., imaging.Rendition] = imaging.thumbnail,
+        wait: float = 30.0,
+    ):
+        self.images = images
+        self.max_pixels = max_pixels
+        self.budget = budget
+        self.read_ahead_count = read_ahead
+        self.size = size
+        self.fmt = fmt
+        self.make = make
+        self.wait = wait  # the longest a request waits for one being made ahead; then it makes its own
+        self._lock = threading.Lock()
+        self._pending: dict[tuple[str, int, str], concurrent.futures.Future] = {}
+        self._pool = None
+        if read_ahead > 0:
+            self._pool = concurrent.futures.ThreadPoolExecutor(
+                workers or min(2, os.cpu_count() or 1), thread_name_prefix="thumbnails-ahead",
+                initializer=_lower_priority,
+            )
+
+    def get(self, image_id: int, sha256: str, size: int, fmt: str) -> tuple[store.Thumbnail, bool]:
+        """(the thumbnail, whether it is kept). One not kept is the caller's to keep (`keep`), after it
+        was sent. Raises store.NotFound when the image is gone; imaging's errors when it cannot be made."""
+        thumb = self.images.thumbnail(sha256, size, fmt)
+        if thumb is not None:
+            return thumb, True
+        ahead = self._claim((sha256, size, fmt))
+        if ahead is not None:
+            try:
+                made = ahead.result(timeout=self.wait)
+            except Exception as e:  # noqa: BLE001 - whatever stopped it, the request makes its own
+                log.debug("thumbnail of image %d made ahead failed (%s); making it now", image_id, e)
+            else:
+                if made is not None:
+                    return made
+        data = self.images.file(image_id)[0]
+        rendition = self.make(data, size, fmt, self.max_pixels, self.budget)
+        return store.Thumbnail(rendition.data, rendition.width, rendition.height), False
+
+    def keep(self, image_id: int, sha256: str, size: int, fmt: str, thumb: store.Thumbnail) -> None:
+        """Keep a thumbnail made by `get`: below the disk floor or with the database busy it is not kept
+        (it is made again next time), which is logged, not raised."""
+        try:
+            with self.images.connection():
+                self.images.keep_thumbnail(sha256, size, fmt, thumb)
+        except store.StoreFull as e:
+            log.debug("thumbnail of image %d served without being kept: %s", image_id, e)
+        except store.StoreUnavailable as e:
+            log.warning("thumbnail of image %d served without being kept: %s", image_id, e)
+
+    def read_ahead(self, records: Iterable[store.ImageRecord]) -> int:
+        """Queue the grid thumbnails of the first `read_ahead` records not kept or queued yet; how many."""
+        if self._pool is None:
+            return 0
+        queued = 0
+        for rec in list(records)[: self.read_ahead_count]:
+            key = (rec.sha256, min(self.size, max(rec.width, rec.height)), self.fmt)
+            with self._lock:
+                if key in self._pending or len(self._pending) >= 2 * self.read_ahead_count:
+                    continue
+                try:
+                    ahead = self._pool.submit(self._ahead, rec.id, key)
+                except RuntimeError:  # closed meanwhile
+                    return queued
+                self._pending[key] = ahead
+            ahead.add_done_callback(lambda done, key=key: self._forget(key, done))
+            queued += 1
+        return queued
+
+    def _forget(self, key: tuple[str, int, str], done: concurrent.futures.Future) -> None:
+        with self._lock:
+            if self._pending.get(key) is done:
+                del self._pending[key]
+
+    def _claim(self, key: tuple[str, int, str]) -> concurrent.futures.Future | None:
+        """The read-ahead of `key` if one is under way; one still queued is cancelled (None)."""
+        with self._lock:
+            ahead = self._pending.pop(key, None)
+        if ahead is None or ahead.cancel():
+            return None
+        return ahead
+
+    def _ahead(self, image_id: int, key: tuple[str, int, str]) -> tuple[store.Thumbnail, bool] | None:
+        sha256, size, fmt = key
+        try:
+            with self.images.connection():
+                if self.images.thumbnail(sha256, size, fmt) is not None:
+                    return None  # kept meanwhile (another process, or a request)
+                data = self.images.file(image_id)[0]
+            made = self.make(data, size, fmt, self.max_pixels, self.budget)
+            thumb = store.Thumbnail(made.data, made.width, made.height)
+            try:
+                with self.images.connection():
+                    kept = self.images.keep_thumbnail(sha256, size, fmt, thumb)
+            except (store.StoreFull, store.StoreUnavailable) as e:
+                log.debug("thumbnail of image %d made ahead, not kept: %s", image_id, e)
+                kept = False
+            return thumb, kept
+        except (imaging.ImageError, store.StoreError) as e:
+            # Deleted meanwhile, the decode budget full, a picture that cannot be made: a request makes it
+            # (or says why) when it is asked for.
+            log.debug("thumbnail of image %d not made ahead: %s", image_id, e)
+            return None
+
+    def close(self) -> None:
+        """Stop the read-ahead: queued thumbnails are dropped, the ones being made finish."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            with self._lock:
+                self._pending.clear()

@@ -895,12 +895,16 @@ class Parts:
     metrics: metrics_mod.Metrics | None = None  # GET /metrics; build_parts makes it once the rest exists
     closers: list[Callable[[], Any]] = field(default_factory=list, repr=False)
     shelf: vision.Shelf | None = None  # the models of /v1/vision/custom/<name>
+    thumbnails: ingest.Thumbnails | None = None  # made on request, and ahead for a listed page
 
     def close(self, jobs_timeout: float = 10.0) -> None:
-        """Stop the upload jobs (waiting for uploads under way, up to a deadline) and close the database."""
+        """Stop the upload jobs (waiting for uploads under way, up to a deadline), the thumbnails made
+        ahead, and close the database."""
         self.jobs.close(timeout=jobs_timeout)  # logs what it abandoned; closes the Imgur client
         if self.shelf is not None:
             self.shelf.close()
+        if self.thumbnails is not None:
+            self.thumbnails.close()
         self.images.shutdown()
 
 
@@ -967,7 +971,10 @@ def build_parts(
             max_pixels=settings.max_pixels, budget=budget, observe=times,
         ),
     )
-    parts = Parts(settings, images, detector, fetcher, pipeline, jobs, uploader or None, shelf=shelf)
+    thumbnails = ingest.Thumbnails(
+        images, max_pixels=settings.max_pixels, budget=budget, read_ahead=settings.thumbnail_read_ahead,
+    )
+    parts = Parts(settings, images, detector, fetcher, pipeline, jobs, uploader or None, shelf=shelf, thumbnails=thumbnails)
     parts.metrics = metrics_mod.Metrics(parts, times)
     return parts
 
@@ -1096,7 +1103,9 @@ def make_app(settings: Any, parts: Parts) -> bottle.Bottle:
                 if min_confidence is not None:
                     params.append(("min_confidence", min_confidence))
             headers["Link"] = f'</images?{urllib.parse.urlencode(params)}>; rel="next"'
-        return _json([image_json(r) for r in records], headers=headers)
+        answer = _json([image_json(r) for r in records], headers=headers)
+        parts.thumbnails.read_ahead(records)  # the grid's thumbnails, made while the page runs its scripts
+        return answer
 
     @app.get("/images/<id>")
     def get_image(id):  # noqa: A002 - the route parameter is documented as {id}
@@ -1143,13 +1152,8 @@ def make_app(settings: Any, parts: Parts) -> bottle.Bottle:
         }
         if _etag_matches(bottle.request.headers.get("If-None-Match"), etag):
             return bottle.HTTPResponse(status=304, headers=headers)
-        thumb = images.thumbnail(sha256, size, fmt)
-        body: Any = None if thumb is None else thumb.data
-        if thumb is None:  # the first request for it: make it, and keep it for every later one
-            data = images.file(image_id)[0]
-            made = imaging.thumbnail(data, size, fmt, max_pixels, budget)
-            thumb = store.Thumbnail(made.data, made.width, made.height)
-            body = _sent_then_kept(image_id, sha256, size, fmt, thumb)
+        thumb, kept = parts.thumbnails.get(image_id, sha256, size, fmt)
+        body: Any = thumb.data if kept else _sent_then_kept(image_id, sha256, size, fmt, thumb)
         headers["Content-Length"] = str(len(thumb.data))
         res = bottle.HTTPResponse(body, headers=headers)
         res.content_type = imaging.THUMBNAIL_FORMATS[fmt][1]
@@ -1163,13 +1167,7 @@ def make_app(settings: Any, parts: Parts) -> bottle.Bottle:
         try:
             yield thumb.data
         finally:
-            try:
-                with images.connection():  # the request's connection is closed by now (after_request)
-                    images.keep_thumbnail(sha256, size, fmt, thumb)
-            except store.StoreFull as e:  # below the disk floor (or full): served all the same, made again next time
-                log.debug("thumbnail of image %d served without being kept: %s", image_id, e)
-            except store.StoreUnavailable as e:
-                log.warning("thumbnail of image %d served without being kept: %s", image_id, e)
+            parts.thumbnails.keep(image_id, sha256, size, fmt, thumb)  # the request's connection is closed by now
 
     @app.get("/images/<id>/annotated")
     def get_annotated(id):  # noqa: A002

@@ -318,6 +318,11 @@ class Settings:
         "Store each image /v1/vision/ analyses, as POST /images with detection would (searchable by its objects).",
         parse=_bool,
     )
+    thumbnail_read_ahead: int = _setting(
+        "THUMBNAIL_READ_AHEAD", 24,
+        "Images of each GET /images page whose 320 px WebP thumbnail is made ahead, in the background; 0 for off.",
+        parse=_non_negative_int,
+    )
     vision_store_max: int = _setting(
         "VISION_STORE_MAX", 10000,
         "Most images VISION_STORE keeps; past it the oldest stored that way are deleted.",

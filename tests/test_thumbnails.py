@@ -22,8 +22,9 @@ from test_decode import MB, Recording, _peak_of
 from test_server import ROOT
 
 import imaging
+import ingest
 import store
-from helpers import assert_problem, b64, jpeg
+from helpers import assert_problem, b64, jpeg, wait_for
 from loopback import Loopback, ok
 
 EVERY_DISK = 2**40  # MB: more than any disk has free
@@ -350,6 +351,152 @@ def test_a_first_answer_does_not_wait_for_the_database_write(tmp_path, photo):
     finally:
         log = stop_server(proc)
     assert "Traceback" not in log and " ERROR " not in log
+
+
+# --------------------------------------------------------------------------------------------------------
+# Made ahead for a listed page (THUMBNAIL_READ_AHEAD)
+# --------------------------------------------------------------------------------------------------------
+
+
+class Making:
+    """imaging.thumbnail as the read-ahead calls it, recorded, and held back while `hold` is set."""
+
+    def __init__(self, hold_first: bool = False):
+        self.calls: list[tuple[int, str, str]] = []  # (size, format, thread name)
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        if not hold_first:
+            self.release.set()
+
+    def __call__(self, data, size, fmt, *args):
+        self.calls.append((size, fmt, threading.current_thread().name))
+        self.entered.set()
+        assert self.release.wait(10)
+        return imaging.thumbnail(data, size, fmt, *args)
+
+
+def records(service):
+    with service.store.connection():
+        return service.store.list(limit=100)[0]
+
+
+def test_a_listed_page_has_its_grid_thumbnails_made_ahead(service, photo, big_photo):
+    """GET /images starts making the 320 px WebP of each image on the page that has none, in the
+    background; the browser's request for it, a moment later, is served what was kept."""
+    small = upload(service, photo("pets.jpg"))
+    large = upload(service, big_photo)
+    assert kept(service) == 0
+    service.client.get("/images")
+    wait_for(lambda: kept(service) == 2)
+    with service.store.connection():
+        rows = service.store.database.execute_sql("SELECT sha256, size, format FROM thumbnail ORDER BY size").fetchall()
+    pets = Image.open(io.BytesIO(photo("pets.jpg"))).size
+    assert sorted(rows) == sorted([(small["sha256"], min(320, max(pets)), "webp"), (large["sha256"], 320, "webp")])
+    with service.store.connection():
+        kept_webp = service.store.thumbnail(large["sha256"], 320, "webp").data
+    assert service.client.get(large["thumbnail_url"], headers=WEBP).body == kept_webp
+    service.client.get("/images")  # a second listing finds them kept: nothing is made again
+    service.parts.thumbnails.close()
+    assert kept(service) == 2
+
+
+def test_read_ahead_off_makes_nothing_ahead(make_service, photo):
+    service = make_service(thumbnail_read_ahead=0)
+    image = upload(service, photo("pets.jpg"))
+    service.client.get("/images")
+    assert service.parts.thumbnails.read_ahead(records(service)) == 0
+    assert kept(service) == 0
+    service.client.get(image["thumbnail_url"], headers=WEBP)
+    assert kept(service) == 1
+
+
+def test_only_the_first_images_of_a_page_are_made_ahead(service, photo):
+    for name in ("pets.jpg", "cat_1080p.jpg", "kite_and_cold.jpg"):
+        upload(service, photo(name))
+    making = Making()
+    ahead = ingest.Thumbnails(service.store, read_ahead=2, make=making)
+    try:
+        newest = records(service)
+        assert ahead.read_ahead(newest) == 2
+        wait_for(lambda: kept(service) == 2)
+        assert ahead.read_ahead(newest) == 2  # queued again: found kept, not made again
+    finally:
+        ahead.close()
+    assert len(making.calls) == 2 and {c[1] for c in making.calls} == {"webp"}
+    with service.store.connection():
+        shas = {r[0] for r in service.store.database.execute_sql("SELECT sha256 FROM thumbnail").fetchall()}
+    assert shas == {newest[0].sha256, newest[1].sha256}
+
+
+def test_a_request_for_one_being_made_ahead_waits_for_it_rather_than_making_it_twice(service, big_photo):
+    image = upload(service, big_photo)
+    making = Making(hold_first=True)
+    ahead = ingest.Thumbnails(service.store, read_ahead=4, make=making)
+    try:
+        ahead.read_ahead(records(service))
+        assert making.entered.wait(10)
+        got = []
+        asker = threading.Thread(target=lambda: got.append(ahead.get(image["id"], image["sha256"], 320, "webp")))
+        asker.start()
+        asker.join(0.2)
+        assert asker.is_alive()  # waiting for the one under way
+        making.release.set()
+        asker.join(10)
+        thumb, was_kept = got[0]
+        assert was_kept and picture_of(thumb.data).size == (320, 180)
+        assert len(making.calls) == 1 and making.calls[0][2].startswith("thumbnails-ahead")
+    finally:
+        ahead.close()
+
+
+def test_a_request_for_one_still_queued_takes_it_off_the_queue(service, photo, big_photo):
+    first = upload(service, photo("pets.jpg"))
+    upload(service, big_photo)  # the newest: made ahead first
+    making = Making(hold_first=True)
+    ahead = ingest.Thumbnails(service.store, read_ahead=4, workers=1, make=making)
+    try:
+        assert ahead.read_ahead(records(service)) == 2
+        assert making.entered.wait(10)  # the one worker is held on the newest; the other waits in the queue
+        threading.Timer(0.2, making.release.set).start()
+        thumb, was_kept = ahead.get(first["id"], first["sha256"], min(320, max(first["width"], first["height"])), "webp")
+        assert not was_kept and picture_of(thumb.data).size == imaging.fitted(first["width"], first["height"], 320)
+    finally:
+        making.release.set()
+        ahead.close()
+    # Made twice in all: the newest by the worker, the queued one by the request (taken off the queue).
+    assert [c[2] for c in making.calls] == [making.calls[0][2], threading.current_thread().name]
+    assert making.calls[0][2].startswith("thumbnails-ahead")
+
+
+def test_an_image_deleted_before_its_turn_is_skipped(service, photo):
+    image = upload(service, photo("pets.jpg"))
+    listed = records(service)
+    service.client.delete(f"/images/{image['id']}")
+    ahead = ingest.Thumbnails(service.store, read_ahead=4, make=Making())
+    try:
+        ahead.read_ahead(listed)
+    finally:
+        ahead.close()  # waits for the one under way
+    assert kept(service) == 0
+
+
+def test_close_drops_what_is_queued_and_lets_the_one_under_way_finish(service, photo):
+    for name in ("pets.jpg", "cat_1080p.jpg", "kite_and_cold.jpg"):
+        upload(service, photo(name))
+    making = Making(hold_first=True)
+    ahead = ingest.Thumbnails(service.store, read_ahead=4, workers=1, make=making)
+    assert ahead.read_ahead(records(service)) == 3
+    assert making.entered.wait(10)
+    threading.Timer(0.2, making.release.set).start()
+    ahead.close()
+    assert len(making.calls) == 1 and kept(service) == 1
+    assert ahead.read_ahead(records(service)) == 0  # closed: nothing is queued any more
+
+
+def picture_of(data: bytes) -> Image.Image:
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    return img
 
 
 def test_a_full_decode_budget_is_a_503_with_retry_after(make_service, big_photo):
