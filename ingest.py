@@ -401,7 +401,7 @@ class Ingest:
                     data=data, sha256=sha256, content_type=decoded.content_type, width=decoded.width,
                     height=decoded.height, label=text, label_generated=generated, detection_enabled=sub.detect,
                     detections=found, detected_with=detected_with, source_url=source_url,
-                    filename=file_name(sub.name, from_url=sub.url is not None),
+                    filename=file_name(sub.name, from_url=sub.url is not None), model_name=self.detector.model_name,
                 )
             )
         log.info("stored image %d (%s, %d bytes, %d objects)", rec.id, rec.content_type, rec.size, len(found))
@@ -422,9 +422,31 @@ class Ingest:
                     data=data, sha256=sha256, content_type=decoded.content_type, width=decoded.width,
                     height=decoded.height, label=text, label_generated=generated, detection_enabled=True,
                     detections=found, detected_with=result.fingerprint, source_url=None,
-                    filename=file_name(name, from_url=False),
+                    filename=file_name(name, from_url=False), model_name=result.model_name,
                 ),
                 keep,
             )
         log.debug("stored vision frame %d (%d bytes, %d objects)", rec.id, rec.size, len(found))
         return rec
+
+    def redetect(self, image_id: int, threshold: float | None = None) -> store.ImageRecord:
+        """Run detection again on a stored image with the current model, at `threshold` (the detector's,
+        DETECT_THRESHOLD, by default), and replace its detections: POST /images/{id}/detect and
+        `ingest.py redetect`. A generated label is made again from what was found; a user's label stays.
+        Through the detection gate and the decode budget, as add() detects. NotFound when the image is
+        missing, or deleted while it was being detected (then nothing is written); nothing is written
+        when it raises."""
+        self.detector.load()  # ModelError first, before reading the bytes
+        with self.images.connection():
+            rec = self.images.get(image_id)
+            data = self.images.file(image_id)[0]
+        with _entered(self.detections):
+            result = self.detector.detect(data, threshold=threshold, budget=self.budget)
+        found = found_from(result.detections)
+        label = make_label(None, found, rec.filename or rec.source_url, rec.sha256)[0] if rec.label_generated else None
+        with self.images.connection():
+            # detected_with carries the threshold used, so POST /images reuses these detections only for
+            # the same bytes analysed by the same model at the same threshold.
+            new = self.images.replace_detections(image_id, found, result.fingerprint, result.model_name, label)
+        log.debug("re-detected image %d with %s (%d objects)", image_id, result.fingerprint, len(found))
+        return new
