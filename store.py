@@ -23,8 +23,10 @@ import contextlib
 import logging
 import os
 import re
+import sqlite3
 import sys
 import time
+import urllib.parse
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any, Callable, Collection, Iterable, Iterator, Sequence
@@ -348,6 +350,32 @@ class SqliteBackend:
             if "model_name" not in {c.name for c in self.database.get_columns("image")}:  # v1 rebuilt has it
                 self.database.execute_sql("ALTER TABLE image ADD COLUMN model_name TEXT")
             tables.Setting.update(value="4").where(tables.Setting.key == "schema_version").execute()
+
+
+class ReadOnlyHoldings:
+    """Store.holds() on a SQLite file opened read-only, without migrating or writing a row (dry runs).
+
+    A file that does not exist holds nothing (and is not created). SQLite may create the WAL's side
+    files (-wal, -shm) beside it; the database itself is not written."""
+
+    def __init__(self, path: str, *, busy_timeout_ms: int = 10_000):
+        self._conn: sqlite3.Connection | None = None
+        if os.path.exists(path):
+            uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro"
+            self._conn = sqlite3.connect(uri, uri=True, timeout=busy_timeout_ms / 1000, check_same_thread=False)
+
+    def holds(self, sha256: str) -> bool:
+        if self._conn is None:
+            return False
+        try:
+            return self._conn.execute("SELECT 1 FROM image WHERE sha256 = ? LIMIT 1", (sha256,)).fetchone() is not None
+        except sqlite3.Error as e:
+            raise StoreUnavailable(f"the database cannot be read: {e}") from e
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
 
 
 def open_backend(target: str, **options: Any) -> SqliteBackend:
@@ -683,6 +711,11 @@ class Store:
             if image is None:
                 return None
             return self._detections([image.id]).get(image.id, ())
+
+    def holds(self, sha256: str) -> bool:
+        """Whether some image (whoever added it) has these bytes: `python ingest.py import` skips them."""
+        with self._errors():
+            return self._t.Image.select(self._t.Image.id).where(self._t.Image.sha256 == sha256).exists()
 
     def get(self, image_id: int) -> ImageRecord:
         with self._errors():
