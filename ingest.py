@@ -457,6 +457,7 @@ class Ingest:
         log.debug("re-detected image %d with %s (%d objects)", image_id, result.fingerprint, len(found))
         return new
 
+
 # ---------------------------------------------------------------------------------------------------------
 # Command line: `python ingest.py import PATH...` (and the other bulk commands), with a progress bar
 # ---------------------------------------------------------------------------------------------------------
@@ -666,6 +667,7 @@ def argument_parser() -> Any:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_import_command(commands)
+    _add_redetect_command(commands)
     return parser
 
 
@@ -931,6 +933,210 @@ def _run_import(args: Any, parser: Any) -> int:
         return EXIT_FAILED if progress.counts["failed"] or importer.stopped else EXIT_OK
     finally:
         close()
+
+# -- redetect ----------------------------------------------------------------------------------------------
+
+
+def _threshold_arg(text: str) -> float:
+    import argparse
+
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not detect.CANDIDATE_FLOOR <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a number from {detect.CANDIDATE_FLOOR:g} to 1, not {text!r}")
+    return value
+
+
+def _add_redetect_command(commands: Any) -> None:
+    import argparse
+
+    p = commands.add_parser(
+        "redetect", help="run detection again on stored images: after a model change, a new threshold, or for images stored without",
+        description=(
+            "Run the current model (DETECT_MODEL) again on stored images and replace their detections, as "
+            "POST /images/{id}/detect does: a generated label follows the new detections, a label someone "
+            "gave stays. Which images: --stale (the default) those detected by another model or at another "
+            "threshold, --undetected those never analysed, --all every one. An image deleted meanwhile is "
+            "skipped. Safe while the server runs on the same database."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_settings_epilog(),
+    )
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--stale", dest="which", action="store_const", const="stale",
+                       help="images whose detections came from another model or threshold (the default)")
+    which.add_argument("--undetected", dest="which", action="store_const", const="undetected",
+                       help="images never analysed (stored with detection off)")
+    which.add_argument("--all", dest="which", action="store_const", const="all", help="every image")
+    p.set_defaults(which="stale")
+    p.add_argument("--objects", metavar="NAMES", default="",
+                   help="only images holding any of these, comma-separated, in the words of GET /images?objects= "
+                        "(dog,cat; dogs; animal)")
+    p.add_argument("--threshold", type=_threshold_arg, default=None, metavar="T",
+                   help=f"keep detections at or above T, {detect.CANDIDATE_FLOOR:g} to 1 (default: DETECT_THRESHOLD)")
+    p.add_argument("--dry-run", action="store_true", help="say how many images would be detected again; write nothing")
+    library_options(p)
+    p.add_argument(
+        "--log-every", type=float, default=5.0, metavar="SECONDS",
+        help="when not on a terminal, a progress line at most every SECONDS (default 5; 0: every image)",
+    )
+    p.set_defaults(run=_run_redetect)
+
+
+class Redetector:
+    """Detects stored images again through `pipeline.redetect`, `workers` at once, each image its own
+    write transaction. The caller's thread pages through the ids (oldest first, 500 at a time) and keeps
+    at most 2 x `workers` images under way, so memory stays bounded however large the library is; the
+    workers read the bytes, detect (the detector's pool of interpreters, so every core works) and write."""
+
+    RETRIES = 5  # attempts of an image whose decode or database write found the machine busy
+    PAGE = 500
+
+    def __init__(self, pipeline: Ingest, progress: Progress, *, threshold: float, workers: int):
+        self.pipeline = pipeline
+        self.progress = progress
+        self.threshold = threshold
+        self.workers = max(1, workers)
+        self._pending: dict[concurrent.futures.Future, int] = {}
+        self.stopped: str | None = None
+
+    def ids(self, which: str, fingerprint: str, objects: Sequence[Sequence[str]], until: int) -> Iterator[int]:
+        after = 0
+        while True:
+            with self.pipeline.images.connection():
+                page = self.pipeline.images.redetect_ids(
+                    which, fingerprint, objects=objects, after=after, until=until, limit=self.PAGE
+                )
+            yield from page
+            if len(page) < self.PAGE:
+                return
+            after = page[-1]
+
+    def run(self, ids: Iterable[int]) -> None:
+        """Detect `ids` again; KeyboardInterrupt propagates once the images under way are done."""
+        with concurrent.futures.ThreadPoolExecutor(self.workers, thread_name_prefix="redetect") as pool:
+            try:
+                for image_id in ids:
+                    if self.stopped:
+                        break
+                    while len(self._pending) >= 2 * self.workers:
+                        self._collect(concurrent.futures.FIRST_COMPLETED)
+                    self._pending[pool.submit(self._one, image_id)] = image_id
+                self._collect(concurrent.futures.ALL_COMPLETED)
+            except KeyboardInterrupt:
+                pool.shutdown(wait=False, cancel_futures=True)
+                if self._pending:
+                    self.progress.write(f"stopping: waiting for the {len(self._pending)} image(s) under way")
+                for future in list(self._pending):
+                    if future.cancelled():
+                        del self._pending[future]
+                self._collect(concurrent.futures.ALL_COMPLETED)
+                raise
+
+    def _one(self, image_id: int) -> None:
+        for attempt in range(1, self.RETRIES + 1):
+            try:
+                self.pipeline.redetect(image_id, self.threshold)
+                return
+            except (imaging.DecodeBusy, store.StoreUnavailable):
+                if attempt == self.RETRIES:
+                    raise
+                time.sleep(0.2 * attempt)  # the server, or a large image here, holds the budget or the database
+
+    def _collect(self, when: str) -> None:
+        if not self._pending:
+            return
+        done, _ = concurrent.futures.wait(list(self._pending), return_when=when)
+        for future in done:
+            image_id = self._pending.pop(future)
+            try:
+                future.result()
+            except store.NotFound:
+                log.debug("skipped image %d: deleted meanwhile", image_id)
+                self.progress.update("skipped", "deleted meanwhile")
+            except (store.StoreFull, store.StoreUnavailable) as e:  # every later image would meet it
+                log.warning("failed image %d: %s", image_id, e)
+                self.progress.update("failed")
+                self.stopped = str(e)
+            except (imaging.ImageError, detect.DetectError, IngestError) as e:
+                log.warning("failed image %d: %s", image_id, e)
+                self.progress.update("failed")
+            except Exception as e:  # a bug of ours: say so, keep going with the other images
+                log.error("failed image %d: unexpected error", image_id, exc_info=e)
+                self.progress.update("failed")
+            else:
+                self.progress.update("added")
+
+
+_WHICH = {
+    "stale": "detected by another model or threshold",
+    "undetected": "never analysed",
+    "all": "every image",
+}
+
+
+def _run_redetect(args: Any, parser: Any) -> int:
+    try:
+        settings = library_settings(args)
+    except settings_mod.SettingError as e:
+        parser.error(f"{e}; `python ingest.py redetect --help` lists the settings it reads")
+    threshold = settings.detect_threshold if args.threshold is None else args.threshold
+    terms = [t.strip().lower() for t in args.objects.split(",") if t.strip()]
+    if terms and args.which == "undetected":
+        parser.error("--objects goes with --stale or --all: images never analysed hold no objects")
+    objects = [search_names(t) for t in terms]
+    scope = _WHICH[args.which] + (f", holding {' or '.join(terms)}" if terms else "")
+    if args.dry_run:
+        detector = make_detector(settings)
+        try:
+            fingerprint = detector.fingerprint(threshold)
+            n = store.read_only_redetect_count(settings.db, args.which, fingerprint, objects)
+        except detect.ModelError as e:
+            print(f"ingest.py redetect: {e}", file=sys.stderr)
+            return EXIT_USAGE
+        except store.StoreError as e:
+            print(f"ingest.py redetect: cannot read the database {settings.db}: {e}", file=sys.stderr)
+            return EXIT_USAGE
+        print(f"redetect (dry run: nothing is written): {n} image(s) in {settings.db} would be detected again "
+              f"({scope}) with {detector.model_name} ({fingerprint})", flush=True)
+        return EXIT_OK
+    try:
+        pipeline = open_library(settings)
+    except (store.StoreError, OSError, sqlite3.Error) as e:
+        print(f"ingest.py redetect: cannot open the database {settings.db}: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        try:
+            fingerprint = pipeline.detector.fingerprint(threshold)
+        except detect.ModelError as e:
+            print(f"ingest.py redetect: {e}", file=sys.stderr)
+            return EXIT_USAGE
+        # Two images under way per interpreter: one detecting while the other reads or writes (its fsync).
+        workers = 2 * pipeline.detector.pool
+        with pipeline.images.connection():
+            until = pipeline.images.last_id()  # images added meanwhile are the server's to detect
+            total = pipeline.images.redetect_count(args.which, fingerprint, objects=objects, until=until)
+        words = {"added": "re-detected"}
+        with Progress(total, "redetect", unit="image", every=args.log_every, words=words) as progress:
+            progress.write(f"redetect: {total} image(s) in {settings.db} ({scope}) with {pipeline.detector.model_name} "
+                           f"({fingerprint}), {workers} at once")
+            redetector = Redetector(pipeline, progress, threshold=threshold, workers=workers)
+            interrupted = False
+            try:
+                redetector.run(redetector.ids(args.which, fingerprint, objects, until))
+            except KeyboardInterrupt:
+                interrupted = True
+            except store.StoreError as e:  # paging through the ids failed
+                redetector.stopped = str(e)
+        print(progress.summary(interrupted=interrupted), flush=True)
+        if redetector.stopped:
+            print(f"ingest.py redetect: stopped early: {redetector.stopped}", file=sys.stderr)
+        if interrupted:
+            return EXIT_INTERRUPTED
+        return EXIT_FAILED if progress.counts["failed"] or redetector.stopped else EXIT_OK
+    finally:
+        pipeline.images.shutdown()
 
 
 if __name__ == "__main__":

@@ -378,6 +378,47 @@ class ReadOnlyHoldings:
             self._conn = None
 
 
+def redetect_where(
+    which: str, detected_with: str, objects: Sequence[Collection[str]] = (), until: int | None = None
+) -> tuple[str, list]:
+    """The SQL condition on `image` (and its parameters) of the images to detect again: see
+    Store.redetect_ids. Only columns every schema version has, so a dry run can ask any file read-only."""
+    conditions = {
+        "stale": ("detected_with IS NOT NULL AND detected_with != ?", [detected_with]),
+        "undetected": ("detected_with IS NULL", []),
+        "all": ("1", []),
+    }
+    if which not in conditions:
+        raise ValueError(f"which must be one of {', '.join(conditions)}")
+    where, params = conditions[which]
+    if until is not None:
+        where, params = f"{where} AND id <= ?", [*params, until]
+    names = sorted(set().union(*_name_groups(objects))) if objects else []
+    if names:
+        where += f" AND id IN (SELECT image_id FROM detection WHERE name IN ({','.join('?' * len(names))}))"
+        params = [*params, *names]
+    return where, params
+
+
+def read_only_redetect_count(
+    path: str, which: str, detected_with: str, objects: Sequence[Collection[str]] = (), *, busy_timeout_ms: int = 10_000
+) -> int:
+    """Store.redetect_count on a SQLite file opened read-only, without migrating or writing (dry runs).
+    A file that does not exist holds nothing (and is not created)."""
+    if not os.path.exists(path):
+        return 0
+    where, params = redetect_where(which, detected_with, objects)
+    uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro"
+    try:
+        conn = sqlite3.connect(uri, uri=True, timeout=busy_timeout_ms / 1000)
+        try:
+            return conn.execute(f"SELECT COUNT(*) FROM image WHERE {where}", params).fetchone()[0]
+        finally:
+            conn.close()
+    except sqlite3.Error as e:
+        raise StoreUnavailable(f"the database cannot be read: {e}") from e
+
+
 def open_backend(target: str, **options: Any) -> SqliteBackend:
     """The backend that serves `target`: a file path is SQLite (the only backend so far)."""
     if re.match(r"^[a-z][a-z0-9+.-]*://", target, re.I):
@@ -659,14 +700,14 @@ class Store:
 
     def redetect_ids(
         self, which: str, detected_with: str, *, objects: Sequence[Collection[str]] = (), after: int = 0,
-        limit: int | None = None,
+        until: int | None = None, limit: int | None = None,
     ) -> list[int]:
-        """Ids of images to detect again, oldest first from past `after`, at most `limit` (None: all).
+        """Ids of images to detect again, oldest first, past `after` and up to `until`, at most `limit`.
 
         `which`: "stale" (detections from another model or threshold than `detected_with`), "undetected"
         (never analysed) or "all". `objects`: only images holding a name of any of these groups.
         """
-        where, params = self._redetect_where(which, detected_with, objects)
+        where, params = redetect_where(which, detected_with, objects, until)
         sql = f"SELECT id FROM image WHERE id > ? AND {where} ORDER BY id"
         args = [after, *params]
         if limit is not None:
@@ -675,27 +716,18 @@ class Store:
         with self._errors():
             return [row[0] for row in self._db.execute_sql(sql, args).fetchall()]
 
-    def redetect_count(self, which: str, detected_with: str, *, objects: Sequence[Collection[str]] = ()) -> int:
+    def redetect_count(
+        self, which: str, detected_with: str, *, objects: Sequence[Collection[str]] = (), until: int | None = None
+    ) -> int:
         """How many images redetect_ids would give in all."""
-        where, params = self._redetect_where(which, detected_with, objects)
+        where, params = redetect_where(which, detected_with, objects, until)
         with self._errors():
             return self._db.execute_sql(f"SELECT COUNT(*) FROM image WHERE {where}", params).fetchone()[0]
 
-    @staticmethod
-    def _redetect_where(which: str, detected_with: str, objects: Sequence[Collection[str]]) -> tuple[str, list]:
-        conditions = {
-            "stale": ("detected_with IS NOT NULL AND detected_with != ?", [detected_with]),
-            "undetected": ("detected_with IS NULL", []),
-            "all": ("1", []),
-        }
-        if which not in conditions:
-            raise ValueError(f"which must be one of {', '.join(conditions)}")
-        where, params = conditions[which]
-        names = sorted(set().union(*_name_groups(objects))) if objects else []
-        if names:
-            where += f" AND id IN (SELECT image_id FROM detection WHERE name IN ({','.join('?' * len(names))}))"
-            params = [*params, *names]
-        return where, params
+    def last_id(self) -> int:
+        """The newest image's id (0 when there is none)."""
+        with self._errors():
+            return self._db.execute_sql("SELECT COALESCE(MAX(id), 0) FROM image").fetchone()[0]
 
     # -- reads -------------------------------------------------------------------------------------------
 

@@ -5,13 +5,17 @@ The real model, database and app (make_service); the command line as a process o
 """
 
 import hashlib
+import io
 import os
 import sqlite3
+import subprocess
+import sys
 import threading
 
 import pytest
 
 import detect
+import ingest
 import server
 import store
 from helpers import assert_problem, b64
@@ -329,3 +333,145 @@ def test_ingest_redetect_directly(service, photo):
     assert rec.objects == ["cat", "chair", "couch"] and rec.threshold == 0.3 and rec.detection_enabled
     with pytest.raises(store.NotFound):
         service.parts.ingest.redetect(img["id"] + 1)
+
+
+# --------------------------------------------------------------------------------------------------------
+# python ingest.py redetect
+# --------------------------------------------------------------------------------------------------------
+
+
+def child(*argv, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "ingest.py", "redetect", *argv], cwd=ROOT, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "MIN_FREE_DISK_MB": "0", **(env or {})},
+    )
+
+
+def state(service) -> dict[int, tuple]:
+    """What redetect may change, by image: label, detection_enabled, threshold, model_name, detections."""
+    out = {}
+    for img in service.client.get("/images").json:
+        boxes = tuple((d["label"], d["confidence"]) for d in img["detections"])
+        out[img["id"]] = (img["label"], img["detection_enabled"], img["threshold"], img["model_name"], boxes)
+    return out
+
+
+def test_the_modes_of_the_command(make_service, photo, model_path):
+    service = make_service()
+    a = add(service, photo("pets.jpg"), detect_=True)["id"]  # detected at DETECT_THRESHOLD: up to date
+    b = add(service, photo("cat.bmp"))["id"]  # never analysed
+    c = add(service, photo("table.jpg"), detect_=True)["id"]
+    service.client.post_json(f"/images/{c}/detect", {"threshold": 0.4})  # detected at another threshold: stale
+    d = add(service, photo("kite_and_cold.jpg"), label="the beach")["id"]  # never analysed, a user's label
+    db = ["--db", service.settings.db, "--model", model_path]
+
+    before = state(service)
+    run = child(*db)  # --stale is the default
+    assert run.returncode == 0, run.stderr
+    assert "1 re-detected, 0 skipped, 0 failed" in run.stdout
+    after = state(service)
+    assert after[c][2] == 0.5 and after[c][4] != before[c][4]
+    assert {k: after[k] for k in (a, b, d)} == {k: before[k] for k in (a, b, d)}
+
+    run = child("--undetected", *db)
+    assert run.returncode == 0 and "2 re-detected" in run.stdout, run.stderr
+    now = state(service)
+    assert now[b][:3] == ("cat", True, 0.5) and now[b][3] == detect.Detector(model_path).model_name
+    assert now[d][:3] == ("the beach", True, 0.5) and "kite" in {label for label, _ in now[d][4]}
+    assert {k: now[k] for k in (a, c)} == {k: after[k] for k in (a, c)}
+
+    run = child("--all", "--threshold", "0.3", *db)
+    assert run.returncode == 0 and "4 re-detected" in run.stdout, run.stderr
+    low = state(service)
+    assert {v[2] for v in low.values()} == {0.3}
+    assert low[a][0] == "3 dogs" and low[d][0] == "the beach"
+
+    run = child("--objects", "dogs", *db)  # stale (0.3 is not 0.5) and holding a dog, in the words of a search
+    assert run.returncode == 0 and "1 re-detected" in run.stdout, run.stderr
+    last = state(service)
+    assert last[a][:3] == ("2 dogs", True, 0.5)
+    assert {k: last[k] for k in (b, c, d)} == {k: low[k] for k in (b, c, d)}
+    run = child("--all", "--objects", "animal,person", "--dry-run", *db)  # cat, dogs, the kite's people
+    assert run.returncode == 0 and "3 image(s)" in run.stdout, run.stderr
+
+
+def test_a_dry_run_writes_nothing_not_even_a_migration(tmp_path, photo, model_path):
+    path = str(tmp_path / "v3.db")
+    make_v3(path, photo("pets.jpg"))
+    with open(path, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    for which, n in (("--stale", 1), ("--undetected", 1), ("--all", 2)):
+        run = child(which, "--dry-run", "--db", path, "--model", model_path)
+        assert run.returncode == 0, run.stderr
+        assert "nothing is written" in run.stdout and f" {n} image(s)" in run.stdout
+    with open(path, "rb") as f:
+        assert hashlib.sha256(f.read()).hexdigest() == digest
+    conn = sqlite3.connect(path)
+    assert conn.execute("SELECT value FROM setting WHERE key = 'schema_version'").fetchone() == ("3",)
+    assert conn.execute("SELECT COUNT(*) FROM detection").fetchone() == (1,)
+    conn.close()
+    run = child("--dry-run", "--db", str(tmp_path / "none.db"), "--model", model_path)
+    assert run.returncode == 0 and "0 image(s)" in run.stdout and not (tmp_path / "none.db").exists()
+
+
+def test_an_image_deleted_meanwhile_is_skipped_and_counted(make_service, photo, model_path):
+    """One worker, so the first detection is the first image's: the detector's `observe` hook (called once the
+    model has run) deletes that image before its write, which then finds it gone."""
+    service = make_service()
+    ids = [add(service, photo(name))["id"] for name in ("pets.jpg", "cat.bmp", "table.jpg")]
+    deleted = []
+
+    def delete_first(name, timings):
+        if not deleted:
+            with service.store.connection():
+                service.store.delete(ids[0])
+            deleted.append(ids[0])
+
+    pipeline = ingest.Ingest(
+        images=service.store, detector=detect.Detector(model_path, threads=1, pool=1, observe=delete_first),
+        fetcher=service.fetcher,
+    )
+    out = io.StringIO()
+    with ingest.Progress(3, "redetect", unit="image", stream=out, tty=False, words={"added": "re-detected"}) as progress:
+        redetector = ingest.Redetector(pipeline, progress, threshold=0.5, workers=1)
+        fp = pipeline.detector.fingerprint(0.5)
+        with service.store.connection():
+            until = service.store.last_id()
+        redetector.run(redetector.ids("undetected", fp, (), until))
+    assert progress.counts == {"added": 2, "skipped": 1}
+    assert progress.reasons == {("skipped", "deleted meanwhile"): 1}
+    assert "1 skipped (deleted meanwhile: 1)" in progress.summary()
+    service.client.get(f"/images/{ids[0]}", status=404)
+    assert detection_rows(service, ids[0]) == 0
+    assert all(service.client.get(f"/images/{i}").json["detection_enabled"] for i in ids[1:])
+
+
+def test_an_image_that_fails_is_counted_and_the_exit_status_is_1(make_service, photo, model_path):
+    service = make_service()
+    small = add(service, photo("pets.jpg"))["id"]  # 512 x 430
+    large = add(service, photo("cat_1080p.jpg"))["id"]  # 1920 x 1080, over the MAX_PIXELS set below
+    run = child("--undetected", "--db", service.settings.db, "--model", model_path, env={"MAX_PIXELS": "1000000"})
+    assert run.returncode == 1, run.stderr
+    assert "1 re-detected, 0 skipped, 1 failed" in run.stdout and f"failed image {large}" in run.stderr
+    assert service.client.get(f"/images/{small}").json["detection_enabled"] is True
+    assert service.client.get(f"/images/{large}").json["detection_enabled"] is False
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--threshold", "0.01"], "0.05 to 1"),
+    (["--threshold", "high"], "0.05 to 1"),
+    (["--undetected", "--objects", "dog"], "--objects goes with --stale or --all"),
+    (["--stale", "--all"], "not allowed with argument"),
+])
+def test_usage_errors_exit_2(tmp_path, model_path, argv, words):
+    run = child(*argv, "--db", str(tmp_path / "a.db"), "--model", model_path)
+    assert run.returncode == 2 and words in run.stderr
+    assert not (tmp_path / "a.db").exists()
+
+
+def test_without_a_model_it_says_so_and_exits_2(make_service, photo, tmp_path):
+    service = make_service()
+    img = add(service, photo("pets.jpg"))
+    run = child("--undetected", "--db", service.settings.db, "--model", str(tmp_path / "none.tflite"))
+    assert run.returncode == 2 and "no detection model" in run.stderr
+    assert service.client.get(f"/images/{img['id']}").json == img
