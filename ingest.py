@@ -653,7 +653,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argument_parser()
     args = parser.parse_args(argv)  # exits 2 on a usage error
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return args.run(args, parser)
+    try:
+        return args.run(args, parser)
+    except KeyboardInterrupt:  # before a command's own handling starts (opening, counting) or after it
+        print(f"ingest.py {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 # -- import ------------------------------------------------------------------------------------------------
@@ -756,11 +760,11 @@ class Importer:
 
     def _finish_in_flight(self) -> None:
         """After Ctrl-C: let the files under way finish (each is one transaction: stored whole or not at all)."""
-        if self._pending:
-            self.progress.write(f"stopping: waiting for the {len(self._pending)} file(s) under way (Ctrl-C again to abandon them)")
         for future in list(self._pending):
-            if future.cancelled():
+            if future.cancelled():  # not started: left for the next run
                 del self._pending[future]
+        if self._pending:
+            self.progress.write(f"stopping: finishing the {len(self._pending)} file(s) under way")
         self._collect(concurrent.futures.ALL_COMPLETED)
 
     def _examine(self, path: str) -> _Candidate | None:
@@ -882,7 +886,7 @@ def _run_import(args: Any, parser: Any) -> int:
             except detect.ModelError as e:
                 print(f"ingest.py import: {e}; or import without detection: --no-detect", file=sys.stderr)
                 return EXIT_USAGE
-        total = sum(1 for _ in iter_files(args.paths))
+        total = sum(1 for _ in iter_files(args.paths))  # a first walk, for the ETA: names only, nothing read
         what = "import (dry run: nothing is written)" if args.dry_run else "import"
         words = {"added": "to add", "skipped": "to skip", "failed": "would fail"} if args.dry_run else None
         with Progress(total, what, unit="file", every=args.log_every, words=words) as progress:
@@ -897,7 +901,8 @@ def _run_import(args: Any, parser: Any) -> int:
             )
             interrupted = False
             try:
-                importer.run(iter_files(args.paths))
+                with pipeline.images.connection() if pipeline else contextlib.nullcontext():
+                    importer.run(iter_files(args.paths))
             except KeyboardInterrupt:
                 interrupted = True
             except _Stop as e:
