@@ -395,3 +395,25 @@ def test_safe_while_the_server_runs_on_the_same_database(tmp_path, images_dir, m
     assert len(listed) == 1 + 30 + 12
     with sqlite3.connect(db) as c:
         assert c.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+
+
+def test_readmes_examples_work_as_written(tmp_path, images_dir, model_path):
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    section = readme[readme.index("## Import a folder\n"):]
+    section = section[: section.index("\n## ", 1)]
+    block = re.search(r"```sh\n(.*?)```", section, re.S).group(1)
+    commands = [line.split("#")[0].split() for line in block.splitlines() if line.startswith("python ingest.py import")]
+    assert len(commands) == 3
+    env = {"IMAGES_DB": str(tmp_path / "data" / "images.db"), "DETECT_MODEL": model_path}
+    outs = []
+    for words in commands:
+        assert words[:3] == ["python", "ingest.py", "import"] and words[-1] == "testdata/images"
+        result = child(*words[2:-1], images_dir, env=env)
+        assert result.returncode == 0, result.stderr
+        outs.append(result.stdout)
+    photos = len([n for n in os.listdir(images_dir) if n.endswith((".jpg", ".jpeg", ".bmp"))])
+    assert f": {photos} to add," in outs[0] and f"import: {photos} added," in outs[1]
+    assert f"import: 0 added, {len(os.listdir(images_dir))} skipped" in outs[2]
+    # The summary README shows is the one the tree above gets.
+    shown = re.search(r"^  import: .*$", section, re.M).group(0).strip()
+    assert re.fullmatch(r"import: 12 added, 3 skipped \(duplicates: 1, not images: 2\), 1 failed; 16 files in [\d.]+ s, [\d.]+ files/s", shown)
