@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import re
+import signal
 import sqlite3
 import stat as stat_mod
 import sys
@@ -577,7 +578,7 @@ class Progress:
             text = f"{self.counts[o]} {self.words[o]}"
             why = [f"{r}: {n}" for (oc, r), n in sorted(self.reasons.items()) if oc == o]
             parts.append(f"{text} ({', '.join(why)})" if why else text)
-        stopped = " (interrupted: the rest was not looked at)" if interrupted else ""
+        stopped = " (interrupted: the rest was not looked at)" if interrupted else ""  # Ctrl-C, SIGTERM
         return (
             f"{self.what}{stopped}: {', '.join(parts)}; {self.done} {self.unit}s in {_duration(self.elapsed)}, "
             f"{self._rate():.1f} {self.unit}s/s"
@@ -649,15 +650,28 @@ def argument_parser() -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Exit status: 0 all done, 1 some item failed (or the command stopped early), 2 usage, 130 Ctrl-C."""
+    """Exit status: 0 all done, 1 some item failed (or the command stopped early), 2 usage, 130 Ctrl-C
+    (143 SIGTERM, which stops a command as Ctrl-C does: docker stop, systemd, kill)."""
     parser = argument_parser()
     args = parser.parse_args(argv)  # exits 2 on a usage error
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    received: list[int] = []
+
+    def stop(signum: int, frame: Any) -> None:
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    on_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, stop) if on_main else None
     try:
-        return args.run(args, parser)
+        code = args.run(args, parser)
     except KeyboardInterrupt:  # before a command's own handling starts (opening, counting) or after it
         print(f"ingest.py {args.command}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        code = EXIT_INTERRUPTED
+    finally:
+        if on_main:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+    return 128 + received[0] if code == EXIT_INTERRUPTED and received else code
 
 
 # -- import ------------------------------------------------------------------------------------------------

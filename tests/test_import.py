@@ -300,7 +300,8 @@ def _watch(proc, lines: list[str], enough: threading.Event, done_at: int) -> thr
     return t
 
 
-def test_ctrl_c_keeps_what_was_done_and_a_second_run_adds_the_rest(tmp_path, images_dir, model_path):
+@pytest.mark.parametrize("sig, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_keeps_what_was_done_and_a_second_run_adds_the_rest(tmp_path, images_dir, model_path, sig, status):
     db = str(tmp_path / "images.db")
     folder = tmp_path / "in"
     variants(images_dir, str(folder), 60, name="grace_hopper.bmp")
@@ -313,7 +314,7 @@ def test_ctrl_c_keeps_what_was_done_and_a_second_run_adds_the_rest(tmp_path, ima
     reader = _watch(proc, lines, enough, done_at=4)
     try:
         assert enough.wait(60), "".join(lines)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         out = proc.communicate(timeout=30)[0]
     finally:
         if proc.poll() is None:
@@ -321,7 +322,7 @@ def test_ctrl_c_keeps_what_was_done_and_a_second_run_adds_the_rest(tmp_path, ima
             proc.wait()
     reader.join(5)
     err = "".join(lines)
-    assert proc.returncode == 130, err
+    assert proc.returncode == status, err
     assert "Traceback" not in err
     m = re.search(r"import \(interrupted: the rest was not looked at\): (\d+) added, 0 skipped, 0 failed", out)
     assert m, out
