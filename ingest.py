@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import re
+import signal
 import sqlite3
 import stat as stat_mod
 import sys
@@ -599,7 +600,7 @@ class Progress:
             text = f"{self.counts[o]} {self.words[o]}"
             why = [f"{r}: {n}" for (oc, r), n in sorted(self.reasons.items()) if oc == o]
             parts.append(f"{text} ({', '.join(why)})" if why else text)
-        stopped = " (interrupted: the rest was not looked at)" if interrupted else ""
+        stopped = " (interrupted: the rest was not looked at)" if interrupted else ""  # Ctrl-C, SIGTERM
         return (
             f"{self.what}{stopped}: {', '.join(parts)}; {self.done} {self.unit}s in {_duration(self.elapsed)}, "
             f"{self._rate():.1f} {self.unit}s/s"
@@ -672,11 +673,28 @@ def argument_parser() -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Exit status: 0 all done, 1 some item failed (or the command stopped early), 2 usage, 130 Ctrl-C."""
+    """Exit status: 0 all done, 1 some item failed (or the command stopped early), 2 usage, 130 Ctrl-C
+    (143 SIGTERM, which stops a command as Ctrl-C does: docker stop, systemd, kill)."""
     parser = argument_parser()
     args = parser.parse_args(argv)  # exits 2 on a usage error
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return args.run(args, parser)
+    received: list[int] = []
+
+    def stop(signum: int, frame: Any) -> None:
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    on_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, stop) if on_main else None
+    try:
+        code = args.run(args, parser)
+    except KeyboardInterrupt:  # before a command's own handling starts (opening, counting) or after it
+        print(f"ingest.py {args.command}: interrupted", file=sys.stderr)
+        code = EXIT_INTERRUPTED
+    finally:
+        if on_main:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+    return 128 + received[0] if code == EXIT_INTERRUPTED and received else code
 
 
 # -- import ------------------------------------------------------------------------------------------------
@@ -779,11 +797,11 @@ class Importer:
 
     def _finish_in_flight(self) -> None:
         """After Ctrl-C: let the files under way finish (each is one transaction: stored whole or not at all)."""
-        if self._pending:
-            self.progress.write(f"stopping: waiting for the {len(self._pending)} file(s) under way (Ctrl-C again to abandon them)")
         for future in list(self._pending):
-            if future.cancelled():
+            if future.cancelled():  # not started: left for the next run
                 del self._pending[future]
+        if self._pending:
+            self.progress.write(f"stopping: finishing the {len(self._pending)} file(s) under way")
         self._collect(concurrent.futures.ALL_COMPLETED)
 
     def _examine(self, path: str) -> _Candidate | None:
@@ -905,7 +923,7 @@ def _run_import(args: Any, parser: Any) -> int:
             except detect.ModelError as e:
                 print(f"ingest.py import: {e}; or import without detection: --no-detect", file=sys.stderr)
                 return EXIT_USAGE
-        total = sum(1 for _ in iter_files(args.paths))
+        total = sum(1 for _ in iter_files(args.paths))  # a first walk, for the ETA: names only, nothing read
         what = "import (dry run: nothing is written)" if args.dry_run else "import"
         words = {"added": "to add", "skipped": "to skip", "failed": "would fail"} if args.dry_run else None
         with Progress(total, what, unit="file", every=args.log_every, words=words) as progress:
@@ -920,7 +938,8 @@ def _run_import(args: Any, parser: Any) -> int:
             )
             interrupted = False
             try:
-                importer.run(iter_files(args.paths))
+                with pipeline.images.connection() if pipeline else contextlib.nullcontext():
+                    importer.run(iter_files(args.paths))
             except KeyboardInterrupt:
                 interrupted = True
             except _Stop as e:
