@@ -475,3 +475,34 @@ def test_without_a_model_it_says_so_and_exits_2(make_service, photo, tmp_path):
     run = child("--undetected", "--db", service.settings.db, "--model", str(tmp_path / "none.tflite"))
     assert run.returncode == 2 and "no detection model" in run.stderr
     assert service.client.get(f"/images/{img['id']}").json == img
+
+
+def test_sigterm_finishes_the_images_under_way_and_keeps_them(tmp_path, photo, model_path):
+    """Stopped after its first image (a progress line for each: --log-every 0), it says so, exits 143, and the
+    images its summary counts as re-detected are exactly those stored with detection."""
+    path = str(tmp_path / "many.db")
+    data = photo("pets.jpg")
+    sha = hashlib.sha256(data).hexdigest()
+    s = store.Store(path)
+    s.add_many(store.NewImage(data, sha, "image/jpeg", 512, 430, f"untitled {sha[:8]}", True, False) for _ in range(400))
+    s.shutdown()
+    proc = subprocess.Popen(
+        [sys.executable, "ingest.py", "redetect", "--undetected", "--db", path, "--model", model_path, "--log-every", "0"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "MIN_FREE_DISK_MB": "0"},
+    )
+    try:
+        for line in proc.stderr:
+            if "1/400 images" in line:
+                break
+        proc.send_signal(15)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err
+    assert "interrupted" in out
+    done = int(out.split(" re-detected")[0].rsplit(" ", 1)[1])
+    conn = sqlite3.connect(path)
+    stored = conn.execute("SELECT COUNT(*) FROM image WHERE detection_enabled").fetchone()[0]
+    labels = {row[0] for row in conn.execute("SELECT label FROM image WHERE detection_enabled")}
+    conn.close()
+    assert 1 <= done < 400 and stored == done and labels == {"2 dogs"}
