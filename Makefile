@@ -84,6 +84,7 @@ bench: $(VENV)/.dev-deps
 	$(PY) bench/jobs.py
 	$(PY) bench/page.py
 	$(PY) bench/vision.py
+	$(PY) bench/ingest.py
 
 ## make soak: faults and load against the real server (writers, kill -9, slowloris, hung hosts, Imgur
 ## storm, disk full: ~5 minutes; the disk-full scenario needs root), then bench/bounds.py (decode bombs,

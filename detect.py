@@ -306,6 +306,7 @@ class Result:
     timings: dict[str, float]  # milliseconds: preprocess, wait, invoke, postprocess
     fingerprint: str  # the model and threshold that produced `detections` (Detector.fingerprint)
     candidates: list[Detection] = field(default_factory=list)  # down to CANDIDATE_FLOOR, same order
+    model_name: str | None = None  # the model file's stem (Detector.model_name), for people
 
     def above(self, min_confidence: float) -> list[Detection]:
         """The candidates at or above `min_confidence` (never below CANDIDATE_FLOOR), highest first."""
@@ -516,6 +517,11 @@ class Detector:
             )
             return loaded
 
+    @property
+    def model_name(self) -> str:
+        """The model file's name without `.tflite`: what people call the model (the API's `model_name`)."""
+        return os.path.splitext(os.path.basename(self.model_path))[0]
+
     def fingerprint(self, threshold: float | None = None) -> str:
         """What identifies a detection result: the model file's digest and the threshold."""
         return _fingerprint(self.load(), self.threshold if threshold is None else threshold)
@@ -582,9 +588,8 @@ class Detector:
         timings = {"preprocess": t1 - t0, "wait": wait, "invoke": invoke, "postprocess": t3 - t2}
         timings_ms = {k: v * 1000 for k, v in timings.items()}
         if self.observe is not None:
-            name = os.path.splitext(os.path.basename(self.model_path))[0]
-            self.observe(name, {**timings_ms, "total": (t3 - t0) * 1000})
-        return Result(decoded, detections, timings_ms, _fingerprint(model, threshold), candidates)
+            self.observe(self.model_name, {**timings_ms, "total": (t3 - t0) * 1000})
+        return Result(decoded, detections, timings_ms, _fingerprint(model, threshold), candidates, self.model_name)
 
     def close(self) -> None:
         """Let go of the loaded model: its interpreters are freed once the detections running on it end

@@ -232,6 +232,34 @@ def _sniff_other_format(head: bytes) -> str | None:
     return None
 
 
+# Magic numbers of ALLOWED_FORMATS, as Pillow's plugins accept them (JpegImagePlugin, PngImagePlugin, ...).
+_OUR_MAGIC = (
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"BM", "BMP"),
+)
+SNIFF_BYTES = 16  # what sniff_format() and other_format() need of a file's start
+
+
+def sniff_format(head: bytes) -> str | None:
+    """Which of ALLOWED_FORMATS the bytes starting with `head` claim to be, by their magic number, or None.
+    A claim only: whether they decode is for inspect() to say. For callers that choose files by content
+    (`python ingest.py import`) before reading them whole."""
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WEBP"
+    for magic, name in _OUR_MAGIC:
+        if head.startswith(magic):
+            return name
+    return None
+
+
+def other_format(head: bytes) -> str | None:
+    """The name of a known format we refuse (HEIC, TIFF, PDF, ...) that `head` starts, or None."""
+    return _sniff_other_format(head.lstrip())
+
+
 def _check_size(width: int, height: int, max_pixels: int) -> None:
     if width < 1 or height < 1:
         raise NotAnImage(f"the image has no pixels ({width}x{height})")

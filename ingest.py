@@ -20,6 +20,10 @@ import logging
 import math
 import os
 import re
+import signal
+import sqlite3
+import stat as stat_mod
+import sys
 import threading
 import time
 import urllib.parse
@@ -30,6 +34,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import detect
 import fetch
 import imaging
+import settings as settings_mod
 import store
 
 log = logging.getLogger(__name__)
@@ -403,7 +408,7 @@ class Ingest:
                     data=data, sha256=sha256, content_type=decoded.content_type, width=decoded.width,
                     height=decoded.height, label=text, label_generated=generated, detection_enabled=sub.detect,
                     detections=found, detected_with=detected_with, source_url=source_url,
-                    filename=file_name(sub.name, from_url=sub.url is not None),
+                    filename=file_name(sub.name, from_url=sub.url is not None), model_name=self.detector.model_name,
                 )
             )
         log.info("stored image %d (%s, %d bytes, %d objects)", rec.id, rec.content_type, rec.size, len(found))
@@ -424,12 +429,34 @@ class Ingest:
                     data=data, sha256=sha256, content_type=decoded.content_type, width=decoded.width,
                     height=decoded.height, label=text, label_generated=generated, detection_enabled=True,
                     detections=found, detected_with=result.fingerprint, source_url=None,
-                    filename=file_name(name, from_url=False),
+                    filename=file_name(name, from_url=False), model_name=result.model_name,
                 ),
                 keep,
             )
         log.debug("stored vision frame %d (%d bytes, %d objects)", rec.id, rec.size, len(found))
         return rec
+
+    def redetect(self, image_id: int, threshold: float | None = None) -> store.ImageRecord:
+        """Run detection again on a stored image with the current model, at `threshold` (the detector's,
+        DETECT_THRESHOLD, by default), and replace its detections: POST /images/{id}/detect and
+        `ingest.py redetect`. A generated label is made again from what was found; a user's label stays.
+        Through the detection gate and the decode budget, as add() detects. NotFound when the image is
+        missing, or deleted while it was being detected (then nothing is written); nothing is written
+        when it raises."""
+        self.detector.load()  # ModelError first, before reading the bytes
+        with self.images.connection():
+            rec = self.images.get(image_id)
+            data = self.images.file(image_id)[0]
+        with _entered(self.detections):
+            result = self.detector.detect(data, threshold=threshold, budget=self.budget)
+        found = found_from(result.detections)
+        label = make_label(None, found, rec.filename or rec.source_url, rec.sha256)[0] if rec.label_generated else None
+        with self.images.connection():
+            # detected_with carries the threshold used, so POST /images reuses these detections only for
+            # the same bytes analysed by the same model at the same threshold.
+            new = self.images.replace_detections(image_id, found, result.fingerprint, result.model_name, label)
+        log.debug("re-detected image %d with %s (%d objects)", image_id, result.fingerprint, len(found))
+        return new
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -578,3 +605,709 @@ class Thumbnails:
             self._pool.shutdown(wait=True, cancel_futures=True)
             with self._lock:
                 self._pending.clear()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Command line: `python ingest.py import PATH...` (and the other bulk commands), with a progress bar
+# ---------------------------------------------------------------------------------------------------------
+
+OUTCOMES = ("added", "skipped", "failed")
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+# The settings a bulk command reads (from the environment, --db and --model as flags), listed by its --help.
+LIBRARY_SETTINGS = (
+    "db", "model", "detect_threshold", "detect_threads", "detect_interpreters", "max_pixels", "decode_memory_mb",
+    "decode_wait_ms", "max_image_bytes", "min_free_disk_mb",
+)
+
+
+class Progress:
+    """Progress of a bulk command over `total` items (None: unknown), on `stream` (stderr by default).
+
+        with Progress(total, "import", unit="file") as progress:
+            for item in items:
+                ...
+                progress.update("added")                   # or "skipped" / "failed"
+                progress.update("skipped", "duplicates")   # with a reason, which the summary counts
+        print(progress.summary())
+
+    On a terminal: a tqdm bar with items per second, ETA and the counts of each outcome, and log records
+    written above it (tqdm's logging_redirect_tqdm) instead of through it. Elsewhere (a pipe, a file,
+    journald): a plain line every `every` seconds (at most, so the log stays small however many items
+    there are; 0: one per item) and none of tqdm's carriage returns. `words` shows an outcome under
+    another word ({"added": "re-detected"}); `write(text)` puts a line of command-line output out without
+    breaking the bar. `summary()`: one line of counts, reasons, time and rate.
+    """
+
+    def __init__(
+        self,
+        total: int | None,
+        what: str,
+        *,
+        unit: str = "file",
+        stream: Any = None,
+        tty: bool | None = None,
+        every: float = 5.0,
+        words: dict[str, str] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.total = total
+        self.what = what
+        self.unit = unit
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = tty if tty is not None else bool(getattr(self.stream, "isatty", lambda: False)())
+        self.every = every
+        self.words = {o: o for o in OUTCOMES} | (words or {})
+        self.clock = clock
+        self.counts: Counter[str] = Counter()
+        self.reasons: Counter[tuple[str, str]] = Counter()
+        self.started = clock()
+        self.ended: float | None = None
+        self._last_line = self.started
+        self._bar: Any = None
+        self._redirect: contextlib.ExitStack | None = None
+
+    def __enter__(self) -> Progress:
+        self.started = self._last_line = self.clock()
+        if self.tty:
+            from tqdm import tqdm
+            from tqdm.contrib.logging import logging_redirect_tqdm
+
+            self._bar = tqdm(
+                total=self.total, desc=self.what, unit=f" {self.unit}s", file=self.stream, dynamic_ncols=True,
+                mininterval=0.25, smoothing=0.1,
+            )
+            self._bar.set_postfix_str(self._counts_text(), refresh=False)
+            self._redirect = contextlib.ExitStack()
+            self._redirect.enter_context(logging_redirect_tqdm(tqdm_class=tqdm))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.ended = self.clock()
+        if self._redirect is not None:
+            self._redirect.close()
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    @property
+    def done(self) -> int:
+        return sum(self.counts.values())
+
+    @property
+    def elapsed(self) -> float:
+        return (self.ended if self.ended is not None else self.clock()) - self.started
+
+    def update(self, outcome: str, reason: str | None = None) -> None:
+        """One more item done, with its outcome ("added", "skipped" or "failed") and an optional reason."""
+        if outcome not in OUTCOMES:
+            raise ValueError(f"outcome must be one of {OUTCOMES}, not {outcome!r}")
+        self.counts[outcome] += 1
+        if reason:
+            self.reasons[outcome, reason] += 1
+        if self._bar is not None:
+            self._bar.set_postfix_str(self._counts_text(), refresh=False)
+            self._bar.update(1)
+            return
+        now = self.clock()
+        if now - self._last_line >= self.every or self.done == self.total:
+            self._last_line = now
+            self._line(self._status_text())
+
+    def write(self, text: str) -> None:
+        """A line of command-line output (above the bar on a terminal)."""
+        if self._bar is not None:
+            self._bar.write(text, file=self.stream)
+        else:
+            self._line(text)
+
+    def _line(self, text: str) -> None:
+        self.stream.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}\n")
+        self.stream.flush()
+
+    def _counts_text(self) -> str:
+        return ", ".join(f"{self.counts[o]} {self.words[o]}" for o in OUTCOMES)
+
+    def _rate(self) -> float:
+        elapsed = self.elapsed
+        return self.done / elapsed if elapsed > 0 else 0.0
+
+    def _status_text(self) -> str:
+        rate = self._rate()
+        if self.total:
+            head = f"{self.done}/{self.total} {self.unit}s ({100 * self.done / self.total:.0f}%)"
+            left = (self.total - self.done) / rate if rate > 0 else None
+            eta = f", about {_duration(left)} left" if left is not None and self.done < self.total else ""
+        else:
+            head, eta = f"{self.done} {self.unit}s", ""
+        return f"{self.what}: {head}, {self._counts_text()}; {rate:.1f} {self.unit}s/s{eta}"
+
+    def summary(self, *, interrupted: bool = False) -> str:
+        """One line: each outcome's count with its reasons, then the items, the time and the rate."""
+        parts = []
+        for o in OUTCOMES:
+            text = f"{self.counts[o]} {self.words[o]}"
+            why = [f"{r}: {n}" for (oc, r), n in sorted(self.reasons.items()) if oc == o]
+            parts.append(f"{text} ({', '.join(why)})" if why else text)
+        stopped = " (interrupted: the rest was not looked at)" if interrupted else ""  # Ctrl-C, SIGTERM
+        return (
+            f"{self.what}{stopped}: {', '.join(parts)}; {self.done} {self.unit}s in {_duration(self.elapsed)}, "
+            f"{self._rate():.1f} {self.unit}s/s"
+        )
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, s = divmod(round(seconds), 60)
+    return f"{minutes} min {s:02d} s" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
+
+
+def library_options(parser: Any) -> None:
+    """--db and --model, as server.py takes them (flags win over IMAGES_DB and DETECT_MODEL)."""
+    for name in ("db", "model"):
+        s = next(x for x in settings_mod.SETTINGS if x.name == name)
+        parser.add_argument(s.flag, dest=name, default=None, metavar=s.env, help=f"{s.help} [{s.env}, default: {s.default}]")
+
+
+def library_settings(args: Any) -> Any:
+    """The server's settings (settings.py: environment, defaults), with --db / --model from `args`.
+    Raises settings.SettingError."""
+    given = {name: getattr(args, name) for name in ("db", "model") if getattr(args, name, None) is not None}
+    return settings_mod.load(**given)
+
+
+def open_library(settings: Any) -> Ingest:
+    """The pipeline POST /images uses, built from the same settings as server.build_parts builds it: the
+    store (with the disk floor), the detector (its pool of interpreters), one decode budget. No gates:
+    a bulk command bounds its own concurrency. Raises store.StoreError or OSError."""
+    detector = make_detector(settings)
+    images = store.Store(settings.db, min_free_mb=settings.min_free_disk_mb)
+    fetcher = fetch.Fetcher(max_bytes=settings.max_image_bytes)  # unused by files; Ingest takes one
+    return Ingest(
+        images=images, detector=detector, fetcher=fetcher, max_pixels=settings.max_pixels, budget=detector.budget
+    )
+
+
+def make_detector(settings: Any) -> detect.Detector:
+    """The detector server.build_parts makes from `settings` (the model is loaded on first use), with the
+    process's one decode budget (`detector.budget`)."""
+    budget = imaging.DecodeBudget(settings.decode_memory_mb * imaging.MB, settings.decode_wait_ms / 1000)
+    imaging.free_large_blocks_promptly()
+    return detect.Detector(
+        settings.model, threshold=settings.detect_threshold, threads=settings.detect_threads or None,
+        pool=settings.detect_interpreters or None, max_pixels=settings.max_pixels, budget=budget,
+    )
+
+
+def _settings_epilog() -> str:
+    return "Settings read from the environment, as server.py reads them:\n" + "\n".join(
+        f"  {s.env:<20} {s.help} (default: {settings_mod.default_text(s)})"
+        for s in settings_mod.SETTINGS if s.name in LIBRARY_SETTINGS
+    )
+
+
+def argument_parser() -> Any:
+    """`python ingest.py COMMAND ...`: one subcommand per bulk job; each sets `run(args) -> exit status`."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="ingest.py", description="Bulk work on the library the server uses (the same database and settings).",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_settings_epilog(),
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_import_command(commands)
+    _add_redetect_command(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0 all done, 1 some item failed (or the command stopped early), 2 usage, 130 Ctrl-C
+    (143 SIGTERM, which stops a command as Ctrl-C does: docker stop, systemd, kill)."""
+    parser = argument_parser()
+    args = parser.parse_args(argv)  # exits 2 on a usage error
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    received: list[int] = []
+
+    def stop(signum: int, frame: Any) -> None:
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    on_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, stop) if on_main else None
+    try:
+        code = args.run(args, parser)
+    except KeyboardInterrupt:  # before a command's own handling starts (opening, counting) or after it
+        print(f"ingest.py {args.command}: interrupted", file=sys.stderr)
+        code = EXIT_INTERRUPTED
+    finally:
+        if on_main:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+    return 128 + received[0] if code == EXIT_INTERRUPTED and received else code
+
+
+# -- import ------------------------------------------------------------------------------------------------
+
+
+def _add_import_command(commands: Any) -> None:
+    import argparse
+
+    p = commands.add_parser(
+        "import", help="add the image files under folders (recursively) and files to the library",
+        description=(
+            "Add JPEG, PNG, GIF, WebP and BMP files (recognised by their content, not their names) to the "
+            "library, as POST /images adds them, with detection unless --no-detect. Other files (HEIC "
+            "included) are skipped and counted; so are files whose bytes the library holds already, so "
+            "running it again adds only new files. Safe while the server runs on the same database."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_settings_epilog(),
+    )
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image files and folders (searched recursively)")
+    p.add_argument("--dry-run", action="store_true", help="say what would be added and skipped; write nothing")
+    p.add_argument("--no-detect", dest="detect", action="store_false", help="store the images without detection")
+    library_options(p)
+    p.add_argument(
+        "--log-every", type=float, default=5.0, metavar="SECONDS",
+        help="when not on a terminal, a progress line at most every SECONDS (default 5; 0: every file)",
+    )
+    p.set_defaults(run=_run_import)
+
+
+def iter_files(paths: Iterable[str]) -> Iterator[str]:
+    """Every file under `paths` (files as given; folders walked recursively, in name order, without
+    following links to folders, so a link loop cannot trap the walk)."""
+    for path in paths:
+        if os.path.isdir(path):
+            for folder, dirs, files in os.walk(path):
+                dirs.sort()
+                for name in sorted(files):
+                    yield os.path.join(folder, name)
+        else:
+            yield path
+
+
+class _Stop(Exception):
+    """The import cannot go on (the disk is full, the database unusable); the message says why."""
+
+
+@dataclass
+class _Candidate:
+    path: str
+    data: bytes
+    sha256: str
+
+
+class Importer:
+    """Adds files to the library through `pipeline.add`, as POST /images adds bytes, `workers` at once.
+
+    The caller's thread reads each file, sniffs and hashes it and skips what the library holds; the
+    workers decode, detect and store (Ingest.add: same limits, same errors, one transaction per file).
+    At most 2 x `workers` files are held in memory at once. With `dry_run`, `holds` answers from a
+    read-only view, the workers only check that the bytes decode (imaging.inspect), and nothing is written.
+    """
+
+    RETRIES = 5  # attempts of a file whose decode or database write found the machine busy
+
+    def __init__(
+        self, pipeline: Ingest | None, progress: Progress, *, holds: Callable[[str], bool], detect: bool,
+        dry_run: bool, max_bytes: int, max_pixels: int, budget: imaging.DecodeBudget, workers: int,
+    ):
+        self.pipeline = pipeline
+        self.progress = progress
+        self.holds = holds
+        self.detect = detect
+        self.dry_run = dry_run
+        self.max_bytes = max_bytes
+        self.max_pixels = max_pixels
+        self.budget = budget
+        self.workers = max(1, workers)
+        self._pending: dict[concurrent.futures.Future, _Candidate] = {}
+        self._seen: set[bytes] = set()  # dry run: the digests that would be added (nothing is stored)
+        self.stopped: str | None = None
+
+    def run(self, files: Iterable[str]) -> None:
+        """Import `files`; KeyboardInterrupt propagates once the files under way are done (or abandoned)."""
+        with concurrent.futures.ThreadPoolExecutor(self.workers, thread_name_prefix="import") as pool:
+            try:
+                for path in files:
+                    if self.stopped:
+                        break
+                    found = self._examine(path)
+                    if found is None:
+                        continue
+                    while len(self._pending) >= 2 * self.workers:
+                        self._collect(concurrent.futures.FIRST_COMPLETED)
+                    self._pending[pool.submit(self._store, found)] = found
+                self._collect(concurrent.futures.ALL_COMPLETED)
+            except KeyboardInterrupt:
+                pool.shutdown(wait=False, cancel_futures=True)
+                self._finish_in_flight()
+                raise
+
+    def _finish_in_flight(self) -> None:
+        """After Ctrl-C: let the files under way finish (each is one transaction: stored whole or not at all)."""
+        for future in list(self._pending):
+            if future.cancelled():  # not started: left for the next run
+                del self._pending[future]
+        if self._pending:
+            self.progress.write(f"stopping: finishing the {len(self._pending)} file(s) under way")
+        self._collect(concurrent.futures.ALL_COMPLETED)
+
+    def _examine(self, path: str) -> _Candidate | None:
+        """The file's bytes if they are to be stored; else its outcome is counted here and None returned."""
+        try:
+            st = os.stat(path)
+            if not stat_mod.S_ISREG(st.st_mode):
+                return self._skip(path, "not images", "not a regular file")
+            with open(path, "rb") as f:
+                head = f.read(imaging.SNIFF_BYTES)
+                if imaging.sniff_format(head) is None:
+                    other = imaging.other_format(head)
+                    return self._skip(path, "not images", f"{other} is not supported" if other else "not an image")
+                if st.st_size > self.max_bytes:
+                    return self._fail(path, self._too_large())
+                data = head + f.read(self.max_bytes + 1 - len(head))
+        except OSError as e:
+            return self._fail(path, f"cannot read it: {e.strerror or e}")
+        if len(data) > self.max_bytes:  # it grew since stat
+            return self._fail(path, self._too_large())
+        digest = hashlib.sha256(data)
+        sha256 = digest.hexdigest()
+        for future, other in list(self._pending.items()):
+            if other.sha256 == sha256:  # the same bytes under another name, being stored now
+                concurrent.futures.wait([future])
+                self._collect(concurrent.futures.FIRST_COMPLETED, only=[future])
+        if self.dry_run and digest.digest() in self._seen:
+            return self._skip(path, "duplicates", "the same bytes as a file before it")
+        try:
+            held = self.holds(sha256)
+        except store.StoreUnavailable as e:
+            raise _Stop(str(e)) from e
+        if held:
+            return self._skip(path, "duplicates", "the library holds these bytes already")
+        if self.dry_run:
+            self._seen.add(digest.digest())
+        return _Candidate(path, data, sha256)
+
+    def _too_large(self) -> str:
+        return f"the file is larger than {self.max_bytes:,} bytes (MAX_IMAGE_BYTES); raise MAX_IMAGE_BYTES to import it"
+
+    def _skip(self, path: str, reason: str, why: str) -> None:
+        log.debug("skipped %s: %s", path, why)
+        self.progress.update("skipped", reason)
+        return None
+
+    def _fail(self, path: str, why: str) -> None:
+        log.warning("failed %s: %s", path, why)
+        self.progress.update("failed")
+        return None
+
+    def _store(self, c: _Candidate) -> None:
+        """In a worker: decode, detect and store one file (or, in a dry run, check that it decodes)."""
+        for attempt in range(1, self.RETRIES + 1):
+            try:
+                if self.dry_run:
+                    imaging.inspect(c.data, self.max_pixels, self.budget)
+                else:
+                    sub = Submission(data=c.data, url=None, label=None, detect=self.detect, name=os.path.basename(c.path))
+                    self.pipeline.add(sub)
+                return
+            except (imaging.DecodeBusy, store.StoreUnavailable):
+                if attempt == self.RETRIES:
+                    raise
+                time.sleep(0.2 * attempt)  # the server, or a large image here, holds the budget or the database
+
+    def _collect(self, when: str, only: list | None = None) -> None:
+        """Wait for pending files (`when`: FIRST_COMPLETED or ALL_COMPLETED) and count what they came to."""
+        waiting = only if only is not None else list(self._pending)
+        if not waiting:
+            return
+        done, _ = concurrent.futures.wait(waiting, return_when=when)
+        for future in done:
+            c = self._pending.pop(future, None)
+            if c is None:
+                continue
+            try:
+                future.result()
+            except store.StoreFull as e:  # LowDisk too: every later file would meet it
+                self._fail(c.path, str(e))
+                self.stopped = str(e)
+            except store.StoreUnavailable as e:
+                self._fail(c.path, str(e))
+                self.stopped = str(e)
+            except (imaging.ImageError, detect.DetectError, IngestError) as e:
+                self._fail(c.path, str(e))
+            except Exception as e:  # a bug of ours: say so, keep going with the other files
+                log.error("failed %s: unexpected error", c.path, exc_info=e)
+                self.progress.update("failed")
+            else:
+                self.progress.update("added")
+
+
+def _run_import(args: Any, parser: Any) -> int:
+    missing = [p for p in args.paths if not os.path.exists(p)]
+    if missing:
+        parser.error(f"no such file or folder: {', '.join(missing)}")
+    try:
+        settings = library_settings(args)
+    except settings_mod.SettingError as e:
+        parser.error(f"{e}; `python ingest.py import --help` lists the settings it reads")
+    pipeline = None
+    try:
+        if args.dry_run:
+            holdings = store.ReadOnlyHoldings(settings.db)
+            holds, close = holdings.holds, holdings.close
+            detector = make_detector(settings)
+        else:
+            pipeline = open_library(settings)
+            holds, close, detector = pipeline.images.holds, pipeline.images.shutdown, pipeline.detector
+    except (store.StoreError, OSError, sqlite3.Error) as e:
+        print(f"ingest.py import: cannot open the database {settings.db}: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    budget, workers = detector.budget, detector.pool
+    try:
+        if args.detect:
+            try:
+                detector.load()
+            except detect.ModelError as e:
+                print(f"ingest.py import: {e}; or import without detection: --no-detect", file=sys.stderr)
+                return EXIT_USAGE
+        total = sum(1 for _ in iter_files(args.paths))  # a first walk, for the ETA: names only, nothing read
+        what = "import (dry run: nothing is written)" if args.dry_run else "import"
+        words = {"added": "to add", "skipped": "to skip", "failed": "would fail"} if args.dry_run else None
+        with Progress(total, what, unit="file", every=args.log_every, words=words) as progress:
+            detection = (
+                f"detection on ({os.path.basename(settings.model)}, threshold {settings.detect_threshold:g})"
+                if args.detect else "detection off"
+            )
+            progress.write(f"import: {total} file(s) into {settings.db}, {detection}, {workers} at once")
+            importer = Importer(
+                pipeline, progress, holds=holds, detect=args.detect, dry_run=args.dry_run,
+                max_bytes=settings.max_image_bytes, max_pixels=settings.max_pixels, budget=budget, workers=workers,
+            )
+            interrupted = False
+            try:
+                with pipeline.images.connection() if pipeline else contextlib.nullcontext():
+                    importer.run(iter_files(args.paths))
+            except KeyboardInterrupt:
+                interrupted = True
+            except _Stop as e:
+                importer.stopped = str(e)
+        print(progress.summary(interrupted=interrupted), flush=True)
+        if importer.stopped:
+            print(f"ingest.py import: stopped early: {importer.stopped}", file=sys.stderr)
+        if interrupted:
+            return EXIT_INTERRUPTED
+        return EXIT_FAILED if progress.counts["failed"] or importer.stopped else EXIT_OK
+    finally:
+        close()
+
+# -- redetect ----------------------------------------------------------------------------------------------
+
+
+def _threshold_arg(text: str) -> float:
+    import argparse
+
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not detect.CANDIDATE_FLOOR <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a number from {detect.CANDIDATE_FLOOR:g} to 1, not {text!r}")
+    return value
+
+
+def _add_redetect_command(commands: Any) -> None:
+    import argparse
+
+    p = commands.add_parser(
+        "redetect", help="run detection again on stored images: after a model change, a new threshold, or for images stored without",
+        description=(
+            "Run the current model (DETECT_MODEL) again on stored images and replace their detections, as "
+            "POST /images/{id}/detect does: a generated label follows the new detections, a label someone "
+            "gave stays. Which images: --stale (the default) those detected by another model or at another "
+            "threshold, --undetected those never analysed, --all every one. An image deleted meanwhile is "
+            "skipped. Safe while the server runs on the same database."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_settings_epilog(),
+    )
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--stale", dest="which", action="store_const", const="stale",
+                       help="images whose detections came from another model or threshold (the default)")
+    which.add_argument("--undetected", dest="which", action="store_const", const="undetected",
+                       help="images never analysed (stored with detection off)")
+    which.add_argument("--all", dest="which", action="store_const", const="all", help="every image")
+    p.set_defaults(which="stale")
+    p.add_argument("--objects", metavar="NAMES", default="",
+                   help="only images holding any of these, comma-separated, in the words of GET /images?objects= "
+                        "(dog,cat; dogs; animal)")
+    p.add_argument("--threshold", type=_threshold_arg, default=None, metavar="T",
+                   help=f"keep detections at or above T, {detect.CANDIDATE_FLOOR:g} to 1 (default: DETECT_THRESHOLD)")
+    p.add_argument("--dry-run", action="store_true", help="say how many images would be detected again; write nothing")
+    library_options(p)
+    p.add_argument(
+        "--log-every", type=float, default=5.0, metavar="SECONDS",
+        help="when not on a terminal, a progress line at most every SECONDS (default 5; 0: every image)",
+    )
+    p.set_defaults(run=_run_redetect)
+
+
+class Redetector:
+    """Detects stored images again through `pipeline.redetect`, `workers` at once, each image its own
+    write transaction. The caller's thread pages through the ids (oldest first, 500 at a time) and keeps
+    at most 2 x `workers` images under way, so memory stays bounded however large the library is; the
+    workers read the bytes, detect (the detector's pool of interpreters, so every core works) and write."""
+
+    RETRIES = 5  # attempts of an image whose decode or database write found the machine busy
+    PAGE = 500
+
+    def __init__(self, pipeline: Ingest, progress: Progress, *, threshold: float, workers: int):
+        self.pipeline = pipeline
+        self.progress = progress
+        self.threshold = threshold
+        self.workers = max(1, workers)
+        self._pending: dict[concurrent.futures.Future, int] = {}
+        self.stopped: str | None = None
+
+    def ids(self, which: str, fingerprint: str, objects: Sequence[Sequence[str]], until: int) -> Iterator[int]:
+        after = 0
+        while True:
+            with self.pipeline.images.connection():
+                page = self.pipeline.images.redetect_ids(
+                    which, fingerprint, objects=objects, after=after, until=until, limit=self.PAGE
+                )
+            yield from page
+            if len(page) < self.PAGE:
+                return
+            after = page[-1]
+
+    def run(self, ids: Iterable[int]) -> None:
+        """Detect `ids` again; KeyboardInterrupt propagates once the images under way are done."""
+        with concurrent.futures.ThreadPoolExecutor(self.workers, thread_name_prefix="redetect") as pool:
+            try:
+                for image_id in ids:
+                    if self.stopped:
+                        break
+                    while len(self._pending) >= 2 * self.workers:
+                        self._collect(concurrent.futures.FIRST_COMPLETED)
+                    self._pending[pool.submit(self._one, image_id)] = image_id
+                self._collect(concurrent.futures.ALL_COMPLETED)
+            except KeyboardInterrupt:
+                pool.shutdown(wait=False, cancel_futures=True)
+                if self._pending:
+                    self.progress.write(f"stopping: waiting for the {len(self._pending)} image(s) under way")
+                for future in list(self._pending):
+                    if future.cancelled():
+                        del self._pending[future]
+                self._collect(concurrent.futures.ALL_COMPLETED)
+                raise
+
+    def _one(self, image_id: int) -> None:
+        for attempt in range(1, self.RETRIES + 1):
+            try:
+                self.pipeline.redetect(image_id, self.threshold)
+                return
+            except (imaging.DecodeBusy, store.StoreUnavailable):
+                if attempt == self.RETRIES:
+                    raise
+                time.sleep(0.2 * attempt)  # the server, or a large image here, holds the budget or the database
+
+    def _collect(self, when: str) -> None:
+        if not self._pending:
+            return
+        done, _ = concurrent.futures.wait(list(self._pending), return_when=when)
+        for future in done:
+            image_id = self._pending.pop(future)
+            try:
+                future.result()
+            except store.NotFound:
+                log.debug("skipped image %d: deleted meanwhile", image_id)
+                self.progress.update("skipped", "deleted meanwhile")
+            except (store.StoreFull, store.StoreUnavailable) as e:  # every later image would meet it
+                log.warning("failed image %d: %s", image_id, e)
+                self.progress.update("failed")
+                self.stopped = str(e)
+            except (imaging.ImageError, detect.DetectError, IngestError) as e:
+                log.warning("failed image %d: %s", image_id, e)
+                self.progress.update("failed")
+            except Exception as e:  # a bug of ours: say so, keep going with the other images
+                log.error("failed image %d: unexpected error", image_id, exc_info=e)
+                self.progress.update("failed")
+            else:
+                self.progress.update("added")
+
+
+_WHICH = {
+    "stale": "detected by another model or threshold",
+    "undetected": "never analysed",
+    "all": "every image",
+}
+
+
+def _run_redetect(args: Any, parser: Any) -> int:
+    try:
+        settings = library_settings(args)
+    except settings_mod.SettingError as e:
+        parser.error(f"{e}; `python ingest.py redetect --help` lists the settings it reads")
+    threshold = settings.detect_threshold if args.threshold is None else args.threshold
+    terms = [t.strip().lower() for t in args.objects.split(",") if t.strip()]
+    if terms and args.which == "undetected":
+        parser.error("--objects goes with --stale or --all: images never analysed hold no objects")
+    objects = [search_names(t) for t in terms]
+    scope = _WHICH[args.which] + (f", holding {' or '.join(terms)}" if terms else "")
+    if args.dry_run:
+        detector = make_detector(settings)
+        try:
+            fingerprint = detector.fingerprint(threshold)
+            n = store.read_only_redetect_count(settings.db, args.which, fingerprint, objects)
+        except detect.ModelError as e:
+            print(f"ingest.py redetect: {e}", file=sys.stderr)
+            return EXIT_USAGE
+        except store.StoreError as e:
+            print(f"ingest.py redetect: cannot read the database {settings.db}: {e}", file=sys.stderr)
+            return EXIT_USAGE
+        print(f"redetect (dry run: nothing is written): {n} image(s) in {settings.db} would be detected again "
+              f"({scope}) with {detector.model_name} ({fingerprint})", flush=True)
+        return EXIT_OK
+    try:
+        pipeline = open_library(settings)
+    except (store.StoreError, OSError, sqlite3.Error) as e:
+        print(f"ingest.py redetect: cannot open the database {settings.db}: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        try:
+            fingerprint = pipeline.detector.fingerprint(threshold)
+        except detect.ModelError as e:
+            print(f"ingest.py redetect: {e}", file=sys.stderr)
+            return EXIT_USAGE
+        # Two images under way per interpreter: one detecting while the other reads or writes (its fsync).
+        workers = 2 * pipeline.detector.pool
+        with pipeline.images.connection():
+            until = pipeline.images.last_id()  # images added meanwhile are the server's to detect
+            total = pipeline.images.redetect_count(args.which, fingerprint, objects=objects, until=until)
+        words = {"added": "re-detected"}
+        with Progress(total, "redetect", unit="image", every=args.log_every, words=words) as progress:
+            progress.write(f"redetect: {total} image(s) in {settings.db} ({scope}) with {pipeline.detector.model_name} "
+                           f"({fingerprint}), {workers} at once")
+            redetector = Redetector(pipeline, progress, threshold=threshold, workers=workers)
+            interrupted = False
+            try:
+                redetector.run(redetector.ids(args.which, fingerprint, objects, until))
+            except KeyboardInterrupt:
+                interrupted = True
+            except store.StoreError as e:  # paging through the ids failed
+                redetector.stopped = str(e)
+        print(progress.summary(interrupted=interrupted), flush=True)
+        if redetector.stopped:
+            print(f"ingest.py redetect: stopped early: {redetector.stopped}", file=sys.stderr)
+        if interrupted:
+            return EXIT_INTERRUPTED
+        return EXIT_FAILED if progress.counts["failed"] or redetector.stopped else EXIT_OK
+    finally:
+        pipeline.images.shutdown()
+
+
+if __name__ == "__main__":
+    # Run as the module `ingest`, not `__main__`, so its classes are the ones the other modules see.
+    import ingest
+
+    sys.exit(ingest.main())

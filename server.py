@@ -735,6 +735,14 @@ def _confidence_param() -> float | None:
     return value
 
 
+def _detect_threshold(value: Any) -> float:
+    """`threshold` of POST /images/{id}/detect: a number from the detector's candidate floor to 1."""
+    low = detect.CANDIDATE_FLOOR
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= 1:  # refuses nan
+        raise ClientError(400, f"`threshold` must be a number from {low:g} to 1 (or left out for DETECT_THRESHOLD)")
+    return float(value)
+
+
 def _image_id(raw: str) -> int:
     if not re.fullmatch(r"[1-9]\d{0,17}", raw):
         raise store.NotFound(f"there is no image {raw!r}; ids are positive whole numbers")
@@ -792,6 +800,9 @@ def image_json(rec: store.ImageRecord, data: bytes | None = None) -> dict[str, A
         "file_url": f"/images/{rec.id}/file",
         "thumbnail_url": f"/images/{rec.id}/thumbnail",
         "filename": rec.filename,
+        "model": rec.model,
+        "model_name": rec.model_name,
+        "threshold": rec.threshold,
     }
     if data is not None:
         out["data"] = base64.b64encode(data).decode("ascii")
@@ -1190,6 +1201,23 @@ def make_app(settings: Any, parts: Parts) -> bottle.Bottle:
         res = bottle.HTTPResponse(made.data, headers=headers)
         res.content_type = made.content_type
         return res
+
+    detect_body_limit = 4096  # {"threshold": 0.4}
+
+    @app.post("/images/<id>/detect")
+    def detect_image(id):  # noqa: A002
+        image_id = _image_id(id)
+        _check_query(())
+        threshold = None
+        raw = read_body(detect_body_limit, f'the body is larger than {detect_body_limit:,} bytes; send only {{"threshold": 0.4}}')
+        if raw.strip():
+            if not _is_json(_media_type()):
+                raise ClientError(415, 'send application/json: {"threshold": 0.4}, or no body for DETECT_THRESHOLD')
+            body = _json_object(raw, ("threshold",), '{"threshold": 0.4}', 16, 'send only {"threshold": 0.4}')
+            threshold = body.get("threshold")
+            if threshold is not None:
+                threshold = _detect_threshold(threshold)
+        return image_json(parts.ingest.redetect(image_id, threshold))
 
     @app.delete("/images/<id>")
     def delete_image(id):  # noqa: A002

@@ -23,8 +23,10 @@ import contextlib
 import logging
 import os
 import re
+import sqlite3
 import sys
 import time
+import urllib.parse
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any, Callable, Collection, Iterable, Iterator, Sequence
@@ -35,7 +37,8 @@ from playhouse.sqlite_ext import AutoIncrementField
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 3  # 2: image ids are never reused (AUTOINCREMENT); 3: image.filename, the thumbnail table
+SCHEMA_VERSION = 4  # 2: image ids are never reused (AUTOINCREMENT); 3: image.filename, the thumbnail table;
+# 4: image.model_name (what produced the detections, for people; detected_with has the digest and threshold)
 
 
 class StoreError(Exception):
@@ -92,6 +95,7 @@ class NewImage:
     source_url: str | None = None
     created_ms: int | None = None  # None: now (by the store's clock)
     filename: str | None = None  # the uploaded file's name, or the URL's last path segment (a display string)
+    model_name: str | None = None  # the model file's stem, when detected_with is set
 
 
 @dataclass(frozen=True)
@@ -109,10 +113,22 @@ class ImageRecord:
     created_ms: int  # milliseconds since the epoch, UTC
     detections: tuple[Found, ...] = field(default=())
     filename: str | None = None  # null for images stored before schema version 3
+    detected_with: str | None = None  # "<model digest prefix>@<threshold>"; None: detection never ran
+    model_name: str | None = None  # the model file's stem; null for images detected before schema version 4
 
     @property
     def objects(self) -> list[str]:
         return sorted({d.label for d in self.detections})
+
+    @property
+    def model(self) -> str | None:
+        """The digest prefix of the model file that produced the detections (None: detection never ran)."""
+        return None if self.detected_with is None else self.detected_with.partition("@")[0]
+
+    @property
+    def threshold(self) -> float | None:
+        """The threshold the detections were kept at (None: detection never ran)."""
+        return None if self.detected_with is None else _threshold_of(self.detected_with)
 
 
 @dataclass(frozen=True)
@@ -164,6 +180,7 @@ def _tables(database: pw.Database, id_field: Callable[[], pw.Field]) -> SimpleNa
         source_url = pw.TextField(null=True)
         created_ms = pw.BigIntegerField()  # milliseconds since the epoch, UTC
         filename = pw.TextField(null=True)  # schema version 3; older rows null
+        model_name = pw.TextField(null=True)  # schema version 4: the model file's stem; older rows null
 
     class Detection(_Base):
         image = pw.ForeignKeyField(Image, on_delete="CASCADE", backref="detections", index=False)
@@ -325,6 +342,82 @@ class SqliteBackend:
                 self.database.execute_sql("ALTER TABLE image ADD COLUMN filename TEXT")
             tables.Setting.update(value="3").where(tables.Setting.key == "schema_version").execute()
 
+    def migrate_v3_to_v4(self, tables: SimpleNamespace) -> None:
+        """Add image.model_name. Older rows keep their detected_with, which already says the model's digest
+        and the threshold (the API's `model` and `threshold`); the file's name was never recorded: null."""
+        log.info("migrating %s to schema version 4 (the model's name beside its digest)", self.path)
+        with self.write():
+            if "model_name" not in {c.name for c in self.database.get_columns("image")}:  # v1 rebuilt has it
+                self.database.execute_sql("ALTER TABLE image ADD COLUMN model_name TEXT")
+            tables.Setting.update(value="4").where(tables.Setting.key == "schema_version").execute()
+
+
+class ReadOnlyHoldings:
+    """Store.holds() on a SQLite file opened read-only, without migrating or writing a row (dry runs).
+
+    A file that does not exist holds nothing (and is not created). SQLite may create the WAL's side
+    files (-wal, -shm) beside it; the database itself is not written."""
+
+    def __init__(self, path: str, *, busy_timeout_ms: int = 10_000):
+        self._conn: sqlite3.Connection | None = None
+        if os.path.exists(path):
+            uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro"
+            self._conn = sqlite3.connect(uri, uri=True, timeout=busy_timeout_ms / 1000, check_same_thread=False)
+
+    def holds(self, sha256: str) -> bool:
+        if self._conn is None:
+            return False
+        try:
+            return self._conn.execute("SELECT 1 FROM image WHERE sha256 = ? LIMIT 1", (sha256,)).fetchone() is not None
+        except sqlite3.Error as e:
+            raise StoreUnavailable(f"the database cannot be read: {e}") from e
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
+def redetect_where(
+    which: str, detected_with: str, objects: Sequence[Collection[str]] = (), until: int | None = None
+) -> tuple[str, list]:
+    """The SQL condition on `image` (and its parameters) of the images to detect again: see
+    Store.redetect_ids. Only columns every schema version has, so a dry run can ask any file read-only."""
+    conditions = {
+        "stale": ("detected_with IS NOT NULL AND detected_with != ?", [detected_with]),
+        "undetected": ("detected_with IS NULL", []),
+        "all": ("1", []),
+    }
+    if which not in conditions:
+        raise ValueError(f"which must be one of {', '.join(conditions)}")
+    where, params = conditions[which]
+    if until is not None:
+        where, params = f"{where} AND id <= ?", [*params, until]
+    names = sorted(set().union(*_name_groups(objects))) if objects else []
+    if names:
+        where += f" AND id IN (SELECT image_id FROM detection WHERE name IN ({','.join('?' * len(names))}))"
+        params = [*params, *names]
+    return where, params
+
+
+def read_only_redetect_count(
+    path: str, which: str, detected_with: str, objects: Sequence[Collection[str]] = (), *, busy_timeout_ms: int = 10_000
+) -> int:
+    """Store.redetect_count on a SQLite file opened read-only, without migrating or writing (dry runs).
+    A file that does not exist holds nothing (and is not created)."""
+    if not os.path.exists(path):
+        return 0
+    where, params = redetect_where(which, detected_with, objects)
+    uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro"
+    try:
+        conn = sqlite3.connect(uri, uri=True, timeout=busy_timeout_ms / 1000)
+        try:
+            return conn.execute(f"SELECT COUNT(*) FROM image WHERE {where}", params).fetchone()[0]
+        finally:
+            conn.close()
+    except sqlite3.Error as e:
+        raise StoreUnavailable(f"the database cannot be read: {e}") from e
+
 
 def open_backend(target: str, **options: Any) -> SqliteBackend:
     """The backend that serves `target`: a file path is SQLite (the only backend so far)."""
@@ -414,6 +507,9 @@ class Store:
             version = 2
         if version == 2:
             self.backend.migrate_v2_to_v3(self._t)
+            version = 3
+        if version == 3:
+            self.backend.migrate_v3_to_v4(self._t)
         with self.backend.write():
             self._db.create_tables(self._t.all, safe=True)
             self._t.Setting.insert(key="schema_version", value=str(SCHEMA_VERSION)).on_conflict_replace().execute()
@@ -474,12 +570,14 @@ class Store:
                 source_url=new.source_url,
                 created_ms=created_ms,
                 filename=new.filename,
+                model_name=new.model_name if new.detected_with is not None else None,
             )
             if new.detections:
                 t.Detection.insert_many([self._detection_row(image.id, d) for d in new.detections]).execute()
         return ImageRecord(
             image.id, new.sha256, new.label, new.label_generated, new.detection_enabled, new.content_type,
             len(new.data), new.width, new.height, new.source_url, created_ms, tuple(new.detections), new.filename,
+            new.detected_with, new.model_name if new.detected_with is not None else None,
         )
 
     def add_frame(self, new: NewImage, keep: int) -> ImageRecord:
@@ -535,11 +633,12 @@ class Store:
                 now_ms = int(self.now() * 1000)
                 cursor.executemany(
                     "INSERT INTO image (id, sha256, label, label_generated, detection_enabled, detected_with, "
-                    f"content_type, size, width, height, source_url, created_ms, filename) VALUES ({', '.join([p] * 13)})",
+                    f"content_type, size, width, height, source_url, created_ms, filename, model_name) VALUES ({', '.join([p] * 14)})",
                     [
                         (first + i, n.sha256, n.label, n.label_generated, n.detection_enabled, n.detected_with,
                          n.content_type, len(n.data), n.width, n.height, n.source_url,
-                         now_ms if n.created_ms is None else n.created_ms, n.filename)
+                         now_ms if n.created_ms is None else n.created_ms, n.filename,
+                         n.model_name if n.detected_with is not None else None)
                         for i, n in enumerate(chunk)
                     ],
                 )
@@ -576,6 +675,64 @@ class Store:
                 self._t.Blob.delete().where(self._t.Blob.sha256 == image.sha256).execute()
                 self._t.Thumbnail.delete().where(self._t.Thumbnail.sha256 == image.sha256).execute()
 
+    def replace_detections(
+        self, image_id: int, found: Sequence[Found], detected_with: str, model_name: str | None, label: str | None = None
+    ) -> ImageRecord:
+        """Replace an image's detections with `found` (a new detection run), in one write transaction: the
+        old detections go, `detected_with` and `model_name` say what produced the new ones, detection is
+        enabled, and `label` (one generated from `found`) replaces the label only while that label is a
+        generated one: a user's label is never touched. NotFound when the image is gone (deleted while it
+        was being detected): nothing is written."""
+        db, p = self._db, self._db.param  # plain SQL, as add_many: peewee's query building was a third of it
+        with self._errors(), self.backend.write():
+            self._check_space(0)
+            if db.execute_sql(f"SELECT 1 FROM image WHERE id = {p}", [image_id]).fetchone() is None:
+                raise NotFound(f"there is no image {image_id}; it was deleted")
+            db.execute_sql(f"DELETE FROM detection WHERE image_id = {p}", [image_id])
+            if found:
+                db.cursor().executemany(
+                    "INSERT INTO detection (image_id, name, label, confidence, x_min, y_min, x_max, y_max) "
+                    f"VALUES ({', '.join([p] * 8)})",
+                    [(image_id, d.label.lower(), d.label, d.confidence, d.x_min, d.y_min, d.x_max, d.y_max) for d in found],
+                )
+            db.execute_sql(
+                f"UPDATE image SET detected_with = {p}, model_name = {p}, detection_enabled = 1, "
+                f"label = CASE WHEN label_generated AND {p} IS NOT NULL THEN {p} ELSE label END WHERE id = {p}",
+                [detected_with, model_name, label, label, image_id],
+            )
+            return self._records("WHERE id = ?", [image_id])[0]
+
+    def redetect_ids(
+        self, which: str, detected_with: str, *, objects: Sequence[Collection[str]] = (), after: int = 0,
+        until: int | None = None, limit: int | None = None,
+    ) -> list[int]:
+        """Ids of images to detect again, oldest first, past `after` and up to `until`, at most `limit`.
+
+        `which`: "stale" (detections from another model or threshold than `detected_with`), "undetected"
+        (never analysed) or "all". `objects`: only images holding a name of any of these groups.
+        """
+        where, params = redetect_where(which, detected_with, objects, until)
+        sql = f"SELECT id FROM image WHERE id > ? AND {where} ORDER BY id"
+        args = [after, *params]
+        if limit is not None:
+            sql += " LIMIT ?"
+            args.append(limit)
+        with self._errors():
+            return [row[0] for row in self._db.execute_sql(sql, args).fetchall()]
+
+    def redetect_count(
+        self, which: str, detected_with: str, *, objects: Sequence[Collection[str]] = (), until: int | None = None
+    ) -> int:
+        """How many images redetect_ids would give in all."""
+        where, params = redetect_where(which, detected_with, objects, until)
+        with self._errors():
+            return self._db.execute_sql(f"SELECT COUNT(*) FROM image WHERE {where}", params).fetchone()[0]
+
+    def last_id(self) -> int:
+        """The newest image's id (0 when there is none)."""
+        with self._errors():
+            return self._db.execute_sql("SELECT COALESCE(MAX(id), 0) FROM image").fetchone()[0]
+
     # -- reads -------------------------------------------------------------------------------------------
 
     def cached_detections(self, sha256: str, detected_with: str) -> tuple[Found, ...] | None:
@@ -590,6 +747,11 @@ class Store:
             if image is None:
                 return None
             return self._detections([image.id]).get(image.id, ())
+
+    def holds(self, sha256: str) -> bool:
+        """Whether some image (whoever added it) has these bytes: `python ingest.py import` skips them."""
+        with self._errors():
+            return self._t.Image.select(self._t.Image.id).where(self._t.Image.sha256 == sha256).exists()
 
     def get(self, image_id: int) -> ImageRecord:
         with self._errors():
@@ -694,7 +856,8 @@ class Store:
 
     # Hot reads use plain SQL and tuples: peewee's per-value conversion was most of a 100-image page.
     _IMAGE_COLUMNS = (
-        "id, sha256, label, label_generated, detection_enabled, content_type, size, width, height, source_url, created_ms, filename"
+        "id, sha256, label, label_generated, detection_enabled, content_type, size, width, height, source_url, created_ms, filename, "
+        "detected_with, model_name"
     )
 
     def _detections(self, ids: list[int]) -> dict[int, tuple[Found, ...]]:
@@ -713,8 +876,8 @@ class Store:
         rows = self._db.execute_sql(f"SELECT {self._IMAGE_COLUMNS} FROM image {where}", params).fetchall()
         found = self._detections([r[0] for r in rows])
         return [
-            ImageRecord(i, sha, label, bool(gen), bool(det), ct, size, w, h, url, ms, found.get(i, ()), name)
-            for i, sha, label, gen, det, ct, size, w, h, url, ms, name in rows
+            ImageRecord(i, sha, label, bool(gen), bool(det), ct, size, w, h, url, ms, found.get(i, ()), name, dw, model)
+            for i, sha, label, gen, det, ct, size, w, h, url, ms, name, dw, model in rows
         ]
 
     def objects(self) -> list[tuple[str, int]]:
@@ -777,6 +940,14 @@ class Store:
 # ---------------------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------------------
+
+
+def _threshold_of(detected_with: str) -> float | None:
+    """The threshold of a detected_with ("<digest>@0.5" -> 0.5); None when it holds none."""
+    try:
+        return float(detected_with.partition("@")[2])
+    except ValueError:
+        return None
 
 
 def _name_groups(objects: Sequence[str | Collection[str]]) -> list[tuple[str, ...]]:

@@ -359,7 +359,14 @@ def test_real_answers_match_the_document(service, make_service, photo, doc):
     res = client.get(path + "/annotated?size=320", headers={"If-None-Match": res.headers["ETag"]}, status="*")
     check(res, "GET", "/images/{id}/annotated", 304)
     check(client.get(path + "/annotated?size=big", status="*"), "GET", "/images/{id}/annotated", 400)
+    again = check(client.post_json(path + "/detect", {"threshold": 0.4}, status="*"), "POST", "/images/{id}/detect", 200)
+    assert again.json["threshold"] == 0.4 and again.json["model_name"]
+    check(client.post(path + "/detect", status="*"), "POST", "/images/{id}/detect", 200)  # no body: DETECT_THRESHOLD
+    check(client.post_json(path + "/detect", {"threshold": 2}, status="*"), "POST", "/images/{id}/detect", 400)
+    res = client.post(path + "/detect", b"threshold=0.4", content_type="application/x-www-form-urlencoded", status="*")
+    check(res, "POST", "/images/{id}/detect", 415)
     check(client.delete(path, status="*"), "DELETE", "/images/{id}", 204)
+    check(client.post(path + "/detect", status="*"), "POST", "/images/{id}/detect", 404)
     check(client.delete(path, status="*"), "DELETE", "/images/{id}", 404)
     check(client.get(path, status="*"), "GET", "/images/{id}", 404)
     check(client.get(path + "/file", status="*"), "GET", "/images/{id}/file", 404)
