@@ -152,15 +152,31 @@ class DecodeBudget:
             return len(self._waiting)
 
     @contextlib.contextmanager
-    def reserve(self, n: int, wait_s: float | None = None, what: str = "this image") -> Iterator[None]:
+    def reserve(
+        self, n: int, wait_s: float | None = None, what: str = "this image", *, background: bool = False
+    ) -> Iterator[None]:
         """Hold `n` bytes of the budget for the `with` block, waiting up to `wait_s` (default the
         budget's) for room. TooLargeToDecode when `n` is more than the whole budget; DecodeBusy when
-        no room came in time."""
+        no room came in time. A `background` decode (work no one waits for: thumbnails made ahead) never
+        waits and never stands in anyone's way: DecodeBusy at once unless nothing is waiting and it fits
+        in half the budget, so a request always finds the other half."""
         if n > self.limit:
             raise TooLargeToDecode(
                 f"decoding {what} needs about {_mb(n)} MB of memory and this server decodes with at most "
                 f"{_mb(self.limit)} MB (DECODE_MEMORY_MB); scale it down (or send it as a JPEG) and try again"
             )
+        if background:
+            with self._cond:
+                if self._waiting or self._used + n > self.limit // 2:
+                    raise DecodeBusy(f"{what} waits for a quieter moment (DECODE_MEMORY_MB is in use)", 1)
+                self._used += n
+            try:
+                yield
+            finally:
+                with self._cond:
+                    self._used -= n
+                    self._cond.notify_all()
+            return
         wait_s = self.wait_s if wait_s is None else wait_s
         with self._cond:
             me = (n, next(self._arrivals))
@@ -624,7 +640,9 @@ def fitted(width: int, height: int, longest: int) -> tuple[int, int]:
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
-def _upright(data: bytes, longest: int, max_pixels: int, budget: DecodeBudget | None) -> Image.Image:
+def _upright(
+    data: bytes, longest: int, max_pixels: int, budget: DecodeBudget | None, background: bool = False
+) -> Image.Image:
     """The picture upright (EXIF orientation applied), its longest side at most `longest`, in RGB (RGBA
     when it has transparency), decoded inside the budget. A JPEG is decoded at the smallest draft scale
     (1/2, 1/4, 1/8) that is still at least the target: a 4000x3000 photo becomes 500x375 in the decoder."""
@@ -648,7 +666,7 @@ def _upright(data: bytes, longest: int, max_pixels: int, budget: DecodeBudget | 
     # in 64 KB blocks a 3 MB photo took 50 hand-overs of the GIL, each a wait behind the server's other threads.
     whole = len(data) if plan.format == "JPEG" else 0
     extra = converted + premultiplied + whole + target[0] * target[1] * 4 * 3
-    with _reserved_bytes(budget, plan.cost(None) + extra, plan):
+    with _reserved_bytes(budget, plan.cost(None) + extra, plan, background):
         if img is None:
             img = open_image(data, max_pixels)
         try:
@@ -676,11 +694,11 @@ def _upright(data: bytes, longest: int, max_pixels: int, budget: DecodeBudget | 
 
 
 @contextlib.contextmanager
-def _reserved_bytes(budget: DecodeBudget | None, n: int, plan: _Plan) -> Iterator[None]:
+def _reserved_bytes(budget: DecodeBudget | None, n: int, plan: _Plan, background: bool = False) -> Iterator[None]:
     if budget is None:
         yield
         return
-    with budget.reserve(n, what=f"this {plan.stored[0]}x{plan.stored[1]} {plan.format} image"):
+    with budget.reserve(n, what=f"this {plan.stored[0]}x{plan.stored[1]} {plan.format} image", background=background):
         yield
 
 
@@ -698,11 +716,13 @@ def _encode(pic: Image.Image, fmt: str) -> Rendition:
 
 
 def thumbnail(
-    data: bytes, longest: int, fmt: str = "jpeg", max_pixels: int = MAX_PIXELS, budget: DecodeBudget | None = None
+    data: bytes, longest: int, fmt: str = "jpeg", max_pixels: int = MAX_PIXELS, budget: DecodeBudget | None = None,
+    *, background: bool = False,
 ) -> Rendition:
     """`data` upright and scaled so its longest side is `longest` (never enlarged), as `fmt` ("jpeg" or
-    "webp"). Decodes inside `budget` (DecodeBusy, TooLargeToDecode) like every decode."""
-    return _encode(_upright(data, longest, max_pixels, budget), fmt)
+    "webp"). Decodes inside `budget` (DecodeBusy, TooLargeToDecode) like every decode; a `background`
+    one only when no request waits for the budget (DecodeBudget.reserve)."""
+    return _encode(_upright(data, longest, max_pixels, budget, background), fmt)
 
 
 # Box colours by label (a hash of the label picks one): distinct on photos, each readable with black or white text.

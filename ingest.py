@@ -479,7 +479,9 @@ class Thumbnails:
 
     `read_ahead(records)` is what GET /images calls with the page it answers: the `size` (the grid's 320)
     `fmt` (WebP, which every current browser asks for) thumbnails of its first `read_ahead` images that
-    are not kept yet are made and kept by `workers` threads at a lower CPU priority, so that the browser
+    are not kept yet are made and kept by `workers` threads at a lower CPU priority, and in the decode
+    budget only when no request waits for it (a background reservation: skipped otherwise, and made when
+    asked for), so that the browser
     asking for them a few hundred milliseconds later (after its scripts ran) finds them made, or being
     made: a request for one under way waits for it rather than making it twice; one still queued is taken
     off the queue and made by the request. At most twice `read_ahead` wait; more are not queued.
@@ -584,7 +586,7 @@ class Thumbnails:
                 if self.images.thumbnail(sha256, size, fmt) is not None:
                     return None  # kept meanwhile (another process, or a request)
                 data = self.images.file(image_id)[0]
-            made = self.make(data, size, fmt, self.max_pixels, self.budget)
+            made = self.make(data, size, fmt, self.max_pixels, self.budget, background=True)
             thumb = store.Thumbnail(made.data, made.width, made.height)
             try:
                 with self.images.connection():

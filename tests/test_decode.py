@@ -89,9 +89,9 @@ class Recording(imaging.DecodeBudget):
         super().__init__(*args, **kwargs)
         self.asked: list[int] = []
 
-    def reserve(self, n, wait_s=None, what="this image"):
+    def reserve(self, n, wait_s=None, what="this image", **kw):
         self.asked.append(n)
-        return super().reserve(n, wait_s, what)
+        return super().reserve(n, wait_s, what, **kw)
 
 
 def until(condition, timeout: float = 10.0) -> None:
@@ -140,6 +140,37 @@ def test_no_room_within_the_wait_is_busy_with_retry_after():
         with budget.reserve(2 * MB):  # what fits still goes
             pass
     assert budget.used == 0 and budget.waiting == 0
+
+
+def test_a_background_decode_never_waits_and_never_stands_in_a_requests_way():
+    """Thumbnails made ahead reserve in the background: only half the budget, only while no one waits,
+    refused at once otherwise (they are made when asked for instead)."""
+    budget = imaging.DecodeBudget(10 * MB, wait_s=30)
+    with budget.reserve(5 * MB, background=True):
+        assert budget.used == 5 * MB
+        started = time.monotonic()
+        with pytest.raises(imaging.DecodeBusy), budget.reserve(1 * MB, background=True):  # past half
+            pass
+        assert time.monotonic() - started < 1
+        with budget.reserve(5 * MB):  # a request finds the other half
+            assert budget.used == 10 * MB
+    assert budget.used == 0
+    got, done = threading.Event(), threading.Event()
+
+    def request():
+        with budget.reserve(3 * MB):
+            got.set()
+            done.wait(10)
+
+    with budget.reserve(9 * MB):
+        waiter = threading.Thread(target=request)
+        waiter.start()
+        until(lambda: budget.waiting == 1)
+        with pytest.raises(imaging.DecodeBusy), budget.reserve(1, background=True):  # someone waits: not now
+            pass
+    assert got.wait(10) and budget.used == 3 * MB  # the request got its room
+    done.set()
+    waiter.join(10)
 
 
 def test_a_waiter_times_out_after_its_wait():

@@ -368,11 +368,11 @@ class Making:
         if not hold_first:
             self.release.set()
 
-    def __call__(self, data, size, fmt, *args):
+    def __call__(self, data, size, fmt, *args, **kw):
         self.calls.append((size, fmt, threading.current_thread().name))
         self.entered.set()
         assert self.release.wait(10)
-        return imaging.thumbnail(data, size, fmt, *args)
+        return imaging.thumbnail(data, size, fmt, *args, **kw)
 
 
 def records(service):
