@@ -292,3 +292,25 @@ def test_the_document_takes_every_detect_body_the_server_takes(service, photo):
     res = service.client.post_json(f"/images/{img['id']}/detect", {"threshold": None})
     assert res.status_int == 200 and res.json["threshold"] == 0.5
     jsonschema.validate({"threshold": None}, schema)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "bug: POST /images/{id}/detect refused by a full detection queue answers ingest.detection_gate's refusal, "
+    "whose advice ('or send the image with detect=false') is for POST /images: there is no image to send here"
+))
+def test_a_full_queue_refusal_of_a_redetect_gives_advice_that_fits_it(make_service, photo):
+    from helpers import assert_problem
+
+    service = make_service(admission_wait_ms=0)
+    img = add(service, photo("pets.jpg"))
+    gate = service.parts.ingest.detections
+    holds = [gate.enter() for _ in range(gate.places)]
+    for hold in holds:
+        hold.__enter__()
+    try:
+        detail = assert_problem(service.client.post(f"/images/{img['id']}/detect", status=503), 503)
+    finally:
+        for hold in holds:
+            hold.__exit__(None, None, None)
+    assert "DETECT_QUEUE" in detail
+    assert "detect=false" not in detail, detail
