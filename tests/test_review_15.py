@@ -332,3 +332,59 @@ def test_a_full_queue_refusal_of_a_redetect_gives_advice_that_fits_it(make_servi
             hold.__exit__(None, None, None)
     assert "DETECT_QUEUE" in detail
     assert "detect=false" not in detail, detail
+
+
+# --------------------------------------------------------------------------------------------------------
+# The thumbnails made ahead (d293bc5)
+# --------------------------------------------------------------------------------------------------------
+
+
+def _pngs(n: int, size=(1200, 900)) -> list[bytes]:
+    """`n` distinct PNGs (a gradient with noise: no JPEG draft mode, so each decode reserves its full size),
+    encoded once and told apart by a tEXt chunk each."""
+    import io
+    import struct
+    import zlib
+
+    import numpy as np
+    from PIL import Image
+
+    w, h = size
+    pixels = np.linspace(0, 215, w * h * 3).reshape(h, w, 3) + np.random.default_rng(15).integers(0, 40, (h, w, 3))
+    buf = io.BytesIO()
+    Image.fromarray(pixels.astype("uint8")).save(buf, "PNG", compress_level=1)
+    png = buf.getvalue()
+    out = []
+    for i in range(n):
+        text = b"Comment\0" + str(i).encode()
+        chunk = struct.pack(">I", len(text)) + b"tEXt" + text + struct.pack(">I", zlib.crc32(b"tEXt" + text))
+        out.append(png[:33] + chunk + png[33:])  # after the signature and IHDR
+    return out
+
+
+AHEAD_REFUSES = (
+    "bug: the thumbnails made ahead wait for the decode budget beside the requests, and imaging.DecodeBudget "
+    "serves the smallest waiting reservation first: a thumbnail's (11.4 MB here) is smaller than a detection's "
+    "(11.5 MB), so the whole read-ahead queue goes first and one GET /images of a page of large PNGs makes a "
+    "POST /images just after it wait out DECODE_WAIT_MS and answer 503, for optional background work"
+)
+
+
+@pytest.mark.parametrize("read_ahead", [
+    0,  # the control: without the read-ahead the same upload is stored
+    pytest.param(24, marks=pytest.mark.xfail(strict=True, reason=AHEAD_REFUSES)),
+])
+def test_thumbnails_made_ahead_do_not_turn_an_upload_away(make_service, read_ahead):
+    from helpers import wait_for
+
+    pngs = _pngs(25)
+    # Room for one decode of these at a time (each needs about 10 MB), as a Pi's budget has for its large photos.
+    service = make_service(decode_memory_mb=15, decode_wait_ms=200, thumbnail_read_ahead=read_ahead)
+    for data in pngs[:24]:
+        add(service, data)
+    budget = service.parts.ingest.budget
+    service.client.get("/images")  # the page: its 24 grid thumbnails are queued to be made ahead
+    if read_ahead:
+        wait_for(lambda: budget.used > 0, timeout=10)  # the first one is being made
+    res = service.client.post_json("/images", {"image": b64(pngs[24]), "detect": True}, status="*")
+    assert res.status_int == 200, res.text[:300]
