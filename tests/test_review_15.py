@@ -9,6 +9,7 @@ be unmarked) once the bug is fixed. The others pin behaviour the review checked 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import sqlite3
@@ -20,6 +21,7 @@ import pytest
 
 import detect
 import ingest
+import store
 from helpers import b64
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -339,9 +341,9 @@ def test_a_full_queue_refusal_of_a_redetect_gives_advice_that_fits_it(make_servi
 # --------------------------------------------------------------------------------------------------------
 
 
-def _pngs(n: int, size=(1200, 900)) -> list[bytes]:
-    """`n` distinct PNGs (a gradient with noise: no JPEG draft mode, so each decode reserves its full size),
-    encoded once and told apart by a tEXt chunk each."""
+def _pngs(n: int, size=(2400, 1800)) -> list[bytes]:
+    """`n` distinct PNGs (no JPEG draft mode, so each decode reserves its full size; smooth, so the files are
+    small), encoded once and told apart by a tEXt chunk each."""
     import io
     import struct
     import zlib
@@ -350,9 +352,10 @@ def _pngs(n: int, size=(1200, 900)) -> list[bytes]:
     from PIL import Image
 
     w, h = size
-    pixels = np.linspace(0, 215, w * h * 3).reshape(h, w, 3) + np.random.default_rng(15).integers(0, 40, (h, w, 3))
+    y, x = np.mgrid[0:h, 0:w]
+    pixels = np.stack([x * 255 // w, y * 255 // h, (x + y) * 255 // (w + h)], -1).astype("uint8")
     buf = io.BytesIO()
-    Image.fromarray(pixels.astype("uint8")).save(buf, "PNG", compress_level=1)
+    Image.fromarray(pixels).save(buf, "PNG")
     png = buf.getvalue()
     out = []
     for i in range(n):
@@ -364,8 +367,8 @@ def _pngs(n: int, size=(1200, 900)) -> list[bytes]:
 
 AHEAD_REFUSES = (
     "bug: the thumbnails made ahead wait for the decode budget beside the requests, and imaging.DecodeBudget "
-    "serves the smallest waiting reservation first: a thumbnail's (11.4 MB here) is smaller than a detection's "
-    "(11.5 MB), so the whole read-ahead queue goes first and one GET /images of a page of large PNGs makes a "
+    "serves the smallest waiting reservation first: a thumbnail's (21.4 MB here) is smaller than a detection's "
+    "(25.6 MB), so the whole read-ahead queue goes first and one GET /images of a page of large PNGs makes a "
     "POST /images just after it wait out DECODE_WAIT_MS and answer 503, for optional background work"
 )
 
@@ -378,13 +381,16 @@ def test_thumbnails_made_ahead_do_not_turn_an_upload_away(make_service, read_ahe
     from helpers import wait_for
 
     pngs = _pngs(25)
-    # Room for one decode of these at a time (each needs about 10 MB), as a Pi's budget has for its large photos.
-    service = make_service(decode_memory_mb=15, decode_wait_ms=200, thumbnail_read_ahead=read_ahead)
-    for data in pngs[:24]:
-        add(service, data)
+    # Room for one decode of these at a time (21-26 MB each), as a Pi's budget has for its largest photos; a
+    # thumbnail takes about 0.1 s, so the 24 made ahead take about 2.4 s, far past DECODE_WAIT_MS.
+    service = make_service(decode_memory_mb=32, decode_wait_ms=500, thumbnail_read_ahead=read_ahead)
+    service.store.add_many(  # the library's 24 newest: stored straight through the store, as bench/api.py fills it
+        store.NewImage(data, hashlib.sha256(data).hexdigest(), "image/png", 2400, 1800, f"png {i}", True, False)
+        for i, data in enumerate(pngs[:24])
+    )
     budget = service.parts.ingest.budget
     service.client.get("/images")  # the page: its 24 grid thumbnails are queued to be made ahead
     if read_ahead:
-        wait_for(lambda: budget.used > 0, timeout=10)  # the first one is being made
+        wait_for(lambda: budget.used > 0 and budget.waiting > 0, timeout=10)  # one being made, the next waiting
     res = service.client.post_json("/images", {"image": b64(pngs[24]), "detect": True}, status="*")
     assert res.status_int == 200, res.text[:300]
