@@ -192,12 +192,15 @@ def test_odd_entries_in_a_folder_neither_hang_nor_break_the_import(tmp_path, pho
     top.mkdir()
     (top / "pets.jpg").write_bytes(photo("pets.jpg"))
     os.mkfifo(top / "pipe.jpg")
-    os.symlink("/dev/zero", top / "zero.jpg")
+    os.symlink(os.devnull, top / "null.jpg")  # a character device
     os.symlink("loop_b.jpg", top / "loop_a.jpg")
     os.symlink("loop_a.jpg", top / "loop_b.jpg")
     os.symlink("gone.jpg", top / "dangling.jpg")
     (top / "secret.jpg").write_bytes(photo("cat.bmp"))
     (top / "secret.jpg").chmod(0)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "table.jpg").write_bytes(photo("table.jpg"))
+    os.symlink(tmp_path / "elsewhere", top / "2022")  # README: links to folders are not followed
     db = str(tmp_path / "images.db")
     result = child("import", str(top), "--db", db, "--no-detect", timeout=60, wrap=_without_root_powers())
     assert "Traceback" not in result.stderr
