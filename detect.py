@@ -275,7 +275,7 @@ def postprocess(
     n = min(int(np.asarray(count).reshape(-1)[0]), len(scores), len(classes), len(boxes))
     found = []
     for i in range(n):
-        score = float(scores[i])
+        score = round(float(scores[i]), 4)  # what is shown, so a detection shown at 0.7383 is kept at 0.7383
         if not score >= threshold:  # also drops NaN
             continue
         class_id = int(classes[i])
@@ -283,7 +283,7 @@ def postprocess(
             continue
         y0, x0, y1, x1 = (min(max(float(v), 0.0), 1.0) for v in boxes[i])
         box = Box(round(min(x0, x1), 4), round(min(y0, y1), 4), round(max(x0, x1), 4), round(max(y0, y1), 4))
-        found.append(Detection(labels[class_id], round(score, 4), box))
+        found.append(Detection(labels[class_id], score, box))
     found.sort(key=lambda d: d.confidence, reverse=True)
     return found
 
@@ -599,7 +599,10 @@ class Detector:
 
 
 def _fingerprint(model: _Model, threshold: float) -> str:
-    return f"{model.sha256[:16]}@{threshold:g}"
+    """`<the model's sha256, 16 digits>@<the threshold>`: the threshold exactly (0.5 as "0.5", as :g wrote
+    it; 0.73828126 whole, which :g's six digits would have made 0.738281, another threshold's name)."""
+    short = f"{threshold:g}"
+    return f"{model.sha256[:16]}@{short if float(short) == threshold else repr(float(threshold))}"
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -102,26 +102,27 @@ class Gate:
             return self._waiting
 
     @contextlib.contextmanager
-    def enter(self) -> Iterator[None]:
-        """Hold a place for the `with` block; Busy when none comes free in time."""
-        token = self._acquire()
+    def enter(self, advice: str = "") -> Iterator[None]:
+        """Hold a place for the `with` block; Busy when none comes free in time, its message the refusal
+        and then `advice` (what else this caller's client can do, e.g. ", or send it with detect=false")."""
+        token = self._acquire(advice)
         try:
             yield
         finally:
             self._release(token)
 
-    def _acquire(self) -> object:
+    def _acquire(self, advice: str = "") -> object:
         deadline = time.monotonic() + self.wait
         with self._cond:
             if len(self._holders) >= self.places:
                 if self._eta(self._waiting + 1) > self.wait:
-                    raise self._busy(self._waiting + 1)
+                    raise self._busy(self._waiting + 1, advice)
                 self._waiting += 1
                 try:
                     while len(self._holders) >= self.places:
                         left = deadline - time.monotonic()
                         if left <= 0:
-                            raise self._busy(self._waiting)  # this caller is one of them
+                            raise self._busy(self._waiting, advice)  # this caller is one of them
                         self._cond.wait(left)
                 finally:
                     self._waiting -= 1
@@ -141,7 +142,7 @@ class Gate:
         youngest = min((now - t for t in self._holders.values()), default=0.0)
         return max(self._mean or 0.0, youngest) * ahead / self.places
 
-    def _busy(self, ahead: int) -> Busy:
+    def _busy(self, ahead: int, advice: str = "") -> Busy:
         retry = max(1, math.ceil(self._eta(ahead)))
         self._refused += 1
         self.refusals += 1
@@ -149,7 +150,7 @@ class Gate:
         if self._warned is None or now - self._warned >= 60:  # at most one line a minute under load
             log.warning("refused %d request(s) (Busy): %s", self._refused, self.refusal.format(retry=retry))
             self._refused, self._warned = 0, now
-        return Busy(self.refusal.format(retry=retry), retry)
+        return Busy(self.refusal.format(retry=retry) + advice, retry)
 
 
 def download_gate(slots: int, wait: float, **kw: Any) -> Gate:
@@ -164,8 +165,11 @@ def detection_gate(pool: int, queue: int, wait: float, **kw: Any) -> Gate:
     """Detections: the detector's `pool` interpreters run, at most `queue` more wait (DETECT_QUEUE)."""
     return Gate(pool + queue, wait, (
         f"the detector is busy: {pool} detection(s) running (DETECT_INTERPRETERS) and {queue} waiting (DETECT_QUEUE); "
-        "try again in {retry} s, or send the image with detect=false"
+        "try again in {retry} s"  # POST /images adds ", or send the image with detect=false" (DETECT_ADVICE)
     ), **kw)
+
+
+DETECT_ADVICE = ", or send the image with detect=false"  # a refused POST /images can still store the image
 
 
 @dataclass(frozen=True)
@@ -345,8 +349,8 @@ def found_from(detections: Iterable[detect.Detection]) -> tuple[store.Found, ...
     )
 
 
-def _entered(gate: Gate | None) -> contextlib.AbstractContextManager:
-    return contextlib.nullcontext() if gate is None else gate.enter()
+def _entered(gate: Gate | None, advice: str = "") -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext() if gate is None else gate.enter(advice)
 
 
 class Ingest:
@@ -395,7 +399,7 @@ class Ingest:
                 detected_with = self.detector.fingerprint()
                 cached = self.images.cached_detections(sha256, detected_with)
                 if cached is None:
-                    with _entered(self.detections):
+                    with _entered(self.detections, DETECT_ADVICE):
                         result = self.detector.detect(data, budget=self.budget)
                     decoded, found, detected_with = result.decoded, found_from(result.detections), result.fingerprint
                 else:

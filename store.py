@@ -736,8 +736,10 @@ class Store:
     # -- reads -------------------------------------------------------------------------------------------
 
     def cached_detections(self, sha256: str, detected_with: str) -> tuple[Found, ...] | None:
-        """Detections stored for these bytes by the same model and threshold, or None."""
-        with self._errors():
+        """Detections stored for these bytes by the same model and threshold, or None. Both reads in one
+        read transaction (one snapshot): a re-detection committed between them would otherwise hand over
+        detections kept at another threshold under this one's name."""
+        with self._errors(), self._db.atomic():
             image = (
                 self._t.Image.select(self._t.Image.id)
                 .where((self._t.Image.sha256 == sha256) & (self._t.Image.detected_with == detected_with))

@@ -47,10 +47,10 @@ def child(*argv, timeout=120, wrap=()) -> subprocess.CompletedProcess:
 # The cached-detections cache and the threshold an image reports
 # --------------------------------------------------------------------------------------------------------
 
-# pets.jpg with the test model: dogs at raw scores 0.81640625 and 0.73828125 (shown as 0.8164 and 0.7383),
-# then a dog at 0.3008 and a bat at 0.2695. At 0.73828125 both dogs are kept, at 0.73828126 one; both
-# thresholds print as "0.738281" with :g, which is what detected_with records.
-EDGE, JUST_ABOVE = 0.73828125, 0.73828126
+# pets.jpg with the test model: dogs at raw scores 0.81640625 and 0.73828125 (shown, and compared with a
+# threshold, as 0.8164 and 0.7383), then a dog at 0.3008 and a bat at 0.2695. At 0.7383 both dogs are
+# kept, at 0.73830001 one; both thresholds print as "0.7383" with :g, which detected_with once recorded.
+EDGE, JUST_ABOVE = 0.7383, 0.73830001
 
 
 @pytest.fixture
@@ -61,10 +61,6 @@ def edge_detector(model_path):
     d.close()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: detect._fingerprint formats the threshold with :g (6 significant digits), so two thresholds that "
-    "keep different detections share one detected_with, and POST /images reuses the other one's detections"
-))
 def test_the_cache_never_serves_detections_kept_at_a_threshold_that_only_prints_the_same(make_service, edge_detector, photo):
     service = make_service(detector=edge_detector, detect_threshold=EDGE)
     pets = photo("pets.jpg")
@@ -77,11 +73,6 @@ def test_the_cache_never_serves_detections_kept_at_a_threshold_that_only_prints_
     assert [d["confidence"] for d in second["detections"]] == [0.8164, 0.7383], second
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: an image re-detected at threshold 0.73828126 says threshold 0.738281 (detected_with keeps only :g's "
-    "6 digits), a threshold at which its detections would be others; `redetect --stale --threshold 0.738281` "
-    "then takes it as current"
-))
 def test_the_threshold_an_image_reports_is_the_one_its_detections_were_kept_at(service, photo):
     img = add(service, photo("pets.jpg"))
     again = service.client.post_json(f"/images/{img['id']}/detect", {"threshold": JUST_ABOVE}).json
@@ -89,11 +80,6 @@ def test_the_threshold_an_image_reports_is_the_one_its_detections_were_kept_at(s
     assert again["threshold"] == JUST_ABOVE, again["threshold"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: detect.postprocess compares the raw score (0.73828125) with the threshold but reports it rounded "
-    "(0.7383), so a detection the API shows at 0.7383 is dropped by threshold 0.7383, while "
-    "GET /images?min_confidence=0.7383 and /v1/vision's min_confidence (the rounded values) keep it"
-))
 def test_a_detection_shown_at_a_confidence_is_kept_at_that_threshold(service, photo):
     img = add(service, photo("pets.jpg"))
     low = service.client.post_json(f"/images/{img['id']}/detect", {"threshold": 0.25}).json
@@ -105,11 +91,6 @@ def test_a_detection_shown_at_a_confidence_is_kept_at_that_threshold(service, ph
     assert [d["confidence"] for d in at["detections"]] == [0.8164, 0.7383], at["detections"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: store.Store.cached_detections reads the image with a matching detected_with and then its "
-    "detections in a second statement outside any transaction; a re-detect committed between the two "
-    "hands POST /images detections kept at another threshold, stored under this threshold's detected_with"
-))
 def test_an_upload_never_takes_detections_a_redetect_wrote_between_the_cache_lookups(service, photo):
     pets = photo("pets.jpg")
     first = add(service, pets, detect_=True)  # two dogs at DETECT_THRESHOLD 0.5
@@ -300,10 +281,6 @@ def test_a_text_file_that_starts_with_bm_is_skipped_not_failed(tmp_path, photo):
     assert result.returncode == 0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug (document): POST /images/{id}/detect answers 200 to {\"threshold\": null} (DETECT_THRESHOLD), but "
-    "openapi.json's DetectAgain says threshold is a number, so the document calls a body the server takes invalid"
-))
 def test_the_document_takes_every_detect_body_the_server_takes(service, photo):
     import json
 
@@ -317,10 +294,6 @@ def test_the_document_takes_every_detect_body_the_server_takes(service, photo):
     jsonschema.validate({"threshold": None}, schema)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: POST /images/{id}/detect refused by a full detection queue answers ingest.detection_gate's refusal, "
-    "whose advice ('or send the image with detect=false') is for POST /images: there is no image to send here"
-))
 def test_a_full_queue_refusal_of_a_redetect_gives_advice_that_fits_it(make_service, photo):
     from helpers import assert_problem
 
@@ -368,17 +341,9 @@ def _pngs(n: int, size=(2400, 1800)) -> list[bytes]:
     return out
 
 
-AHEAD_REFUSES = (
-    "bug: the thumbnails made ahead wait for the decode budget beside the requests, and imaging.DecodeBudget "
-    "serves the smallest waiting reservation first: a thumbnail's (21.4 MB here) is smaller than a detection's "
-    "(25.6 MB), so the whole read-ahead queue goes first and one GET /images of a page of large PNGs makes a "
-    "POST /images just after it wait out DECODE_WAIT_MS and answer 503, for optional background work"
-)
-
-
 @pytest.mark.parametrize("read_ahead", [
     0,  # the control: without the read-ahead the same upload is stored
-    pytest.param(24, marks=pytest.mark.xfail(strict=True, reason=AHEAD_REFUSES)),
+    24,  # a background reservation: the read-ahead never waits, never stands in the upload's way
 ])
 def test_thumbnails_made_ahead_do_not_turn_an_upload_away(make_service, read_ahead):
     from helpers import wait_for
@@ -393,7 +358,6 @@ def test_thumbnails_made_ahead_do_not_turn_an_upload_away(make_service, read_ahe
     )
     budget = service.parts.ingest.budget
     service.client.get("/images")  # the page: its 24 grid thumbnails are queued to be made ahead
-    if read_ahead:
-        wait_for(lambda: budget.used > 0 and budget.waiting > 0, timeout=10)  # one being made, the next waiting
     res = service.client.post_json("/images", {"image": b64(pngs[24]), "detect": True}, status="*")
     assert res.status_int == 200, res.text[:300]
+    wait_for(lambda: budget.used == 0 and budget.waiting == 0)
