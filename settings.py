@@ -44,6 +44,13 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _page_size(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 1000:
+        raise ValueError(f"expected a whole number 0..1000 (GET /images answers at most 1,000 a page), got {text!r}")
+    return value
+
+
 def _port(text: str) -> int:
     value = int(text)
     if not 0 <= value <= 65535:
@@ -320,8 +327,8 @@ class Settings:
     )
     thumbnail_read_ahead: int = _setting(
         "THUMBNAIL_READ_AHEAD", 24,
-        "Images of each GET /images page whose 320 px WebP thumbnail is made ahead, in the background; 0 for off.",
-        parse=_non_negative_int,
+        "Images of each GET /images page whose 320 px WebP thumbnail is made ahead, in the background; 0 for off, at most 1000.",
+        parse=_page_size,
     )
     vision_store_max: int = _setting(
         "VISION_STORE_MAX", 10000,

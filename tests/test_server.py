@@ -104,7 +104,8 @@ def test_flags_win_over_environment_over_defaults():
     assert d.upload_workers == 4 and d.imgur_api_url == "https://api.imgur.com" and d.allow_private_urls is False
 
 
-@pytest.mark.parametrize("env", [{"PORT": "eighty"}, {"DETECT_THRESHOLD": "1.5"}, {"UPLOAD_WORKERS": "-1"}, {"ALLOW_PRIVATE_URLS": "maybe"}])
+@pytest.mark.parametrize("env", [{"PORT": "eighty"}, {"DETECT_THRESHOLD": "1.5"}, {"UPLOAD_WORKERS": "-1"}, {"ALLOW_PRIVATE_URLS": "maybe"},
+                                 {"THUMBNAIL_READ_AHEAD": "1001"}])
 def test_bad_settings_name_the_variable(env):
     with pytest.raises(settings.SettingError, match=next(iter(env))):
         settings.load([], env)
