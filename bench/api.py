@@ -170,6 +170,29 @@ def fill(path: str, rows: int, model: str, seed: int = 1) -> dict[str, float]:
 # ---------------------------------------------------------------------------------------------------------
 
 
+def alternately(srv: ServerProcess, detector: detect.Detector, photos: list[bytes], bodies: list[bytes], warm: int):
+    """(POST ms, detect() ms, the last answer): POST /images of bodies[i] and detect() of photos[i] in this
+    process, after `warm` of each untimed; which goes first alternates, so drift falls on both alike."""
+    post, bare, body = [], [], b""
+
+    def timed_detect(i: int) -> None:
+        t = time.perf_counter()
+        detector.detect(photos[i])
+        bare.append((time.perf_counter() - t) * 1000)
+
+    for i in range(warm):
+        detector.detect(photos[i])
+        srv.request("POST", "/images", bodies[i])
+    for i in range(warm, len(bodies)):
+        if i % 2:
+            timed_detect(i)
+        ms, _, body = srv.request("POST", "/images", bodies[i])
+        post.append(ms)
+        if not i % 2:
+            timed_detect(i)
+    return post, bare, body
+
+
 def part_upload(tmp: str, model: str, cat: bytes, detector: detect.Detector, runs: int) -> dict:
     warm = 3
     vs = variants(cat, warm + 2 * runs)
@@ -177,22 +200,8 @@ def part_upload(tmp: str, model: str, cat: bytes, detector: detect.Detector, run
     plain_bodies = [post_body(v, False) for v in vs[warm + runs:]]
     progress(f"part 1: {len(vs)} variants of cat_1080p.jpg ({len(cat):,} bytes; variants ~{len(vs[0]):,}), {runs} runs")
     out: dict[str, list[float]] = {"post": [], "detect": [], "cached": [], "plain": []}
-    detected = None
     with server(os.path.join(tmp, "upload.db"), model) as srv:
-        for i in range(warm):
-            detector.detect(vs[i])
-            srv.request("POST", "/images", detect_bodies[i])
-        for i in range(warm, warm + runs):  # alternate which goes first, so drift falls on both alike
-            if i % 2:
-                t = time.perf_counter()
-                detector.detect(vs[i])
-                out["detect"].append((time.perf_counter() - t) * 1000)
-            ms, _, body = srv.request("POST", "/images", detect_bodies[i])
-            out["post"].append(ms)
-            if not i % 2:
-                t = time.perf_counter()
-                detector.detect(vs[i])
-                out["detect"].append((time.perf_counter() - t) * 1000)
+        out["post"], out["detect"], body = alternately(srv, detector, vs, detect_bodies, warm)
         detected = json.loads(body)["objects"]
         for _ in range(runs):
             out["cached"].append(srv.request("POST", "/images", detect_bodies[warm])[0])
@@ -208,21 +217,8 @@ def part_upload_big(tmp: str, model: str, cat: bytes, detector: detect.Detector,
     vs = variants(big_photo(Image.open(io.BytesIO(cat)), 1), warm + runs)
     bodies = [post_body(v, True) for v in vs]
     progress(f"part 1b: {len(vs)} variants of a 4000x3000 JPEG (~{len(vs[0]):,} bytes), {runs} runs")
-    post, bare = [], []
     with server(os.path.join(tmp, "upload-big.db"), model) as srv:
-        for i in range(warm):
-            detector.detect(vs[i])
-            srv.request("POST", "/images", bodies[i])
-        for i in range(warm, warm + runs):  # alternate which goes first, so drift falls on both alike
-            if i % 2:
-                t = time.perf_counter()
-                detector.detect(vs[i])
-                bare.append((time.perf_counter() - t) * 1000)
-            post.append(srv.request("POST", "/images", bodies[i])[0])
-            if not i % 2:
-                t = time.perf_counter()
-                detector.detect(vs[i])
-                bare.append((time.perf_counter() - t) * 1000)
+        post, bare, _ = alternately(srv, detector, vs, bodies, warm)
     return {"post": median_ms(post), "detect": median_ms(bare), "bytes": len(vs[0]), "server": srv}
 
 
