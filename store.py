@@ -642,15 +642,17 @@ class Store:
 
     def _count_images(self, added: Iterable[Collection[str]] = (), removed: Iterable[Collection[str]] = ()) -> None:
         """object_count and object_pair for many images at once: `added` and `removed` hold each image's names."""
-        names: Counter[str] = Counter()
-        pairs: Counter[tuple[str, str]] = Counter()
+        sets: Counter[tuple[str, ...]] = Counter()  # images holding the same names, counted once (bulk loads)
         for sign, images in ((1, added), (-1, removed)):
             for held in images:
-                held = sorted(set(held))
-                for name in held:
-                    names[name] += sign
-                for pair in itertools.combinations(held, 2):
-                    pairs[pair] += sign
+                sets[tuple(sorted(set(held)))] += sign
+        names: Counter[str] = Counter()
+        pairs: Counter[tuple[str, str]] = Counter()
+        for held, k in sets.items():
+            for name in held:
+                names[name] += k
+            for pair in itertools.combinations(held, 2):
+                pairs[pair] += k
         # In name order, so two writers change the rows in one order (row locks, on a database that has them).
         by_name = sorted((n, k) for n, k in names.items() if k)
         by_pair = sorted((a, b, k) for (a, b), k in pairs.items() if k)
@@ -798,15 +800,18 @@ class Store:
         below, below_args = ("", []) if before is None else (" AND d.image_id < ?", [before])
         walks, params = [], []
         for name in walked:
+            # A unary + keeps the planner off an index: off (name, confidence) for a walk by id, and off
+            # (name, image) for the few at min_confidence, which it would otherwise walk to satisfy the order.
+            order = "d.image_id"
             if min_confidence is None:
                 cond, cond_args = "d.name = ?", [name]
-            elif name in few:  # all of them by confidence, sorted by id
-                cond, cond_args = "d.name = ? AND d.confidence >= ?", [name, min_confidence]
-            else:  # many: walk by id; the unary + keeps the planner off the (name, confidence) index
+            elif name in few:  # all of them by confidence, then sorted by id
+                cond, cond_args, order = "d.name = ? AND d.confidence >= ?", [name, min_confidence], "+d.image_id"
+            else:  # many: walk by id
                 cond, cond_args = "d.name = ? AND +d.confidence >= ?", [name, min_confidence]
             walks.append(
                 f"SELECT * FROM (SELECT DISTINCT d.image_id FROM detection d WHERE {cond}{below}{also} "
-                "ORDER BY d.image_id DESC LIMIT ?)"
+                f"ORDER BY {order} DESC LIMIT ?)"
             )
             params += cond_args + below_args + also_args + [limit]
         if not walks:
