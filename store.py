@@ -782,7 +782,7 @@ class Store:
             # Every group must be held, and by one image: a pair of groups no image holds together ends the
             # search at once. Then walk the rarest group; each candidate must hold a name of every other
             # group (an index lookup each).
-            if not all(any(n in counts for n in g) for g in groups) or self._apart(groups, counts):
+            if not all(any(n in counts for n in g) for g in groups) or (len(groups) > 1 and self._apart(groups, counts)):
                 return []
             groups = sorted(groups, key=lambda g: sum(counts.get(n, 0) for n in g))
             walked, others = [n for n in groups[0] if n in counts], groups[1:]
