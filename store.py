@@ -4,7 +4,9 @@ One file holds everything, so a backup is one copy. WAL with synchronous=FULL: a
 survives a power cut (a Pi gets unplugged). Writes take the write lock up front (BEGIN IMMEDIATE) so two
 writers queue on the busy timeout instead of failing half-way. Bytes live in their own table keyed by
 sha256, stored once however many images use them; listing never reads them. Detections live in their
-own table, indexed by (name, image) so `objects=dog` walks an index newest first. Thumbnails are kept
+own table, indexed by (name, image) so `objects=dog` walks an index newest first. How many images hold
+each name, and each pair of names, is kept beside them (object_count, object_pair: changed in the same
+transaction), so GET /objects reads a few rows and a search knows which names to skip. Thumbnails are kept
 in theirs, keyed by (sha256, size, format): a cache, made again when purged, gone with their bytes.
 
 A `Store` owns its database object: `Store(target)` asks `open_backend()` for the backend that serves
