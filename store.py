@@ -4,7 +4,9 @@ One file holds everything, so a backup is one copy. WAL with synchronous=FULL: a
 survives a power cut (a Pi gets unplugged). Writes take the write lock up front (BEGIN IMMEDIATE) so two
 writers queue on the busy timeout instead of failing half-way. Bytes live in their own table keyed by
 sha256, stored once however many images use them; listing never reads them. Detections live in their
-own table, indexed by (name, image) so `objects=dog` walks an index newest first. Thumbnails are kept
+own table, indexed by (name, image) so `objects=dog` walks an index newest first. How many images hold
+each name, and each pair of names, is kept beside them (object_count, object_pair: changed in the same
+transaction), so GET /objects reads a few rows and a search knows which names to skip. Thumbnails are kept
 in theirs, keyed by (sha256, size, format): a cache, made again when purged, gone with their bytes.
 
 A `Store` owns its database object: `Store(target)` asks `open_backend()` for the backend that serves
@@ -20,13 +22,16 @@ writes no API JSON. Writes stop at a floor of free disk space (`min_free_mb`, MI
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
+import math
 import os
 import re
 import sqlite3
 import sys
 import time
 import urllib.parse
+from collections import Counter
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any, Callable, Collection, Iterable, Iterator, Sequence
@@ -37,8 +42,9 @@ from playhouse.sqlite_ext import AutoIncrementField
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 4  # 2: image ids are never reused (AUTOINCREMENT); 3: image.filename, the thumbnail table;
+SCHEMA_VERSION = 5  # 2: image ids are never reused (AUTOINCREMENT); 3: image.filename, the thumbnail table;
 # 4: image.model_name (what produced the detections, for people; detected_with has the digest and threshold)
+# 5: the object_count and object_pair tables, the (name, confidence, image) index
 
 
 class StoreError(Exception):
@@ -196,6 +202,7 @@ def _tables(database: pw.Database, id_field: Callable[[], pw.Field]) -> SimpleNa
             indexes = (
                 (("image", "confidence"), False),  # an image's detections, and the cascade on delete
                 (("name", "image", "confidence"), False),  # objects=: walk one name newest first
+                (("name", "confidence", "image"), False),  # min_confidence=: the few at or above it (version 5)
             )
 
     class Thumbnail(_Base):
@@ -219,9 +226,29 @@ def _tables(database: pw.Database, id_field: Callable[[], pw.Field]) -> SimpleNa
 
         image = pw.ForeignKeyField(Image, primary_key=True, on_delete="CASCADE")
 
+    class ObjectCount(_Base):
+        """How many images hold each name (schema version 5): GET /objects reads it instead of counting every
+        detection, and a search walks its rarest name first. Changed in the transaction that changes the
+        detections (Store._count_changes); a name no image holds has no row."""
+
+        name = pw.TextField(primary_key=True)
+        images = pw.IntegerField()
+
+    class ObjectPair(_Base):
+        """How many images hold both of two names, `a` < `b` (schema version 5), so that `match=all` of names
+        that never occur together is answered at once instead of walking every image of the rarer one."""
+
+        a = pw.TextField()
+        b = pw.TextField()
+        images = pw.IntegerField()
+
+        class Meta:
+            primary_key = pw.CompositeKey("a", "b")
+
     return SimpleNamespace(
         Setting=Setting, Blob=Blob, Image=Image, Detection=Detection, Thumbnail=Thumbnail, VisionFrame=VisionFrame,
-        all=(Setting, Blob, Image, Detection, Thumbnail, VisionFrame),
+        ObjectCount=ObjectCount, ObjectPair=ObjectPair,
+        all=(Setting, Blob, Image, Detection, Thumbnail, VisionFrame, ObjectCount, ObjectPair),
     )
 
 
@@ -350,6 +377,29 @@ class SqliteBackend:
             if "model_name" not in {c.name for c in self.database.get_columns("image")}:  # v1 rebuilt has it
                 self.database.execute_sql("ALTER TABLE image ADD COLUMN model_name TEXT")
             tables.Setting.update(value="4").where(tables.Setting.key == "schema_version").execute()
+
+
+    def migrate_v4_to_v5(self, tables: SimpleNamespace) -> None:
+        """Add the counts behind GET /objects and match=all (object_count, object_pair), filled from the
+        detections, and the (name, confidence, image) index of min_confidence searches."""
+        log.info("migrating %s to schema version 5 (object counts, an index for min_confidence)", self.path)
+        db = self.database
+        with self.write():
+            db.create_tables([tables.ObjectCount, tables.ObjectPair], safe=True)
+            db.execute_sql('CREATE INDEX IF NOT EXISTS "detection_name_confidence_image_id" '
+                           'ON "detection" ("name", "confidence", "image_id")')
+            db.execute_sql("DELETE FROM object_count")
+            db.execute_sql("DELETE FROM object_pair")
+            db.execute_sql(
+                "INSERT INTO object_count (name, images) "
+                "SELECT name, COUNT(DISTINCT image_id) FROM detection GROUP BY name"
+            )
+            db.execute_sql(
+                "INSERT INTO object_pair (a, b, images) "
+                "SELECT x.name, y.name, COUNT(DISTINCT x.image_id) FROM detection x "
+                "JOIN detection y ON y.image_id = x.image_id AND y.name > x.name GROUP BY x.name, y.name"
+            )
+            tables.Setting.update(value="5").where(tables.Setting.key == "schema_version").execute()
 
 
 class ReadOnlyHoldings:
@@ -510,6 +560,9 @@ class Store:
             version = 3
         if version == 3:
             self.backend.migrate_v3_to_v4(self._t)
+            version = 4
+        if version == 4:
+            self.backend.migrate_v4_to_v5(self._t)
         with self.backend.write():
             self._db.create_tables(self._t.all, safe=True)
             self._t.Setting.insert(key="schema_version", value=str(SCHEMA_VERSION)).on_conflict_replace().execute()
@@ -574,6 +627,7 @@ class Store:
             )
             if new.detections:
                 t.Detection.insert_many([self._detection_row(image.id, d) for d in new.detections]).execute()
+                self._count_changes((), {d.label.lower() for d in new.detections})
         return ImageRecord(
             image.id, new.sha256, new.label, new.label_generated, new.detection_enabled, new.content_type,
             len(new.data), new.width, new.height, new.source_url, created_ms, tuple(new.detections), new.filename,
@@ -594,7 +648,9 @@ class Store:
             ]
             if old:
                 shas = {row.sha256 for row in t.Image.select(t.Image.sha256).where(t.Image.id.in_(old))}
+                held = self._names_of(old)
                 t.Image.delete().where(t.Image.id.in_(old)).execute()  # detections and frames by ON DELETE CASCADE
+                self._count_images(removed=held.values())
                 used = {row.sha256 for row in t.Image.select(t.Image.sha256).where(t.Image.sha256.in_(shas))}
                 if shas - used:
                     t.Blob.delete().where(t.Blob.sha256.in_(shas - used)).execute()
@@ -651,6 +707,7 @@ class Store:
                         for d in n.detections
                     ],
                 )
+                self._count_images(added=[{d.label.lower() for d in n.detections} for n in chunk])
 
         with self.connection():
             for new in images:
@@ -670,7 +727,9 @@ class Store:
             image = self._t.Image.get_or_none(self._t.Image.id == image_id)
             if image is None:
                 raise NotFound(f"there is no image {image_id}")
+            held = self._names_of([image_id]).get(image_id, ())
             image.delete_instance()  # detections go by ON DELETE CASCADE
+            self._count_changes(held, ())
             if not self._t.Image.select().where(self._t.Image.sha256 == image.sha256).exists():
                 self._t.Blob.delete().where(self._t.Blob.sha256 == image.sha256).execute()
                 self._t.Thumbnail.delete().where(self._t.Thumbnail.sha256 == image.sha256).execute()
@@ -688,6 +747,7 @@ class Store:
             self._check_space(0)
             if db.execute_sql(f"SELECT 1 FROM image WHERE id = {p}", [image_id]).fetchone() is None:
                 raise NotFound(f"there is no image {image_id}; it was deleted")
+            self._count_changes(self._names_of([image_id]).get(image_id, ()), {d.label.lower() for d in found})
             db.execute_sql(f"DELETE FROM detection WHERE image_id = {p}", [image_id])
             if found:
                 db.cursor().executemany(
@@ -732,6 +792,60 @@ class Store:
         """The newest image's id (0 when there is none)."""
         with self._errors():
             return self._db.execute_sql("SELECT COALESCE(MAX(id), 0) FROM image").fetchone()[0]
+
+    # -- the counts behind GET /objects and match=all -------------------------------------------------------
+
+    def _count_changes(self, old_names: Iterable[str], new_names: Iterable[str]) -> None:
+        """Change object_count and object_pair for one image whose names go from `old_names` to `new_names`
+        (an add: () to its names; a delete: its names to (); a re-detection: before to after). Call it inside
+        the write transaction that changes the detections, so the counts never disagree with them."""
+        self._count_images(added=[set(new_names)], removed=[set(old_names)])
+
+    def _count_images(self, added: Iterable[Collection[str]] = (), removed: Iterable[Collection[str]] = ()) -> None:
+        """object_count and object_pair for many images at once: `added` and `removed` hold each image's names."""
+        sets: Counter[tuple[str, ...]] = Counter()  # images holding the same names, counted once (bulk loads)
+        for sign, images in ((1, added), (-1, removed)):
+            for held in images:
+                sets[tuple(sorted(set(held)))] += sign
+        names: Counter[str] = Counter()
+        pairs: Counter[tuple[str, str]] = Counter()
+        for held, k in sets.items():
+            for name in held:
+                names[name] += k
+            for pair in itertools.combinations(held, 2):
+                pairs[pair] += k
+        # In name order, so two writers change the rows in one order (row locks, on a database that has them).
+        by_name = sorted((n, k) for n, k in names.items() if k)
+        by_pair = sorted((a, b, k) for (a, b), k in pairs.items() if k)
+        cursor, p = self._db.cursor(), self._db.param
+        if by_name:
+            cursor.executemany(
+                f"INSERT INTO object_count (name, images) VALUES ({p}, {p}) "
+                "ON CONFLICT (name) DO UPDATE SET images = object_count.images + excluded.images",
+                by_name,
+            )
+        if by_pair:
+            cursor.executemany(
+                f"INSERT INTO object_pair (a, b, images) VALUES ({p}, {p}, {p}) "
+                "ON CONFLICT (a, b) DO UPDATE SET images = object_pair.images + excluded.images",
+                by_pair,
+            )
+        fewer = [(n,) for n, k in by_name if k < 0]
+        if fewer:  # a name no image holds any more has no row, as in a GROUP BY
+            cursor.executemany(f"DELETE FROM object_count WHERE name = {p} AND images <= 0", fewer)
+        fewer = [(a, b) for a, b, k in by_pair if k < 0]
+        if fewer:
+            cursor.executemany(f"DELETE FROM object_pair WHERE a = {p} AND b = {p} AND images <= 0", fewer)
+
+    def _names_of(self, ids: Sequence[int]) -> dict[int, set[str]]:
+        """The names each of these images holds (images without detections are left out)."""
+        out: dict[int, set[str]] = {}
+        for i in range(0, len(ids), 500):
+            part = list(ids[i:i + 500])
+            sql = f"SELECT DISTINCT image_id, name FROM detection WHERE image_id IN ({','.join('?' * len(part))})"
+            for image_id, name in self._db.execute_sql(sql, part).fetchall():
+                out.setdefault(image_id, set()).add(name)
+        return out
 
     # -- reads -------------------------------------------------------------------------------------------
 
@@ -814,47 +928,96 @@ class Store:
     ) -> list[int]:
         """Ids of images holding a name of any/every group, newest first.
 
-        Each name is one walk down the (name, image, confidence) index from `before`, stopping after
-        `limit` images, so the cost depends on the page size and not on how many images hold the name.
+        The cost depends on the page size, not on how many images hold a name. object_count says which
+        names any image holds and which is rarest, object_pair which never occur together; each name left
+        is one walk down the (name, image) index from `before`, stopping after `limit` images. With
+        `min_confidence`, the detections of a name at or above it are counted up to a cap of
+        sqrt(limit x images holding the name): below the cap they are read through the (name, confidence)
+        index, all of them, and sorted; at the cap the walk by id finds a page in about as many steps when
+        they are spread over time. None at all ends that name at once.
         """
-        def holds(alias: str, names: Sequence[str]) -> tuple[str, list]:
-            cond = f"{alias}.name = ?" if len(names) == 1 else f"{alias}.name IN ({','.join('?' * len(names))})"
-            if min_confidence is None:
-                return cond, list(names)
-            return f"{cond} AND {alias}.confidence >= ?", [*names, min_confidence]
-
-        below, below_args = ("", []) if before is None else (" AND d.image_id < ?", [before])
-        also, also_args = "", []
+        counts = self._held({n for g in groups for n in g})
+        few: set[str] = set()  # names read by confidence
+        if min_confidence is not None:
+            for name in sorted(counts):
+                cap = max(limit, math.isqrt(limit * counts[name]))
+                at = self._count_at(name, min_confidence, cap)
+                if at < cap:
+                    few.add(name)
+                if not at:
+                    del counts[name]
         if match_all:
-            # Walk the rarest group; each candidate must hold a name of every other group (an index lookup
-            # each). A group nothing has ends the search at once instead of walking a common one to the end.
-            counts = {n: self._rough_count(n) for g in groups for n in g}
-            groups = sorted(groups, key=lambda g: sum(counts[n] for n in g))
-            walked = [n for n in groups[0] if counts[n]]
-            if not walked:
+            # Every group must be held, and by one image: a pair of groups no image holds together ends the
+            # search at once. Then walk the rarest group; each candidate must hold a name of every other
+            # group (an index lookup each).
+            if not all(any(n in counts for n in g) for g in groups) or (len(groups) > 1 and self._apart(groups, counts)):
                 return []
-            for group in groups[1:]:
-                cond, cond_args = holds("o", group)
-                also += f" AND EXISTS (SELECT 1 FROM detection o WHERE o.image_id = d.image_id AND {cond})"
-                also_args += cond_args
+            groups = sorted(groups, key=lambda g: sum(counts.get(n, 0) for n in g))
+            walked, others = [n for n in groups[0] if n in counts], groups[1:]
         else:
-            walked = sorted(set().union(*groups))
+            walked, others = sorted(n for n in set().union(*groups) if n in counts), []
+
+        also, also_args = "", []
+        for group in others:
+            cond = "o.name = ?" if len(group) == 1 else f"o.name IN ({','.join('?' * len(group))})"
+            also_args += group
+            if min_confidence is not None:
+                cond += " AND o.confidence >= ?"
+                also_args.append(min_confidence)
+            also += f" AND EXISTS (SELECT 1 FROM detection o WHERE o.image_id = d.image_id AND {cond})"
+        below, below_args = ("", []) if before is None else (" AND d.image_id < ?", [before])
         walks, params = [], []
         for name in walked:
-            cond, cond_args = holds("d", [name])
+            # A unary + keeps the planner off an index: off (name, confidence) for a walk by id, and off
+            # (name, image) for the few at min_confidence, which it would otherwise walk to satisfy the order.
+            order = "d.image_id"
+            if min_confidence is None:
+                cond, cond_args = "d.name = ?", [name]
+            elif name in few:  # all of them by confidence, then sorted by id
+                cond, cond_args, order = "d.name = ? AND d.confidence >= ?", [name, min_confidence], "+d.image_id"
+            else:  # many: walk by id
+                cond, cond_args = "d.name = ? AND +d.confidence >= ?", [name, min_confidence]
             walks.append(
                 f"SELECT * FROM (SELECT DISTINCT d.image_id FROM detection d WHERE {cond}{below}{also} "
-                "ORDER BY d.image_id DESC LIMIT ?)"
+                f"ORDER BY {order} DESC LIMIT ?)"
             )
             params += cond_args + below_args + also_args + [limit]
+        if not walks:
+            return []
         sql = f"SELECT image_id FROM ({' UNION '.join(walks)}) ORDER BY image_id DESC LIMIT ?"
         params.append(limit)
         return [row[0] for row in self._db.execute_sql(sql, params).fetchall()]
 
-    def _rough_count(self, name: str, cap: int = 5000) -> int:
-        """How many detections carry `name`, counted up to `cap` (an index walk of at most `cap` rows)."""
-        sql = "SELECT COUNT(*) FROM (SELECT 1 FROM detection WHERE name = ? LIMIT ?)"
-        return self._db.execute_sql(sql, [name, cap]).fetchone()[0]
+    def _held(self, names: Collection[str]) -> dict[str, int]:
+        """How many images hold each of `names` (object_count); names no image holds are left out."""
+        if not names:
+            return {}
+        names = sorted(names)
+        sql = f"SELECT name, images FROM object_count WHERE name IN ({','.join('?' * len(names))})"
+        return dict(self._db.execute_sql(sql, names).fetchall())
+
+    def _count_at(self, name: str, min_confidence: float, cap: int) -> int:
+        """Detections of `name` at or above `min_confidence`, counted up to `cap` (an index range of at most
+        `cap` rows; `before` is left out, which would make it a filter over the whole range)."""
+        sql = "SELECT COUNT(*) FROM (SELECT 1 FROM detection WHERE name = ? AND confidence >= ? LIMIT ?)"
+        return self._db.execute_sql(sql, [name, min_confidence, cap]).fetchone()[0]
+
+    def _apart(self, groups: list[tuple[str, ...]], counts: dict[str, int]) -> bool:
+        """Whether two of `groups` are never held by one image (object_pair), only names in `counts` counted."""
+        held = sorted({n for g in groups for n in g if n in counts})
+        marks = ",".join("?" * len(held))
+        together = {
+            (a, b) for a, b in self._db.execute_sql(
+                f"SELECT a, b FROM object_pair WHERE a IN ({marks}) AND b IN ({marks})", held + held
+            ).fetchall()
+        }
+        for g, h in itertools.combinations(groups, 2):
+            g, h = [n for n in g if n in counts], [n for n in h if n in counts]
+            if set(g) & set(h):
+                continue  # one name stands for both groups
+            if not any((min(a, b), max(a, b)) in together for a in g for b in h):
+                return True
+        return False
 
     # Hot reads use plain SQL and tuples: peewee's per-value conversion was most of a 100-image page.
     _IMAGE_COLUMNS = (
@@ -885,9 +1048,8 @@ class Store:
     def objects(self) -> list[tuple[str, int]]:
         """Every name found so far with the number of images holding it, most common first."""
         with self._errors():
-            rows = self._db.execute_sql(
-                "SELECT name, COUNT(DISTINCT image_id) AS n FROM detection GROUP BY name ORDER BY n DESC, name"
-            ).fetchall()
+            # The counts kept beside the detections (object_count): one row per name, whatever the images.
+            rows = self._db.execute_sql("SELECT name, images FROM object_count ORDER BY images DESC, name").fetchall()
         return [(name, n) for name, n in rows]
 
     def count(self) -> tuple[int, int]:

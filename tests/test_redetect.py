@@ -99,14 +99,14 @@ def make_v3(path: str, data: bytes) -> None:
     conn.close()
 
 
-def test_a_version_3_database_migrates_to_4(tmp_path, photo):
+def test_a_version_3_database_migrates_to_the_current_version(tmp_path, photo):
     path = str(tmp_path / "v3.db")
     data = photo("pets.jpg")
     make_v3(path, data)
     s = store.Store(path)
     try:
         with s.connection():
-            assert s.schema_version == store.SCHEMA_VERSION == 4
+            assert s.schema_version == store.SCHEMA_VERSION == 5
             detected, never = s.get(1), s.get(2)
             shown = server.image_json(detected)
             assert (shown["model"], shown["model_name"], shown["threshold"]) == ("0123456789abcdef", None, 0.45)
@@ -119,10 +119,10 @@ def test_a_version_3_database_migrates_to_4(tmp_path, photo):
             assert s.database.execute_sql("PRAGMA integrity_check").fetchone()[0] == "ok"
     finally:
         s.shutdown()
-    s = store.Store(path)  # reopening a version 4 file changes nothing
+    s = store.Store(path)  # reopening a migrated file changes nothing
     try:
         with s.connection():
-            assert s.schema_version == 4 and s.get(2).model_name == "ssd" and s.get(1).model == "0123456789abcdef"
+            assert s.schema_version == 5 and s.get(2).model_name == "ssd" and s.get(1).model == "0123456789abcdef"
     finally:
         s.shutdown()
 
