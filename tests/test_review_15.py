@@ -285,11 +285,6 @@ def test_two_redetects_at_once_leave_detections_that_match_the_threshold_and_lab
         assert service.client.get(f"/images/{mine['id']}").json["label"] == "Rex and Fido"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: imaging.sniff_format takes any file starting with the two bytes 'BM' for a BMP, so a text file "
-    "such as a CSV whose first column is BMI is tried, fails to decode and counts as a failure (exit 1) "
-    "instead of being skipped as not an image, as README promises for every other file"
-))
 def test_a_text_file_that_starts_with_bm_is_skipped_not_failed(tmp_path, photo):
     top = tmp_path / "photos"
     top.mkdir()
