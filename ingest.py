@@ -923,7 +923,11 @@ class Importer:
         self.budget = budget
         self.workers = max(1, workers)
         self._pending: dict[concurrent.futures.Future, _Candidate] = {}
-        self._seen: set[bytes] = set()  # dry run: the digests that would be added (nothing is stored)
+        # Dry run: the digests of the files that would be added (nothing is stored, so the library cannot
+        # tell), each put in once its check passed, as the real run stores a file only once it decoded. One
+        # entry per distinct new file, about 100 bytes each (a 32-byte bytes object and its slot): 100 MB at
+        # a million new files, the most a dry run holds; the real run holds none.
+        self._seen: set[bytes] = set()
         self.stopped: str | None = None
 
     def run(self, files: Iterable[str]) -> None:
@@ -986,8 +990,6 @@ class Importer:
             raise _Stop(str(e)) from e
         if held:
             return self._skip(path, "duplicates", "the library holds these bytes already")
-        if self.dry_run:
-            self._seen.add(digest.digest())
         return _Candidate(path, data, sha256)
 
     def _too_large(self) -> str:
@@ -1042,6 +1044,8 @@ class Importer:
                 log.error("failed %s: unexpected error", c.path, exc_info=e)
                 self.progress.update("failed")
             else:
+                if self.dry_run:  # the copies after it are duplicates; a copy of a failed file fails too
+                    self._seen.add(bytes.fromhex(c.sha256))
                 self.progress.update("added")
 
 

@@ -226,11 +226,6 @@ def test_redetect_on_a_database_that_does_not_exist_says_so_and_creates_nothing(
     assert str(db) in result.stderr
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: a dry run counts a second copy of a file that fails as a duplicate (Importer._examine puts every "
-    "candidate's digest in _seen before the worker finds it broken), while the real run tries the copy and "
-    "it fails too: the dry run promises 1 failure and 1 skip where the import gives 2 failures"
-))
 def test_a_dry_run_counts_what_the_import_then_does(tmp_path, photo):
     top = tmp_path / "photos"
     top.mkdir()
