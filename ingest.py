@@ -1274,6 +1274,12 @@ def _run_redetect(args: Any, parser: Any) -> int:
         print(f"redetect (dry run: nothing is written): {n} image(s) in {settings.db} would be detected again "
               f"({scope}) with {detector.model_name} ({fingerprint})", flush=True)
         return EXIT_OK
+    # store.Store would make a missing file a new empty library (a typo, or the default path from another
+    # folder): nothing to re-detect there, and a file left behind. (A dry run opens it read-only: 0 images.)
+    if not os.path.exists(settings.db):
+        print(f"ingest.py redetect: the database {settings.db} does not exist; give the server's database with "
+              f"--db (IMAGES_DB)", file=sys.stderr)
+        return EXIT_USAGE
     try:
         pipeline = open_library(settings)
     except (store.StoreError, OSError, sqlite3.Error) as e:

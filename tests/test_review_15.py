@@ -214,10 +214,6 @@ def test_odd_entries_in_a_folder_neither_hang_nor_break_the_import(tmp_path, pho
         assert c.execute("SELECT filename FROM image").fetchall() == [("pets.jpg",)]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: `ingest.py redetect` opens --db / IMAGES_DB with store.Store, which creates a missing file: a "
-    "mistyped path (or the default data/images.db from another folder) makes a new empty library and exits 0"
-))
 def test_redetect_on_a_database_that_does_not_exist_says_so_and_creates_nothing(tmp_path, model_path):
     db = tmp_path / "typo.db"
     result = child("redetect", "--db", str(db), "--model", model_path, timeout=60)
