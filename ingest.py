@@ -874,17 +874,41 @@ def _add_import_command(commands: Any) -> None:
     p.set_defaults(run=_run_import)
 
 
-def iter_files(paths: Iterable[str]) -> Iterator[str]:
+@dataclass(frozen=True)
+class Unwalked:
+    """What the walk meets and does not hand on as a file, with its outcome: a folder it cannot read
+    ("failed"), a link to a folder, which it does not follow ("skipped", under `reason`)."""
+
+    path: str
+    outcome: str
+    why: str
+    reason: str | None = None
+
+
+def iter_files(paths: Iterable[str]) -> Iterator[str | Unwalked]:
     """Every file under `paths` (files as given; folders walked recursively, in name order, without
-    following links to folders, so a link loop cannot trap the walk)."""
+    following links to folders, so a link loop cannot trap the walk), and an Unwalked for each folder
+    that cannot be read and each link to a folder, so that nothing is passed over unsaid."""
     for path in paths:
-        if os.path.isdir(path):
-            for folder, dirs, files in os.walk(path):
-                dirs.sort()
-                for name in sorted(files):
-                    yield os.path.join(folder, name)
-        else:
+        if not os.path.isdir(path):
             yield path
+            continue
+        errors: list[OSError] = []  # os.walk leaves out a folder it cannot list, after telling onerror
+        for folder, dirs, files in os.walk(path, onerror=errors.append):
+            yield from _unreadable(errors)
+            dirs.sort()
+            for name in [d for d in dirs if os.path.islink(os.path.join(folder, d))]:
+                dirs.remove(name)  # os.walk would not go in either; counted, not silently dropped
+                yield Unwalked(os.path.join(folder, name), "skipped", "a link to a folder: not followed", "links to folders")
+            for name in sorted(files):
+                yield os.path.join(folder, name)
+        yield from _unreadable(errors)
+
+
+def _unreadable(errors: list[OSError]) -> Iterator[Unwalked]:
+    while errors:
+        e = errors.pop(0)
+        yield Unwalked(str(e.filename), "failed", f"cannot read folder {e.filename}: {e.strerror or e}")
 
 
 class _Stop(Exception):
@@ -930,13 +954,16 @@ class Importer:
         self._seen: set[bytes] = set()
         self.stopped: str | None = None
 
-    def run(self, files: Iterable[str]) -> None:
+    def run(self, files: Iterable[str | Unwalked]) -> None:
         """Import `files`; KeyboardInterrupt propagates once the files under way are done (or abandoned)."""
         with concurrent.futures.ThreadPoolExecutor(self.workers, thread_name_prefix="import") as pool:
             try:
                 for path in files:
                     if self.stopped:
                         break
+                    if isinstance(path, Unwalked):
+                        self._passed(path)
+                        continue
                     found = self._examine(path)
                     if found is None:
                         continue
@@ -991,6 +1018,13 @@ class Importer:
         if held:
             return self._skip(path, "duplicates", "the library holds these bytes already")
         return _Candidate(path, data, sha256)
+
+    def _passed(self, entry: Unwalked) -> None:
+        if entry.outcome == "failed":
+            log.warning("%s", entry.why)
+        else:
+            log.debug("skipped %s: %s", entry.path, entry.why)
+        self.progress.update(entry.outcome, entry.reason)
 
     def _too_large(self) -> str:
         return f"the file is larger than {self.max_bytes:,} bytes (MAX_IMAGE_BYTES); raise MAX_IMAGE_BYTES to import it"
