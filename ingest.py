@@ -911,6 +911,21 @@ def _unreadable(errors: list[OSError]) -> Iterator[Unwalked]:
         yield Unwalked(str(e.filename), "failed", f"cannot read folder {e.filename}: {e.strerror or e}")
 
 
+def _not_there(path: str) -> str | None:
+    """Why `path`, given on the command line, cannot be imported (None: it can be looked at)."""
+    import errno
+
+    try:
+        os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "a loop of links"
+        if e.errno == errno.ENOENT:
+            return "no such file or folder"
+        return (e.strerror or str(e)).lower()
+    return None
+
+
 class _Stop(Exception):
     """The import cannot go on (the disk is full, the database unusable); the message says why."""
 
@@ -1084,9 +1099,13 @@ class Importer:
 
 
 def _run_import(args: Any, parser: Any) -> int:
-    missing = [p for p in args.paths if not os.path.exists(p)]
+    missing: dict[str, list[str]] = {}
+    for path in args.paths:
+        why = _not_there(path)
+        if why:
+            missing.setdefault(why, []).append(path)
     if missing:
-        parser.error(f"no such file or folder: {', '.join(missing)}")
+        parser.error("; ".join(f"{why}: {', '.join(paths)}" for why, paths in missing.items()))
     try:
         settings = library_settings(args)
     except settings_mod.SettingError as e:
