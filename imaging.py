@@ -254,9 +254,12 @@ _OUR_MAGIC = (
     (b"\x89PNG\r\n\x1a\n", "PNG"),
     (b"GIF87a", "GIF"),
     (b"GIF89a", "GIF"),
-    (b"BM", "BMP"),
 )
-SNIFF_BYTES = 16  # what sniff_format() and other_format() need of a file's start
+# "BM" alone is no proof (a CSV whose first column is BMI starts so): a BMP's DIB header follows its
+# 14-byte file header and starts with its own size, one of these (OS/2 1.x, BITMAPINFOHEADER, the V2/V3
+# extensions, OS/2 2.x, V4, V5), as Pillow's BmpImagePlugin reads them.
+_BMP_DIB_SIZES = frozenset((12, 40, 52, 56, 64, 108, 124))
+SNIFF_BYTES = 18  # what sniff_format() and other_format() need of a file's start (a BMP's DIB header size)
 
 
 def sniff_format(head: bytes) -> str | None:
@@ -268,6 +271,8 @@ def sniff_format(head: bytes) -> str | None:
     for magic, name in _OUR_MAGIC:
         if head.startswith(magic):
             return name
+    if head[:2] == b"BM" and len(head) >= 18 and int.from_bytes(head[14:18], "little") in _BMP_DIB_SIZES:
+        return "BMP"
     return None
 
 

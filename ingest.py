@@ -878,17 +878,56 @@ def _add_import_command(commands: Any) -> None:
     p.set_defaults(run=_run_import)
 
 
-def iter_files(paths: Iterable[str]) -> Iterator[str]:
+@dataclass(frozen=True)
+class Unwalked:
+    """What the walk meets and does not hand on as a file, with its outcome: a folder it cannot read
+    ("failed"), a link to a folder, which it does not follow ("skipped", under `reason`)."""
+
+    path: str
+    outcome: str
+    why: str
+    reason: str | None = None
+
+
+def iter_files(paths: Iterable[str]) -> Iterator[str | Unwalked]:
     """Every file under `paths` (files as given; folders walked recursively, in name order, without
-    following links to folders, so a link loop cannot trap the walk)."""
+    following links to folders, so a link loop cannot trap the walk), and an Unwalked for each folder
+    that cannot be read and each link to a folder, so that nothing is passed over unsaid."""
     for path in paths:
-        if os.path.isdir(path):
-            for folder, dirs, files in os.walk(path):
-                dirs.sort()
-                for name in sorted(files):
-                    yield os.path.join(folder, name)
-        else:
+        if not os.path.isdir(path):
             yield path
+            continue
+        errors: list[OSError] = []  # os.walk leaves out a folder it cannot list, after telling onerror
+        for folder, dirs, files in os.walk(path, onerror=errors.append):
+            yield from _unreadable(errors)
+            dirs.sort()
+            for name in [d for d in dirs if os.path.islink(os.path.join(folder, d))]:
+                dirs.remove(name)  # os.walk would not go in either; counted, not silently dropped
+                yield Unwalked(os.path.join(folder, name), "skipped", "a link to a folder: not followed", "links to folders")
+            for name in sorted(files):
+                yield os.path.join(folder, name)
+        yield from _unreadable(errors)
+
+
+def _unreadable(errors: list[OSError]) -> Iterator[Unwalked]:
+    while errors:
+        e = errors.pop(0)
+        yield Unwalked(str(e.filename), "failed", f"cannot read folder {e.filename}: {e.strerror or e}")
+
+
+def _not_there(path: str) -> str | None:
+    """Why `path`, given on the command line, cannot be imported (None: it can be looked at)."""
+    import errno
+
+    try:
+        os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "a loop of links"
+        if e.errno == errno.ENOENT:
+            return "no such file or folder"
+        return (e.strerror or str(e)).lower()
+    return None
 
 
 class _Stop(Exception):
@@ -927,16 +966,23 @@ class Importer:
         self.budget = budget
         self.workers = max(1, workers)
         self._pending: dict[concurrent.futures.Future, _Candidate] = {}
-        self._seen: set[bytes] = set()  # dry run: the digests that would be added (nothing is stored)
+        # Dry run: the digests of the files that would be added (nothing is stored, so the library cannot
+        # tell), each put in once its check passed, as the real run stores a file only once it decoded. One
+        # entry per distinct new file, about 100 bytes each (a 32-byte bytes object and its slot): 100 MB at
+        # a million new files, the most a dry run holds; the real run holds none.
+        self._seen: set[bytes] = set()
         self.stopped: str | None = None
 
-    def run(self, files: Iterable[str]) -> None:
+    def run(self, files: Iterable[str | Unwalked]) -> None:
         """Import `files`; KeyboardInterrupt propagates once the files under way are done (or abandoned)."""
         with concurrent.futures.ThreadPoolExecutor(self.workers, thread_name_prefix="import") as pool:
             try:
                 for path in files:
                     if self.stopped:
                         break
+                    if isinstance(path, Unwalked):
+                        self._passed(path)
+                        continue
                     found = self._examine(path)
                     if found is None:
                         continue
@@ -990,9 +1036,14 @@ class Importer:
             raise _Stop(str(e)) from e
         if held:
             return self._skip(path, "duplicates", "the library holds these bytes already")
-        if self.dry_run:
-            self._seen.add(digest.digest())
         return _Candidate(path, data, sha256)
+
+    def _passed(self, entry: Unwalked) -> None:
+        if entry.outcome == "failed":
+            log.warning("%s", entry.why)
+        else:
+            log.debug("skipped %s: %s", entry.path, entry.why)
+        self.progress.update(entry.outcome, entry.reason)
 
     def _too_large(self) -> str:
         return f"the file is larger than {self.max_bytes:,} bytes (MAX_IMAGE_BYTES); raise MAX_IMAGE_BYTES to import it"
@@ -1046,13 +1097,19 @@ class Importer:
                 log.error("failed %s: unexpected error", c.path, exc_info=e)
                 self.progress.update("failed")
             else:
+                if self.dry_run:  # the copies after it are duplicates; a copy of a failed file fails too
+                    self._seen.add(bytes.fromhex(c.sha256))
                 self.progress.update("added")
 
 
 def _run_import(args: Any, parser: Any) -> int:
-    missing = [p for p in args.paths if not os.path.exists(p)]
+    missing: dict[str, list[str]] = {}
+    for path in args.paths:
+        why = _not_there(path)
+        if why:
+            missing.setdefault(why, []).append(path)
     if missing:
-        parser.error(f"no such file or folder: {', '.join(missing)}")
+        parser.error("; ".join(f"{why}: {', '.join(paths)}" for why, paths in missing.items()))
     try:
         settings = library_settings(args)
     except settings_mod.SettingError as e:
@@ -1274,6 +1331,12 @@ def _run_redetect(args: Any, parser: Any) -> int:
         print(f"redetect (dry run: nothing is written): {n} image(s) in {settings.db} would be detected again "
               f"({scope}) with {detector.model_name} ({fingerprint})", flush=True)
         return EXIT_OK
+    # store.Store would make a missing file a new empty library (a typo, or the default path from another
+    # folder): nothing to re-detect there, and a file left behind. (A dry run opens it read-only: 0 images.)
+    if not os.path.exists(settings.db):
+        print(f"ingest.py redetect: the database {settings.db} does not exist; give the server's database with "
+              f"--db (IMAGES_DB)", file=sys.stderr)
+        return EXIT_USAGE
     try:
         pipeline = open_library(settings)
     except (store.StoreError, OSError, sqlite3.Error) as e:

@@ -199,6 +199,17 @@ def test_usage_errors_exit_2(tmp_path, capsys):
     assert e.value.code == 2
 
 
+def test_a_loop_of_links_given_as_a_path_is_called_one(tmp_path, capsys):
+    os.symlink("b.jpg", tmp_path / "a.jpg")
+    os.symlink("a.jpg", tmp_path / "b.jpg")
+    with pytest.raises(SystemExit) as e:
+        ingest.main(["import", str(tmp_path / "a.jpg"), str(tmp_path / "nowhere"), "--db", str(tmp_path / "images.db")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    assert f"a loop of links: {tmp_path / 'a.jpg'}; no such file or folder: {tmp_path / 'nowhere'}" in err, err
+    assert not (tmp_path / "images.db").exists()
+
+
 def test_the_limits_of_post_images_apply(tmp_path, images_dir, model_path, monkeypatch, capsys, caplog):
     db = str(tmp_path / "images.db")
     big, small = os.path.join(images_dir, "kite_and_cold.jpg"), os.path.join(images_dir, "table.jpg")
