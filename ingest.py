@@ -40,6 +40,7 @@ import store
 log = logging.getLogger(__name__)
 
 LABEL_MAX = 200
+STAGE_BYTES = 1 << 20  # from this size an image's bytes are written while the model runs (Ingest._staged)
 FILENAME_MAX = 255  # characters of a stored file name (most file systems' limit for one name)
 
 
@@ -353,6 +354,48 @@ def _entered(gate: Gate | None, advice: str = "") -> contextlib.AbstractContextM
     return contextlib.nullcontext() if gate is None else gate.enter(advice)
 
 
+class _Staging:
+    """The bytes of a large image (STAGE_BYTES or more) written by a thread of their own while the model
+    runs (Store.stage_blob: a commit with fsync, 10-30 ms for a 3 MB photo on an SSD, far more on an SD
+    card), so that the image's own transaction afterwards is small. `start()` starts the write, `finish()`
+    waits for it and raises what refused it (the disk floor); when the `with` block raises, the staged
+    bytes are taken back (Store.unstage_blob), so nothing is stored when a request fails."""
+
+    def __init__(self, images: store.Store, data: bytes, sha256: str):
+        self.images, self.data, self.sha256 = images, data, sha256
+        self._writer: threading.Thread | None = None
+        self._outcome: list[bool | store.StoreError] = []
+
+    def start(self) -> None:
+        if len(self.data) >= STAGE_BYTES and self._writer is None:
+            self._writer = threading.Thread(target=self._stage, name="stage-bytes", daemon=True)
+            self._writer.start()
+
+    def _stage(self) -> None:
+        try:
+            with self.images.connection():
+                self._outcome.append(self.images.stage_blob(self.sha256, self.data))
+        except store.StoreError as e:
+            self._outcome.append(e)
+
+    def finish(self) -> None:
+        if self._writer is not None:
+            self._writer.join()
+            if self._outcome and isinstance(self._outcome[0], store.StoreError):
+                raise self._outcome[0]
+
+    def __enter__(self) -> _Staging:
+        return self
+
+    def __exit__(self, kind, error, tb) -> None:
+        if kind is None or self._writer is None:
+            return
+        self._writer.join()
+        if self._outcome and self._outcome[0] is True:
+            with contextlib.suppress(store.StoreError):
+                self.images.unstage_blob(self.sha256)
+
+
 class Ingest:
     """Adds images to a store: the same checks, limits and errors for every way in."""
 
@@ -394,13 +437,15 @@ class Ingest:
         sha256 = hashlib.sha256(data).hexdigest()
         found: tuple[store.Found, ...] = ()
         detected_with = None
-        with self.images.connection():
+        with self.images.connection(), _Staging(self.images, data, sha256) as staging:
             if sub.detect:
                 detected_with = self.detector.fingerprint()
                 cached = self.images.cached_detections(sha256, detected_with)
                 if cached is None:
                     with _entered(self.detections, DETECT_ADVICE):
+                        staging.start()  # a large image's bytes are written while the model runs
                         result = self.detector.detect(data, budget=self.budget)
+                    staging.finish()
                     decoded, found, detected_with = result.decoded, found_from(result.detections), result.fingerprint
                 else:
                     decoded, found = imaging.inspect(data, self.max_pixels, self.budget), cached

@@ -226,6 +226,13 @@ def _tables(database: pw.Database, id_field: Callable[[], pw.Field]) -> SimpleNa
 
         image = pw.ForeignKeyField(Image, primary_key=True, on_delete="CASCADE")
 
+    class StagedBlob(_Base):
+        """Bytes written ahead of their image (Store.stage_blob: while the model runs), until the image's own
+        transaction takes them. A table of its own (created where it is missing); what a crash left here
+        is deleted at the next start unless an image holds it."""
+
+        sha256 = pw.FixedCharField(64, primary_key=True)
+
     class ObjectCount(_Base):
         """How many images hold each name (schema version 5): GET /objects reads it instead of counting every
         detection, and a search walks its rarest name first. Changed in the transaction that changes the
@@ -247,8 +254,8 @@ def _tables(database: pw.Database, id_field: Callable[[], pw.Field]) -> SimpleNa
 
     return SimpleNamespace(
         Setting=Setting, Blob=Blob, Image=Image, Detection=Detection, Thumbnail=Thumbnail, VisionFrame=VisionFrame,
-        ObjectCount=ObjectCount, ObjectPair=ObjectPair,
-        all=(Setting, Blob, Image, Detection, Thumbnail, VisionFrame, ObjectCount, ObjectPair),
+        ObjectCount=ObjectCount, ObjectPair=ObjectPair, StagedBlob=StagedBlob,
+        all=(Setting, Blob, Image, Detection, Thumbnail, VisionFrame, ObjectCount, ObjectPair, StagedBlob),
     )
 
 
@@ -566,6 +573,12 @@ class Store:
         with self.backend.write():
             self._db.create_tables(self._t.all, safe=True)
             self._t.Setting.insert(key="schema_version", value=str(SCHEMA_VERSION)).on_conflict_replace().execute()
+            # Bytes staged by a process that stopped before their image was added (a crash, a kill -9). A
+            # process still running may have staged some of them: its add() writes them again.
+            left = [row.sha256 for row in self._t.StagedBlob.select().limit(10_000)]
+            dropped = self._drop_staged(left) if left else 0
+            if dropped:
+                log.info("deleted the bytes of %d image(s) whose upload did not finish", dropped)
 
     def _version(self) -> int | None:
         if not self._db.table_exists("setting"):
@@ -608,7 +621,10 @@ class Store:
         t = self._t
         created_ms = int(self.now() * 1000) if new.created_ms is None else new.created_ms
         with self._errors(), self.backend.write():
-            self._check_space(len(new.data))
+            staged = t.StagedBlob.delete().where(t.StagedBlob.sha256 == new.sha256).execute()
+            self._check_space(0 if staged else len(new.data))
+            # Ignored when they are stored already (by another image, or staged ahead: only the small rows
+            # below are written then); written again when a delete took staged bytes meanwhile.
             t.Blob.insert(sha256=new.sha256, data=new.data).on_conflict_ignore().execute()
             image = t.Image.create(
                 sha256=new.sha256,
@@ -633,6 +649,38 @@ class Store:
             len(new.data), new.width, new.height, new.source_url, created_ms, tuple(new.detections), new.filename,
             new.detected_with, new.model_name if new.detected_with is not None else None,
         )
+
+    def stage_blob(self, sha256: str, data: bytes) -> bool:
+        """Write an image's bytes ahead of the image (Ingest.add writes them while the model runs, so the
+        image's own transaction is small), in a transaction of their own. True when this call wrote them
+        (then `unstage_blob` takes them back if the image is not added after all); False when they were
+        stored already. LowDisk below the disk floor, as add() would be."""
+        t = self._t
+        with self._errors(), self.backend.write():
+            if t.Blob.select().where(t.Blob.sha256 == sha256).exists():
+                return False
+            self._check_space(len(data))
+            t.Blob.insert(sha256=sha256, data=data).execute()
+            t.StagedBlob.insert(sha256=sha256).on_conflict_ignore().execute()
+        return True
+
+    def unstage_blob(self, sha256: str) -> None:
+        """Take back bytes stage_blob wrote for an image that was not added (its request failed): deleted
+        unless an image holds them by now."""
+        with self._errors(), self.backend.write():
+            self._drop_staged([sha256])
+
+    def _drop_staged(self, shas: Sequence[str]) -> int:
+        t = self._t
+        staged = [row.sha256 for row in t.StagedBlob.select().where(t.StagedBlob.sha256.in_(list(shas)))]
+        if not staged:
+            return 0
+        t.StagedBlob.delete().where(t.StagedBlob.sha256.in_(staged)).execute()
+        held = {row.sha256 for row in t.Image.select(t.Image.sha256).where(t.Image.sha256.in_(staged))}
+        orphans = [sha for sha in staged if sha not in held]
+        if orphans:
+            t.Blob.delete().where(t.Blob.sha256.in_(orphans)).execute()
+        return len(orphans)
 
     def add_frame(self, new: NewImage, keep: int) -> ImageRecord:
         """add() an image as a vision frame (VISION_STORE): in the same transaction, vision frames beyond the

@@ -604,3 +604,87 @@ def test_the_415_names_every_accepted_type(service):
     res = service.client.post("/images", b"x", content_type="text/plain", status=415)
     detail = assert_problem(res, 415)
     assert "application/json" in detail and "multipart/form-data" in detail and "x-www-form-urlencoded" in detail
+
+
+# --------------------------------------------------------------------------------------------------------
+# A large image's bytes are written while the model runs (ingest._Staging, Store.stage_blob)
+# --------------------------------------------------------------------------------------------------------
+
+
+def noise_jpeg(seed: int = 3, size=(1800, 1350)) -> bytes:
+    """A camera-sized JPEG (noise at quality 95: past ingest.STAGE_BYTES)."""
+    import numpy as np
+
+    pixels = np.random.default_rng(seed).integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "JPEG", quality=95)
+    data = buf.getvalue()
+    assert len(data) >= ingest.STAGE_BYTES
+    return data
+
+
+def staged_rows(service) -> int:
+    with service.store.connection():
+        return service.store.database.execute_sql("SELECT COUNT(*) FROM staged_blob").fetchone()[0]
+
+
+def test_a_large_upload_is_stored_whole_and_leaves_nothing_staged(service):
+    data = noise_jpeg()
+    img = post_json(service, {"image": b64(data), "detect": True}).json
+    assert service.client.get(img["file_url"]).body == data
+    assert service.counts() == (1, 1) and staged_rows(service) == 0
+
+
+def test_a_large_upload_that_fails_in_detection_stores_nothing(service):
+    broken = noise_jpeg()[: ingest.STAGE_BYTES + 1000]  # a JPEG cut off: it fails while the model's input is made
+    assert_problem(post_json(service, {"image": b64(broken), "detect": True}, status=422), 422)
+    assert service.counts() == (0, 0) and staged_rows(service) == 0
+
+
+def test_a_large_upload_refused_by_the_disk_floor_while_staging_stores_nothing(make_service):
+    service = make_service(min_free_disk_mb=2**40)
+    assert_problem(post_json(service, {"image": b64(noise_jpeg()), "detect": True}, status=507), 507)
+    assert service.counts() == (0, 0) and staged_rows(service) == 0
+
+
+def test_bytes_staged_for_another_image_are_shared_not_written_twice(service):
+    data = noise_jpeg()
+    first = post_json(service, {"image": b64(data), "detect": True}).json
+    with service.store.connection():
+        assert service.store.stage_blob(first["sha256"], data) is False  # stored already: nothing written
+    second = post_json(service, {"image": b64(data), "detect": True, "label": "again"}).json
+    assert service.counts() == (2, 1) and second["sha256"] == first["sha256"]
+
+
+def test_bytes_a_delete_took_meanwhile_are_written_again_by_the_add(service):
+    """Staged bytes belong to no image until the add: a delete of another image with the same bytes may
+    take them in between; the add writes them again, so the new image is never without its bytes."""
+    data = noise_jpeg()
+    sha = hashlib.sha256(data).hexdigest()
+    s = service.store
+    with s.connection():
+        assert s.stage_blob(sha, data) is True
+        s.database.execute_sql("DELETE FROM blob WHERE sha256 = ?", [sha])  # what that delete does
+        rec = s.add(store.NewImage(data, sha, "image/jpeg", 1800, 1350, "x", False, False))
+        assert s.file(rec.id)[0] == data
+    assert staged_rows(service) == 0
+
+
+def test_bytes_staged_by_a_process_that_stopped_are_deleted_at_the_next_start(tmp_path):
+    path = str(tmp_path / "images.db")
+    data, kept = noise_jpeg(1), noise_jpeg(2)
+    s = store.Store(path)
+    try:
+        with s.connection():
+            s.stage_blob(hashlib.sha256(data).hexdigest(), data)  # then the process is killed
+            s.stage_blob(hashlib.sha256(kept).hexdigest(), kept)
+            s.add(store.NewImage(kept, hashlib.sha256(kept).hexdigest(), "image/jpeg", 1800, 1350, "k", False, False))
+    finally:
+        s.shutdown()
+    again = store.Store(path)
+    try:
+        with again.connection():
+            assert again.count() == (1, 1)  # the unfinished upload's bytes are gone, the image's stay
+            assert again.database.execute_sql("SELECT COUNT(*) FROM staged_blob").fetchone()[0] == 0
+    finally:
+        again.shutdown()
