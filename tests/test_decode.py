@@ -351,8 +351,19 @@ def test_an_exif_thumbnail_is_not_a_second_scan():
     exif = b"Exif\x00\x00" + thumb  # not a valid TIFF block, but a JPEG with an SOS inside APP1
     data = encoded(Image.new("RGB", (640, 480), "blue"), "JPEG")
     with_app1 = data[:2] + b"\xff\xe1" + struct.pack(">H", len(exif) + 2) + exif + data[2:]
-    assert not imaging._later_scan(with_app1)
-    assert imaging._later_scan(encoded(Image.new("RGB", (640, 480), "blue"), "JPEG", progressive=True))
+    assert not imaging._multiple_scans(with_app1)
+    assert not imaging._multiple_scans(data + b"\xff\xda\x00\x08\x01\x01\x00\x00\x3f\x00")  # after its end
+    assert not imaging._multiple_scans(encoded(Image.new("L", (640, 480), 90), "JPEG"))  # one component, one scan
+
+
+def test_a_first_scan_of_fewer_components_than_the_frame_is_multi_scan():
+    """libjpeg's rule for a sequential JPEG: non-interleaved (the first scan codes one of three
+    components) keeps every coefficient, as a progressive one does."""
+    data = encoded(Image.new("RGB", (640, 480), "blue"), "JPEG")
+    sos = data.index(b"\xff\xda")
+    assert data[sos + 4] == 3  # interleaved: all three components in the one scan
+    non_interleaved = data[:sos + 4] + b"\x01" + data[sos + 5:]
+    assert imaging._multiple_scans(non_interleaved) and not imaging._multiple_scans(data)
 
 
 # --------------------------------------------------------------------------------------------------------
