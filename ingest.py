@@ -13,6 +13,7 @@ and store), which server.py maps to HTTP statuses.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import contextlib
 import hashlib
@@ -522,6 +523,9 @@ def _lower_priority() -> None:
         pass
 
 
+UNMAKEABLE_KEPT = 4096  # keys of thumbnails that cannot be made, not tried again ahead (about 0.5 MB)
+
+
 class Thumbnails:
     """The thumbnails of stored images: a kept one read, a missing one made (inside the decode budget),
     and the grid's thumbnails of a listed page made ahead, in the background.
@@ -559,6 +563,7 @@ class Thumbnails:
         self.wait = wait  # the longest a request waits for one being made ahead; then it makes its own
         self._lock = threading.Lock()
         self._pending: dict[tuple[str, int, str], concurrent.futures.Future] = {}
+        self._unmakeable: collections.OrderedDict[tuple[str, int, str], None] = collections.OrderedDict()
         self._pool = None
         if read_ahead > 0:
             self._pool = concurrent.futures.ThreadPoolExecutor(
@@ -604,7 +609,7 @@ class Thumbnails:
         for rec in list(records)[: self.read_ahead_count]:
             key = (rec.sha256, min(self.size, max(rec.width, rec.height)), self.fmt)
             with self._lock:
-                if key in self._pending or len(self._pending) >= 2 * self.read_ahead_count:
+                if key in self._pending or key in self._unmakeable or len(self._pending) >= 2 * self.read_ahead_count:
                     continue
                 try:
                     ahead = self._pool.submit(self._ahead, rec.id, key)
@@ -632,8 +637,8 @@ class Thumbnails:
         sha256, size, fmt = key
         try:
             with self.images.connection():
-                if self.images.thumbnail(sha256, size, fmt) is not None:
-                    return None  # kept meanwhile (another process, or a request)
+                if self.images.has_thumbnail(sha256, size, fmt):
+                    return None  # kept already (by a request, another process, an earlier listing)
                 data = self.images.file(image_id)[0]
             made = self.make(data, size, fmt, self.max_pixels, self.budget, background=True)
             thumb = store.Thumbnail(made.data, made.width, made.height)
@@ -646,7 +651,13 @@ class Thumbnails:
             return thumb, kept
         except (imaging.ImageError, store.StoreError) as e:
             # Deleted meanwhile, the decode budget full, a picture that cannot be made: a request makes it
-            # (or says why) when it is asked for.
+            # (or says why) when it is asked for. One that can never be made is not tried again ahead of
+            # every listing that shows it (remembered for the newest UNMAKEABLE_KEPT such keys).
+            if isinstance(e, imaging.ImageError) and not isinstance(e, imaging.DecodeBusy):
+                with self._lock:
+                    self._unmakeable[key] = None
+                    while len(self._unmakeable) > UNMAKEABLE_KEPT:
+                        self._unmakeable.popitem(last=False)
             log.debug("thumbnail of image %d not made ahead: %s", image_id, e)
             return None
 

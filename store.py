@@ -1123,6 +1123,13 @@ class Store:
             ).fetchone()
         return None if row is None else Thumbnail(bytes(row[0]), row[1], row[2])
 
+    def has_thumbnail(self, sha256: str, size: int, fmt: str) -> bool:
+        """Whether that thumbnail is kept (without reading its bytes)."""
+        with self._errors():
+            return self._db.execute_sql(
+                "SELECT 1 FROM thumbnail WHERE sha256 = ? AND size = ? AND format = ?", [sha256, size, fmt]
+            ).fetchone() is not None
+
     def keep_thumbnail(self, sha256: str, size: int, fmt: str, thumb: Thumbnail) -> bool:
         """Keep a thumbnail; False when its bytes are gone meanwhile (nothing kept). Two processes making
         the same one at once both succeed: the second insert is ignored. LowDisk below the disk floor."""

@@ -480,6 +480,24 @@ def test_an_image_deleted_before_its_turn_is_skipped(service, photo):
     assert kept(service) == 0
 
 
+def test_a_picture_that_cannot_be_made_is_not_tried_again_ahead_of_every_listing(service, photo):
+    """Bytes stored straight through the store (bench/api.py's synthetic library) that are no picture:
+    the read-ahead tries once, remembers, and a later listing queues nothing for it."""
+    junk = b"not a picture at all"
+    service.store.add_many([store.NewImage(junk, hashlib.sha256(junk).hexdigest(), "image/jpeg", 640, 480, "junk", True, False)])
+    upload(service, photo("pets.jpg"))
+    making = Making()
+    ahead = ingest.Thumbnails(service.store, read_ahead=4, make=making)
+    try:
+        assert ahead.read_ahead(records(service)) == 2
+        wait_for(lambda: len(making.calls) == 2 and not ahead._pending)
+        assert ahead.read_ahead(records(service)) == 1  # the photo's is checked again (found kept), the junk's not
+        wait_for(lambda: not ahead._pending)
+    finally:
+        ahead.close()
+    assert len(making.calls) == 2 and kept(service) == 1
+
+
 def test_close_drops_what_is_queued_and_lets_the_one_under_way_finish(service, photo):
     for name in ("pets.jpg", "cat_1080p.jpg", "kite_and_cold.jpg"):
         upload(service, photo(name))
