@@ -57,6 +57,10 @@ try:  # SIMD base64: 0.6 ms instead of 21 for a 3.2 MB photo's 4.3 MB of text, t
     import pybase64 as base64
 except ImportError:  # a platform without its wheel or a compiler: the standard library's, slower
     import base64  # type: ignore[no-redef]
+try:  # JSON answers written 5-10x faster (_dumps); without it the standard library writes them
+    import orjson
+except ImportError:
+    orjson = None  # type: ignore[assignment]
 
 __version__ = "0.1.0"
 
@@ -873,9 +877,21 @@ def batch_detail(e: jobs_mod.InvalidBatch) -> str:
     return detail + "; fix or remove them and send the batch again (`errors` lists each)"
 
 
+def _dumps(value: Any) -> bytes | str:
+    """`value` as JSON text: orjson's (UTF-8 bytes; 3.4 of a 100-image page's 10 ms went to the standard
+    library's encoder, mostly writing floats), else the standard library's (orjson missing, or a value it
+    does not take, such as an integer past 64 bits)."""
+    if orjson is not None:
+        try:
+            return orjson.dumps(value)
+        except TypeError:
+            pass
+    return json.dumps(value)
+
+
 def _json(value: Any, status: int = 200, headers: dict[str, str] | None = None) -> bottle.HTTPResponse:
     """Any JSON value (Bottle only serialises dicts by itself)."""
-    res = bottle.HTTPResponse(json.dumps(value), status=status, headers=headers)
+    res = bottle.HTTPResponse(_dumps(value), status=status, headers=headers)
     res.content_type = "application/json"
     return res
 

@@ -76,6 +76,14 @@ def test_base64_is_the_simd_one_when_installed():
     assert server.base64.__name__ == "pybase64"
 
 
+def test_answers_are_written_by_orjson_when_installed_and_by_the_standard_library_past_it():
+    import server
+
+    pytest.importorskip("orjson")
+    assert server.orjson is not None and isinstance(server._dumps({"a": [1, 0.5, "é"]}), bytes)
+    assert server._dumps({"big": 2**70}) == '{"big": 1180591620717411303424}'  # past 64 bits: json writes it
+
+
 def test_detection_is_off_by_default_and_the_label_falls_back(service, photo):
     data = photo("pets.jpg")
     img = post_json(service, {"image": b64(data)}).json
