@@ -169,14 +169,17 @@ class DecodeBudget:
                 if self._waiting or self._used + n > self.limit // 2:
                     raise DecodeBusy(f"{what} waits for a quieter moment (DECODE_MEMORY_MB is in use)", 1)
                 self._used += n
-            try:
-                yield
-            finally:
-                with self._cond:
-                    self._used -= n
-                    self._cond.notify_all()
-            return
-        wait_s = self.wait_s if wait_s is None else wait_s
+        else:
+            self._wait_for_room(n, self.wait_s if wait_s is None else wait_s, what)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._used -= n
+                self._cond.notify_all()
+
+    def _wait_for_room(self, n: int, wait_s: float, what: str) -> None:
+        """Take `n` bytes once they fit and no smaller reservation waits ahead; DecodeBusy after `wait_s`."""
         with self._cond:
             me = (n, next(self._arrivals))
             heapq.heappush(self._waiting, me)
@@ -195,12 +198,6 @@ class DecodeBudget:
                 self._waiting.remove(me)
                 heapq.heapify(self._waiting)
                 self._cond.notify_all()  # the next in line may be served now
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._used -= n
-                self._cond.notify_all()
 
 
 def free_large_blocks_promptly(threshold: int = 8 * MB) -> bool:

@@ -239,7 +239,9 @@ def test_a_full_detection_queue_is_503_with_retry_after(make_service, photo):
         hold.__enter__()
     try:
         res = service.client.post(f"/images/{img['id']}/detect", status=503)
-        assert "DETECT_QUEUE" in assert_problem(res, 503) and int(res.headers["Retry-After"]) >= 1
+        detail = assert_problem(res, 503)
+        assert "DETECT_QUEUE" in detail and int(res.headers["Retry-After"]) >= 1
+        assert "detect=false" not in detail, detail  # POST /images's advice: there is no image to send here
     finally:
         for hold in holds:
             hold.__exit__(None, None, None)

@@ -277,29 +277,6 @@ def test_the_document_takes_every_detect_body_the_server_takes(service, photo):
     jsonschema.validate({"threshold": None}, schema)
 
 
-def test_a_full_queue_refusal_of_a_redetect_gives_advice_that_fits_it(make_service, photo):
-    from helpers import assert_problem
-
-    service = make_service(admission_wait_ms=0)
-    img = add(service, photo("pets.jpg"))
-    gate = service.parts.ingest.detections
-    holds = [gate.enter() for _ in range(gate.places)]
-    for hold in holds:
-        hold.__enter__()
-    try:
-        detail = assert_problem(service.client.post(f"/images/{img['id']}/detect", status=503), 503)
-    finally:
-        for hold in holds:
-            hold.__exit__(None, None, None)
-    assert "DETECT_QUEUE" in detail
-    assert "detect=false" not in detail, detail
-
-
-# --------------------------------------------------------------------------------------------------------
-# The thumbnails made ahead (d293bc5)
-# --------------------------------------------------------------------------------------------------------
-
-
 def _pngs(n: int, size=(2400, 1800)) -> list[bytes]:
     """`n` distinct PNGs (no JPEG draft mode, so each decode reserves its full size; smooth, so the files are
     small), encoded once and told apart by a tEXt chunk each."""
