@@ -18,6 +18,7 @@ import sys
 import threading
 
 import pytest
+from test_redetect import add
 
 import detect
 import ingest
@@ -27,13 +28,6 @@ from helpers import b64
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def add(service, data, *, detect_=False, label=None, filename=None) -> dict:
-    body = {"image": b64(data), "detect": detect_}
-    if label is not None:
-        body["label"] = label
-    if filename is not None:
-        body["filename"] = filename
-    return service.client.post_json("/images", body).json
 
 
 def child(*argv, timeout=120, wrap=()) -> subprocess.CompletedProcess:
