@@ -309,7 +309,9 @@ def open_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
 
 def _too_many(width: int | None, height: int | None, max_pixels: int) -> TooManyPixels:
     size = f"{width}x{height} ({width * height:,} pixels)" if width else "far larger than that"
-    return TooManyPixels(f"the image is {size}; the limit is {max_pixels:,} pixels. Scale it down and send it again.")
+    return TooManyPixels(
+        f"the image is {size}; the limit is {max_pixels:,} pixels (MAX_PIXELS). Scale it down, or raise MAX_PIXELS"
+    )
 
 
 def orientation_of(img: Image.Image) -> int:

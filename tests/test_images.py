@@ -266,7 +266,8 @@ def test_image_over_max_bytes_is_413(make_service):
 def test_too_many_pixels_is_413(service):
     buf = io.BytesIO()
     Image.new("1", (8000, 8000)).save(buf, "PNG")  # 64 MP, tiny file
-    assert_problem(post_json(service, {"image": b64(buf.getvalue())}, status=413), 413)
+    detail = assert_problem(post_json(service, {"image": b64(buf.getvalue())}, status=413), 413)
+    assert "8000x8000 (64,000,000 pixels)" in detail and "(MAX_PIXELS)" in detail  # the refusal names its setting
 
 
 def test_multipart_errors(service):
