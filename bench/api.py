@@ -50,9 +50,8 @@ from PIL import Image, JpegImagePlugin  # noqa: E402
 import detect  # noqa: E402
 import imgur  # noqa: E402
 import ingest  # noqa: E402
-import settings as settings_mod  # noqa: E402
 import store  # noqa: E402
-from serverproc import ServerProcess, testdata_paths  # noqa: E402  (bench/serverproc.py)
+from serverproc import ServerProcess, server_detector, testdata_paths  # noqa: E402  (bench/serverproc.py)
 
 
 def median_ms(values: list[float]) -> float:
@@ -413,12 +412,7 @@ def main() -> int:
     testdata, model = testdata_paths()
     with open(os.path.join(testdata, "images", "cat_1080p.jpg"), "rb") as f:
         cat = f.read()
-    resolved = settings_mod.load(environ=dict(os.environ))  # the server's defaults: DETECT_THREADS = cores
-    detector = detect.Detector(
-        model, threshold=resolved.detect_threshold, threads=resolved.detect_threads or None,
-        pool=resolved.detect_interpreters or None,
-    )
-    detector.load()
+    detector = server_detector(model)  # laid out as the server lays its own out
     cores = os.cpu_count() or 1
     started = time.perf_counter()
 

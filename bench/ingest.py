@@ -53,9 +53,8 @@ from PIL import Image  # noqa: E402
 
 import detect  # noqa: E402
 import imaging  # noqa: E402
-import settings as settings_mod  # noqa: E402
 import store  # noqa: E402
-from serverproc import rate, testdata_paths  # noqa: E402  (bench/serverproc.py)
+from serverproc import rate, server_detector, testdata_paths  # noqa: E402  (bench/serverproc.py)
 
 PHOTOS = (
     "pets.jpg", "cat_1080p.jpg", "cats_and_dogs.jpg", "coupleanddog.jpeg", "kite_and_cold.jpg",
@@ -307,12 +306,7 @@ def main() -> int:
     # SIGTERM (make, CI) unwinds like Ctrl-C, so the temp dir is removed.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     testdata, model = testdata_paths()
-    resolved = settings_mod.load(environ=dict(os.environ))  # the server's defaults, as the import reads them
-    detector = detect.Detector(
-        model, threshold=resolved.detect_threshold, threads=resolved.detect_threads or None,
-        pool=resolved.detect_interpreters or None,
-    )
-    detector.load()
+    detector = server_detector(model)  # laid out as the server lays its own out
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
         rows = []

@@ -32,6 +32,24 @@ def testdata_paths() -> tuple[str, str]:
     return testdata, os.path.abspath(os.environ.get("DETECT_MODEL") or os.path.join(testdata, "models", SSD))
 
 
+def server_detector(model: str):
+    """A loaded detect.Detector laid out as `python server.py` would lay it out here (DETECT_THRESHOLD,
+    DETECT_THREADS, DETECT_INTERPRETERS from the environment, else the defaults sized by the cores), for
+    the `detect()` a bench compares the server with."""
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)
+    import detect
+    import settings
+
+    resolved = settings.load(environ=dict(os.environ))
+    detector = detect.Detector(
+        model, threshold=resolved.detect_threshold, threads=resolved.detect_threads or None,
+        pool=resolved.detect_interpreters or None,
+    )
+    detector.load()
+    return detector
+
+
 class ServerProcess:
     """`python server.py --port 0 <args>` in `cwd` with `env` (None: this process's); one keep-alive connection.
 

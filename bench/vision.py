@@ -45,8 +45,7 @@ sys.path.insert(0, ROOT)
 from PIL import Image  # noqa: E402
 
 import detect  # noqa: E402
-import settings as settings_mod  # noqa: E402
-from serverproc import ServerProcess, rate, testdata_paths  # noqa: E402  (bench/serverproc.py)
+from serverproc import ServerProcess, rate, server_detector, testdata_paths  # noqa: E402  (bench/serverproc.py)
 
 ROUTE = "/v1/vision/detection"
 FRAME = "320x320 JPEG"
@@ -172,12 +171,7 @@ def main() -> int:
     with open(os.path.join(testdata, "images", CAT), "rb") as f:
         cat = f.read()
     images = {FRAME: frigate_frame(cat), CAT: cat}
-    resolved = settings_mod.load(environ=dict(os.environ))  # the server's defaults
-    detector = detect.Detector(
-        model, threshold=resolved.detect_threshold, threads=resolved.detect_threads or None,
-        pool=resolved.detect_interpreters or None,
-    )
-    detector.load()
+    detector = server_detector(model)  # laid out as the server lays its own out
     started = time.perf_counter()
 
     with tempfile.TemporaryDirectory(prefix="bench-vision-") as tmp:
