@@ -1180,8 +1180,487 @@ def _name_groups(objects: Sequence[str | Collection[str]]) -> list[tuple[str, ..
     return groups
 
 
+# -- python store.py copy: a whole library from one database to another ------------------------------------
+#
+# Resumable by construction: images go in id order, a batch (with the bytes its images need first, their
+# detections and vision frames) in one target transaction, so after an interruption the target's highest
+# image id says where to go on. Bytes and thumbnails are inserted with ON CONFLICT DO NOTHING (a batch
+# written twice changes nothing). Memory is bounded by the batches: at most `batch_rows` image rows, and
+# bytes read `batch_mb` at a time (plus one image, if a single one is larger).
+
+_COPY_FROM = "copy_from"  # setting written in the target before any data: the copy under way, from where
+_COPIED_FROM = "copied_from"  # written instead when the copy verified
+_NOT_COPIED = ("schema_version", _COPY_FROM, _COPIED_FROM)  # setting keys a copy leaves to the target
+
+
+class _CopyFailed(StoreError):
+    """A copy that cannot start (a target holding another library) or did not verify."""
+
+
+def _is_url(target: str) -> bool:
+    # TODO(merge): store.is_url from the lead's PostgresBackend commit
+    return bool(re.match(r"^[a-z][a-z0-9+.-]*://", target, re.I))
+
+
+def _redact(target: str) -> str:
+    # TODO(merge): store.redact from the lead's PostgresBackend commit
+    parts = urllib.parse.urlsplit(target)
+    if parts.password is None:
+        return target
+    host = parts.netloc.rpartition("@")[2]
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
+
+
+def _place(target: str) -> str:
+    """Where a library is, safe to print and the same however it is spelt: the absolute path of a SQLite file,
+    a URL without its password."""
+    return _redact(target) if _is_url(target) else os.path.abspath(target)
+
+
+def _id_high_water(backend: Any) -> int:
+    # TODO(merge): backend.id_high_water() from the lead's PostgresBackend commit
+    db = backend.database
+    seq = db.execute_sql("SELECT seq FROM sqlite_sequence WHERE name = 'image'").fetchone()
+    top = db.execute_sql("SELECT MAX(id) FROM image").fetchone()
+    return max(seq[0] if seq else 0, top[0] or 0)
+
+
+def _raise_id_floor(backend: Any, n: int) -> None:
+    # TODO(merge): backend.raise_id_floor(n) from the lead's PostgresBackend commit
+    db = backend.database
+    if db.execute_sql("SELECT 1 FROM sqlite_sequence WHERE name = 'image'").fetchone():
+        db.execute_sql("UPDATE sqlite_sequence SET seq = MAX(seq, ?) WHERE name = 'image'", [n])
+    else:
+        db.execute_sql("INSERT INTO sqlite_sequence (name, seq) VALUES ('image', ?)", [n])
+
+
+class _Rows:
+    """Plain SQL over one table class's columns (peewee's per-row query building would be most of a copy),
+    with each value made what the other database takes: booleans as bool, bytes as bytes (PostgreSQL's
+    driver may hand out memoryview)."""
+
+    def __init__(self, model: Any, skip: Collection[str] = ()):
+        fields = [f for f in model._meta.sorted_fields if f.column_name not in skip]
+        self.table = model._meta.table_name
+        self.columns = [f.column_name for f in fields]
+        self.names = ", ".join(f'"{c}"' for c in self.columns)
+        kinds = [bool if isinstance(f, pw.BooleanField) else bytes if isinstance(f, pw.BlobField) else None for f in fields]
+        self._convert = [(i, k) for i, k in enumerate(kinds) if k is not None]
+
+    def select(self, db: pw.Database, where: str = "", params: Sequence[Any] = (), order: str = "") -> list[list]:
+        sql = f'SELECT {self.names} FROM "{self.table}" {where} {order}'
+        rows = [list(r) for r in db.execute_sql(sql.replace("?", db.param), list(params)).fetchall()]
+        for row in rows:
+            for i, kind in self._convert:
+                if row[i] is not None:
+                    row[i] = kind(row[i])
+        return rows
+
+    def insert(self, db: pw.Database, rows: Sequence[Sequence[Any]], *, ignore: bool = False) -> None:
+        if rows:
+            marks = ", ".join([db.param] * len(self.columns))
+            also = " ON CONFLICT DO NOTHING" if ignore else ""
+            db.cursor().executemany(f'INSERT INTO "{self.table}" ({self.names}) VALUES ({marks}){also}', rows)
+
+
+def _one(db: pw.Database, sql: str, params: Sequence[Any] = ()) -> Any:
+    return db.execute_sql(sql.replace("?", db.param), list(params)).fetchone()[0]
+
+
+# What a copy compares at the end: each table's rows as the source's library holds them (bytes and
+# thumbnails held by an image: what staged_blob marks of an unfinished upload is left behind).
+_HELD = "EXISTS (SELECT 1 FROM image i WHERE i.sha256 = {t}.sha256)"
+_TABLE_COUNTS = {
+    "image": "SELECT COUNT(*) FROM image",
+    "blob": f"SELECT COUNT(*) FROM blob WHERE {_HELD.format(t='blob')}",
+    "detection": "SELECT COUNT(*) FROM detection",
+    "thumbnail": f"SELECT COUNT(*) FROM thumbnail WHERE {_HELD.format(t='thumbnail')}",
+    "vision_frame": "SELECT COUNT(*) FROM vision_frame",
+    "object_count": "SELECT COUNT(*) FROM object_count",
+    "object_pair": "SELECT COUNT(*) FROM object_pair",
+}
+# The counts tables as kept, and as a GROUP BY over the target's own detections gives them: the rows in one
+# and not the other, each way round, must be none.
+_KEPT_AND_RECOUNTED = (
+    ("object_count", "SELECT name, images FROM object_count",
+     "SELECT name, COUNT(DISTINCT image_id) FROM detection GROUP BY name"),
+    ("object_pair", "SELECT a, b, images FROM object_pair",
+     "SELECT x.name, y.name, COUNT(DISTINCT x.image_id) FROM detection x "
+     "JOIN detection y ON y.image_id = x.image_id AND y.name > x.name GROUP BY x.name, y.name"),
+)
+
+
+@dataclass
+class CopyReport:
+    """What copy_library did: rows written by this run, and what the verification compared."""
+
+    images: int = 0
+    blobs: int = 0
+    blob_bytes: int = 0
+    detections: int = 0
+    frames: int = 0
+    thumbnails: int = 0
+    already: int = 0  # images an earlier, interrupted run had copied
+    counts: dict[str, int] = field(default_factory=dict)  # each table's rows, equal in both
+    checked: int = 0  # blobs whose sha256 was recomputed from the target's bytes
+    high_water: int = 0  # the next image id in the target is above this
+
+
+def check_copy_target(source: Store, target: Store, source_place: str) -> bool:
+    """Whether `target` can take a copy of `source`: True when an earlier copy from that source was started
+    there (it goes on), False when it is empty. _CopyFailed when it holds anything else."""
+    db, t = target.database, target._t
+    with target._errors():
+        setting = {row.key: row.value for row in t.Setting.select().where(t.Setting.key.in_([_COPY_FROM, _COPIED_FROM]))}
+        started = setting.get(_COPY_FROM)
+        if started == source_place:
+            return True
+        if started is not None:
+            raise _CopyFailed(f"{target.path} holds an unfinished copy of another library ({started}); "
+                              "give that library as the source to finish it, or copy into an empty database")
+        if _COPIED_FROM in setting:
+            raise _CopyFailed(f"{target.path} already holds a verified copy ({setting[_COPIED_FROM]}); "
+                              "copy into an empty database")
+        images, blobs = _one(db, "SELECT COUNT(*) FROM image"), _one(db, "SELECT COUNT(*) FROM blob")
+        if images or blobs:
+            raise _CopyFailed(f"{target.path} is not empty ({images} image(s), {blobs} blob(s)) and no copy was "
+                              "started there; copy into an empty database")
+    return False
+
+
+def copy_library(
+    source: Store,
+    target: Store,
+    *,
+    source_place: str | None = None,
+    progress: Callable[..., Any] | None = None,
+    batch_rows: int = 1000,
+    batch_mb: float = 8,
+    after_batch: Callable[[int], None] | None = None,
+) -> CopyReport:
+    """Copy every image (same ids), its bytes, detections and vision frame, the thumbnails, the counts and the
+    settings from `source` to `target`, raise the target's id floor to the source's high-water mark (an id
+    deleted in the source never comes back), verify (verify_copy) and mark the target copied.
+
+    Goes on where an interrupted copy from the same source stopped; _CopyFailed when `target` holds
+    anything else, or when the verification fails (nothing is marked copied then). `progress(total, what,
+    unit=...)` makes a progress display (ingest.Progress's interface); `after_batch(images so far)` is
+    called after each committed batch of images.
+    """
+    place = source_place or source.path
+    progress = progress or _Quiet
+    report = CopyReport()
+    sdb, tdb, st, tt = source.database, target.database, source._t, target._t
+    with source.connection(), target.connection():
+        resuming = check_copy_target(source, target, place)
+        with target._errors(), target.backend.write():
+            tt.Setting.insert(key=_COPY_FROM, value=place).on_conflict_replace().execute()
+        with source._errors(), target._errors():
+            last = _one(tdb, "SELECT COALESCE(MAX(id), 0) FROM image")
+            report.already = _one(tdb, "SELECT COUNT(*) FROM image") if resuming else 0
+            total = _one(sdb, "SELECT COUNT(*) FROM image WHERE id > ?", [last])
+            with progress(total, "copy images", unit="image") as bar:
+                if report.already:
+                    bar.write(f"going on after image {last}: {report.already} image(s) were copied before")
+                _copy_images(source, target, last, report, bar, batch_rows, int(batch_mb * 2**20), after_batch)
+            _copy_thumbnails(source, target, report, progress, int(batch_mb * 2**20))
+            with target.backend.write():
+                rows = _Rows(st.Setting)
+                kept = [r for r in rows.select(sdb, f"WHERE key NOT IN ({', '.join('?' * len(_NOT_COPIED))})", _NOT_COPIED)]
+                for key, value in kept:
+                    tt.Setting.insert(key=key, value=value).on_conflict_replace().execute()
+                # The counts as the source kept them (the verification recounts them from the detections).
+                for model, key in ((st.ObjectCount, "name"), (st.ObjectPair, "a, b")):
+                    table = _Rows(model)
+                    tdb.execute_sql(f'DELETE FROM "{table.table}"')
+                    _copy_pages(sdb, tdb, table, key, 5000)
+                report.high_water = _id_high_water(source.backend)
+                _raise_id_floor(target.backend, report.high_water)
+        problems = verify_copy(source, target, report, progress=progress, batch_mb=batch_mb)
+        if problems:
+            raise _CopyFailed(f"the copy in {target.path} does not match {place}: " + "; ".join(problems))
+        with target._errors(), target.backend.write():
+            tt.Setting.delete().where(tt.Setting.key == _COPY_FROM).execute()
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(target.now()))
+            tt.Setting.insert(key=_COPIED_FROM, value=f"{place} at {stamp}").on_conflict_replace().execute()
+    return report
+
+
+def _copy_images(
+    source: Store, target: Store, last: int, report: CopyReport, bar: Any, batch_rows: int, batch_bytes: int,
+    after_batch: Callable[[int], None] | None,
+) -> None:
+    sdb, tdb, st = source.database, target.database, source._t
+    images, detections, frames = _Rows(st.Image), _Rows(st.Detection, skip=("id",)), _Rows(st.VisionFrame)
+    size_at, sha_at = images.columns.index("size"), images.columns.index("sha256")
+    blobs = _Rows(st.Blob)
+    queue: list[list] = []
+    while True:
+        if not queue:
+            queue = images.select(sdb, "WHERE id > ?", [last], f"ORDER BY id LIMIT {int(batch_rows)}")
+            if not queue:
+                return
+        # A batch: images up to batch_bytes of bytes (at least one), then the bytes the target lacks.
+        take, size = 0, 0
+        while take < len(queue) and (take == 0 or size + queue[take][size_at] <= batch_bytes):
+            size += queue[take][size_at]
+            take += 1
+        batch, queue = queue[:take], queue[take:]
+        lo, hi = last, batch[-1][0]
+        shas = sorted({row[sha_at] for row in batch})
+        marks = ", ".join("?" * len(shas))
+        have = {r[0] for r in tdb.execute_sql(f"SELECT sha256 FROM blob WHERE sha256 IN ({marks})".replace("?", tdb.param), shas)}
+        need = [s for s in shas if s not in have]
+        with target.backend.write():
+            if need:
+                got = blobs.select(sdb, f"WHERE sha256 IN ({', '.join('?' * len(need))})", need)
+                blobs.insert(tdb, got, ignore=True)
+                report.blobs += len(got)
+                report.blob_bytes += sum(len(r[1]) for r in got)
+                del got
+            images.insert(tdb, batch)
+            found = detections.select(sdb, "WHERE image_id > ? AND image_id <= ?", [lo, hi], "ORDER BY image_id, id")
+            detections.insert(tdb, found)
+            held = frames.select(sdb, "WHERE image_id > ? AND image_id <= ?", [lo, hi])
+            frames.insert(tdb, held)
+        last = hi
+        report.images += len(batch)
+        report.detections += len(found)
+        report.frames += len(held)
+        for _ in batch:
+            bar.update("added")
+        if after_batch is not None:
+            after_batch(report.already + report.images)
+
+
+def _copy_thumbnails(source: Store, target: Store, report: CopyReport, progress: Any, batch_bytes: int) -> None:
+    sdb, tdb, thumbs = source.database, target.database, _Rows(source._t.Thumbnail)
+    held = _HELD.format(t="thumbnail")
+    top = tdb.execute_sql("SELECT sha256, size, format FROM thumbnail ORDER BY sha256 DESC, size DESC, format DESC LIMIT 1").fetchone()
+    after = list(top) if top else ["", -1, ""]
+    total = _one(sdb, f"SELECT COUNT(*) FROM thumbnail WHERE (sha256, size, format) > (?, ?, ?) AND {held}", after)
+    with progress(total, "copy thumbnails", unit="thumbnail") as bar:
+        for group in _byte_groups(sdb, "thumbnail", "sha256, size, format", held, after, batch_bytes):
+            lo, hi = group[0], group[-1]
+            rows = thumbs.select(
+                sdb, f"WHERE (sha256, size, format) >= (?, ?, ?) AND (sha256, size, format) <= (?, ?, ?) AND {held}",
+                [*lo, *hi], "ORDER BY sha256, size, format",
+            )
+            with target.backend.write():
+                thumbs.insert(tdb, rows, ignore=True)
+            report.thumbnails += len(rows)
+            for _ in rows:
+                bar.update("added")
+
+
+def _byte_groups(db: pw.Database, table: str, key: str, where: str, after: list, batch_bytes: int,
+                 page: int = 1000) -> Iterator[list[tuple]]:
+    """Keys of `table` past `after`, in key order, in groups whose data add up to at most `batch_bytes`
+    (a group of one when a single row is larger): reads keys and lengths, never the bytes."""
+    n = len(after)
+    cols = key.split(", ")
+    group: list[tuple] = []
+    size = 0
+    while True:
+        marks = ", ".join("?" * n)
+        sql = f"SELECT {key}, LENGTH(data) FROM {table} WHERE ({key}) > ({marks}) AND {where} ORDER BY {key} LIMIT {page}"
+        rows = db.execute_sql(sql.replace("?", db.param), after).fetchall()
+        if not rows:
+            break
+        for row in rows:
+            k, length = tuple(row[: len(cols)]), row[len(cols)]
+            if group and size + length > batch_bytes:
+                yield group
+                group, size = [], 0
+            group.append(k)
+            size += length
+        after = list(rows[-1][: len(cols)])
+    if group:
+        yield group
+
+
+def _copy_pages(sdb: pw.Database, tdb: pw.Database, rows: _Rows, key: str, page: int) -> None:
+    """Every row of a small table (the counts), `page` rows at a time, in key order."""
+    offset = 0
+    while True:
+        got = rows.select(sdb, "", (), f"ORDER BY {key} LIMIT {page} OFFSET {offset}")
+        rows.insert(tdb, got)
+        if len(got) < page:
+            return
+        offset += page
+
+
+def verify_copy(
+    source: Store, target: Store, report: CopyReport | None = None, *, progress: Callable[..., Any] | None = None,
+    batch_mb: float = 8,
+) -> list[str]:
+    """What differs between the library in `source` and its copy in `target` (an empty list: nothing).
+
+    Compared: the rows of every table (bytes and thumbnails held by an image), the newest image id, the id
+    high-water mark (the target's next id is above the source's), the counts against a recount from the
+    target's own detections, and every blob's sha256 recomputed from the target's bytes, read `batch_mb` at
+    a time."""
+    import hashlib
+
+    report = report or CopyReport()
+    progress = progress or _Quiet
+    sdb, tdb = source.database, target.database
+    problems = []
+    with source.connection(), target.connection(), source._errors(), target._errors():
+        for table, sql in _TABLE_COUNTS.items():
+            a, b = _one(sdb, sql), _one(tdb, sql)
+            report.counts[table] = b
+            if a != b:
+                problems.append(f"{table}: {a} row(s) in the source, {b} in the copy")
+        a, b = _one(sdb, "SELECT COALESCE(MAX(id), 0) FROM image"), _one(tdb, "SELECT COALESCE(MAX(id), 0) FROM image")
+        if a != b:
+            problems.append(f"the newest image is {a} in the source, {b} in the copy")
+        a, b = _id_high_water(source.backend), _id_high_water(target.backend)
+        report.high_water = a
+        if b < a:
+            problems.append(f"the copy would hand out image id {b + 1}, which the source gave already (up to {a})")
+        for what, kept, recount in _KEPT_AND_RECOUNTED:
+            n = sum(_one(tdb, f"SELECT COUNT(*) FROM ({x} EXCEPT {y}) AS d") for x, y in ((kept, recount), (recount, kept)))
+            if n:
+                problems.append(f"{what}: {n} row(s) disagree with a recount from the copy's detections")
+        bad, report.checked = [], 0
+        blobs = _Rows(target._t.Blob)
+        total = _one(tdb, "SELECT COUNT(*) FROM blob")
+        with progress(total, "verify bytes", unit="blob") as bar:
+            for group in _byte_groups(tdb, "blob", "sha256", "1 = 1", [""], int(batch_mb * 2**20)):
+                for sha, data in blobs.select(tdb, "WHERE sha256 >= ? AND sha256 <= ?", [group[0][0], group[-1][0]]):
+                    report.checked += 1
+                    if hashlib.sha256(data).hexdigest() != sha.strip():
+                        bad.append(sha.strip())
+                    bar.update("failed" if bad and bad[-1] == sha.strip() else "added")
+        if bad:
+            problems.append(f"{len(bad)} blob(s) whose bytes do not match their sha256: {', '.join(bad[:5])}"
+                            + (" ..." if len(bad) > 5 else ""))
+    return problems
+
+
+class _Quiet:
+    """No progress display (copy_library and verify_copy called from code)."""
+
+    def __init__(self, total: int | None, what: str, **_: Any):
+        pass
+
+    def __enter__(self) -> _Quiet:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        pass
+
+    def update(self, outcome: str, reason: str | None = None) -> None:
+        pass
+
+    def write(self, text: str) -> None:
+        pass
+
+
+class _Bar:
+    """Progress of one step of the copy on `stream` (stderr): a tqdm bar on a terminal, elsewhere a plain line
+    every `every` seconds and at the end. TODO(lead): ingest.Progress does this and more, with this interface;
+    use it here once store.py's command line may import it (tests/test_layout.py: store imports none of ours)."""
+
+    def __init__(self, total: int | None, what: str, *, unit: str = "row", stream: Any = None, tty: bool | None = None,
+                 every: float = 5.0, clock: Callable[[], float] = time.monotonic):
+        self.total, self.what, self.unit, self.every, self.clock = total, what, unit, every, clock
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = tty if tty is not None else bool(getattr(self.stream, "isatty", lambda: False)())
+        self.done, self.failed, self._bar = 0, 0, None
+
+    def __enter__(self) -> _Bar:
+        self.started = self._last = self.clock()
+        if self.tty:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=self.total, desc=self.what, unit=f" {self.unit}s", file=self.stream,
+                             dynamic_ncols=True, mininterval=0.25, smoothing=0.1)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        elif not self.total or self.done < self.total:
+            self._status()  # the last line says where it ended (interrupted, or nothing to do)
+
+    def update(self, outcome: str, reason: str | None = None) -> None:
+        self.done += 1
+        self.failed += outcome == "failed"
+        if self._bar is not None:
+            self._bar.update(1)
+        elif self.clock() - self._last >= self.every or self.done == self.total:
+            self._status()
+
+    def write(self, text: str) -> None:
+        if self._bar is not None:
+            self._bar.write(text, file=self.stream)
+        else:
+            self._line(text)
+
+    def _status(self) -> None:
+        self._last = now = self.clock()
+        rate = self.done / (now - self.started) if now > self.started else 0.0
+        share = f"/{self.total} {self.unit}s ({100 * self.done / self.total:.0f}%)" if self.total else f" {self.unit}s"
+        failed = f", {self.failed} failed" if self.failed else ""
+        self._line(f"{self.what}: {self.done}{share}{failed}; {rate:.1f} {self.unit}s/s")
+
+    def _line(self, text: str) -> None:
+        self.stream.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}\n")
+        self.stream.flush()
+
+
+def _same_library(a: str, b: str) -> bool:
+    if _is_url(a) or _is_url(b):
+        return _place(a) == _place(b)
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _run_copy(args: Any, parser: Any) -> int:
+    if _same_library(args.source, args.target):
+        parser.error(f"SOURCE and TARGET are the same database ({_place(args.source)}); give another TARGET")
+    if not _is_url(args.source) and not os.path.isfile(args.source):
+        parser.error(f"{args.source} does not exist; give the library to copy (a SQLite file or a postgresql:// URL)")
+    if args.batch_mb <= 0:
+        parser.error("--batch-mb must be above 0")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    started = time.monotonic()
+    source = target = None
+
+    def bar(total: int | None, what: str, **kw: Any) -> _Bar:
+        return _Bar(total, what, every=args.log_every, **kw)
+
+    try:
+        source = Store(args.source)  # migrates an older SQLite file first, as the server would
+        target = Store(args.target)  # created where it is missing, with the current schema
+        report = copy_library(source, target, source_place=_place(args.source), progress=bar, batch_mb=args.batch_mb)
+    except KeyboardInterrupt:
+        print("store.py copy: interrupted; run the same command again to go on where it stopped", file=sys.stderr)
+        return 1
+    except (StoreError, pw.DatabaseError) as e:
+        print(f"store.py copy: {e}", file=sys.stderr)
+        return 1
+    finally:
+        for s in (source, target):
+            if s is not None:
+                s.shutdown()
+    before = f" ({report.already:,} copied before)" if report.already else ""
+    print(
+        f"copied {report.images:,} image(s){before}, {report.blobs:,} blob(s) ({report.blob_bytes / 2**20:,.1f} MB), "
+        f"{report.detections:,} detection(s), {report.frames:,} vision frame(s) and {report.thumbnails:,} thumbnail(s) "
+        f"from {_place(args.source)} to {_place(args.target)} in {time.monotonic() - started:.1f} s; verified: "
+        f"{len(report.counts)} tables' rows equal, {report.checked:,} sha256 recomputed, next image id above {report.high_water:,}"
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    """`python store.py purge-thumbnails --db data/images.db`: maintenance of a database, the service running or not."""
+    """Maintenance of a library, the service running or not: `python store.py purge-thumbnails --db data/images.db`;
+    `python store.py copy SOURCE TARGET` (with the service stopped) copies it to another database."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="store.py", description=main.__doc__)
@@ -1189,7 +1668,29 @@ def main(argv: list[str] | None = None) -> int:
     purge = commands.add_parser("purge-thumbnails", help="delete every kept thumbnail (they are made again on request)")
     purge.add_argument("--db", default=os.environ.get("IMAGES_DB", "data/images.db"),
                        help="the database file (default: $IMAGES_DB, else data/images.db)")
+    copy = commands.add_parser(
+        "copy", help="copy a whole library to another database, SQLite or PostgreSQL, resumable and verified",
+        description=(
+            "Copy every image with its id, bytes, detections, counts, thumbnails and vision frames from SOURCE to "
+            "TARGET (each a SQLite file or a postgresql://user:pass@host:port/dbname URL), keeping the id "
+            "high-water mark: an id deleted in SOURCE is never handed out again in TARGET. Stop the service "
+            "first. SOURCE is opened as the server opens it: an older SQLite file is migrated to the current "
+            "schema first. TARGET is created (a SQLite file) or migrated; it must be empty, or hold a copy "
+            "of SOURCE that was interrupted: run the same command again and it goes on where it stopped. At "
+            "the end the rows of every table are counted in both and every blob's sha256 is recomputed from "
+            "TARGET's bytes. Exit status 0: copied and verified; 1: the database failed, TARGET holds other data, "
+            "or the verification failed (one line on stderr); 2: wrong arguments."
+        ),
+    )
+    copy.add_argument("source", metavar="SOURCE", help="the library to copy: a SQLite file or a postgresql:// URL")
+    copy.add_argument("target", metavar="TARGET", help="where to: a SQLite file or a postgresql:// URL (the database must exist)")
+    copy.add_argument("--batch-mb", type=float, default=8,
+                      help="bytes read and written per transaction, in MB (default 8; a larger image goes alone)")
+    copy.add_argument("--log-every", type=float, default=5.0, metavar="SECONDS",
+                      help="off a terminal, a progress line at most every this many seconds (default 5)")
     args = parser.parse_args(argv)
+    if args.command == "copy":
+        return _run_copy(args, parser)
     if not os.path.exists(args.db):
         parser.error(f"{args.db} does not exist; give the service's database with --db (IMAGES_DB)")
     images = Store(args.db)
