@@ -1,0 +1,322 @@
+"""`python store.py copy SOURCE TARGET`: a whole library between SQLite and PostgreSQL, resumable and verified.
+
+Real databases and real bytes (the test photos, small Pillow-made pictures). The PostgreSQL cases run when
+TEST_POSTGRES_URL names a server where databases may be created (each test makes its own and drops it), for
+example postgresql://postgres@127.0.0.1:55432/postgres; without it they are skipped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+import urllib.parse
+import uuid
+
+import pytest
+from PIL import Image
+
+import store
+
+KINDS = ("sqlite", "postgresql")
+PHOTOS = ("cats_and_dogs.jpg", "kite_and_cold.jpg", "coupleanddog.jpeg")
+
+
+@pytest.fixture
+def new_db(tmp_path):
+    """new_db(kind) -> the target of a fresh, empty database: a SQLite path, or a PostgreSQL URL of a
+    database made for this test on TEST_POSTGRES_URL (dropped at the end)."""
+    made: list[str] = []
+    stores: list[store.Store] = []
+
+    def make(kind: str) -> str:
+        if kind == "sqlite":
+            return str(tmp_path / f"{uuid.uuid4().hex[:8]}.db")
+        server = os.environ.get("TEST_POSTGRES_URL")
+        if not server:
+            pytest.skip("TEST_POSTGRES_URL is not set: no PostgreSQL server to copy to")
+        import psycopg
+
+        name = f"h_copy_{uuid.uuid4().hex[:10]}"
+        with psycopg.connect(server, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        made.append(name)
+        return urllib.parse.urlunsplit(urllib.parse.urlsplit(server)._replace(path=f"/{name}"))
+
+    make.stores = stores
+    yield make
+    for s in stores:
+        s.shutdown()
+    if made:
+        import psycopg
+
+        with psycopg.connect(os.environ["TEST_POSTGRES_URL"], autocommit=True) as conn:
+            for name in made:
+                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def open_store(new_db):
+    """open_store(target) -> a Store on it, shut down at the end of the test."""
+
+    def open_(target: str) -> store.Store:
+        s = store.Store(target)
+        new_db.stores.append(s)
+        return s
+
+    return open_
+
+
+def picture(n: int, size: tuple[int, int] = (32, 24)) -> bytes:
+    """A small JPEG, different for each n."""
+    out = io.BytesIO()
+    Image.new("RGB", size, (n * 37 % 256, n * 91 % 256, n * 13 % 256)).save(out, "JPEG", quality=90)
+    return out.getvalue()
+
+
+def new_image(data: bytes, labels=(), *, n: int = 0) -> store.NewImage:
+    with Image.open(io.BytesIO(data)) as im:
+        width, height = im.size
+    # Confidences and boxes a float32 holds exactly, so a copy through any column type compares equal.
+    found = tuple(store.Found(label, 0.5 + i / 8, 0.125, 0.25, 0.5, 0.75) for i, label in enumerate(labels))
+    return store.NewImage(
+        data, hashlib.sha256(data).hexdigest(), "image/jpeg", width, height, f"picture {n}", not labels, True, found,
+        detected_with="abc123@0.5" if labels else None, created_ms=1_700_000_000_000 + n, filename=f"{n}.jpg",
+        model_name="ssd" if labels else None,
+    )
+
+
+def fill(s: store.Store, photo) -> None:
+    """A library with everything a copy carries: shared bytes, detections, counts, a vision frame, thumbnails,
+    and deleted images, the newest among them (its id must never come back)."""
+    with s.connection():
+        for i, name in enumerate(PHOTOS):
+            s.add(new_image(photo(name), ["dog", "person", "cat"][: i + 1], n=i))
+        s.add(new_image(photo(PHOTOS[0]), ["dog"], n=10))  # the same bytes again: one blob
+        for i in range(6):
+            s.add(new_image(picture(i), ["car"] if i % 2 else [], n=20 + i))
+        s.add_frame(new_image(picture(50), ["person"], n=50), keep=5)
+        first = s.get(1)
+        s.keep_thumbnail(first.sha256, 16, "jpeg", store.Thumbnail(picture(99, (16, 12)), 16, 12))
+        s.keep_thumbnail(first.sha256, 16, "webp", store.Thumbnail(picture(98, (16, 12)), 16, 12))
+        s.delete(5)
+        top = s.add(new_image(picture(60), ["kite"], n=60))
+        s.delete(top.id)
+
+
+def dump(s: store.Store) -> dict:
+    """Every row a copy carries, in a form that compares across backends (detection ids are the target's)."""
+
+    def rows(sql: str) -> list[tuple]:
+        return [
+            tuple(bytes(v) if isinstance(v, memoryview) else v.strip() if isinstance(v, str) and len(v) == 64 else v
+                  for v in r)
+            for r in s.database.execute_sql(sql).fetchall()
+        ]
+
+    with s.connection():
+        return {
+            "image": rows("SELECT id, sha256, label, label_generated, detection_enabled, detected_with, content_type, "
+                          "size, width, height, source_url, created_ms, filename, model_name FROM image ORDER BY id"),
+            "detection": rows("SELECT image_id, name, label, confidence, x_min, y_min, x_max, y_max FROM detection "
+                              "ORDER BY image_id, id"),
+            "blob": rows("SELECT sha256, data FROM blob ORDER BY sha256"),
+            "thumbnail": rows("SELECT sha256, size, format, data, width, height, created_ms FROM thumbnail "
+                              "ORDER BY sha256, size, format"),
+            "vision_frame": rows("SELECT image_id FROM vision_frame ORDER BY image_id"),
+            "object_count": rows("SELECT name, images FROM object_count ORDER BY name"),
+            "object_pair": rows("SELECT a, b, images FROM object_pair ORDER BY a, b"),
+            "setting": rows("SELECT key, value FROM setting WHERE key NOT IN ('copy_from', 'copied_from') ORDER BY key"),
+            "high_water": store._id_high_water(s.backend),
+        }
+
+
+def copy(source: store.Store, target: store.Store, **kw) -> store.CopyReport:
+    return store.copy_library(source, target, source_place=source.path, **kw)
+
+
+@pytest.mark.parametrize("middle", KINDS)
+def test_a_round_trip_keeps_every_row_and_id(new_db, open_store, photo, middle):
+    a = open_store(new_db("sqlite"))
+    fill(a, photo)
+    b, c = open_store(new_db(middle)), open_store(new_db("sqlite"))
+    first = copy(a, b)
+    copy(b, c)
+    want = dump(a)
+    assert dump(b) == want
+    assert dump(c) == want
+    assert want["high_water"] == 12 and max(r[0] for r in want["image"]) == 11  # the newest was deleted
+    assert (first.images, first.blobs, first.thumbnails, first.frames) == (10, 9, 2, 1)
+    assert first.counts == {"image": 10, "blob": 9, "detection": 11, "thumbnail": 2, "vision_frame": 1,
+                            "object_count": 4, "object_pair": 3}
+    assert first.checked == 9
+    with c.connection():
+        assert c.objects() == a.objects()
+        assert c.file(1) == a.file(1)
+        rows = dict(c.database.execute_sql("SELECT key, value FROM setting").fetchall())
+    assert rows["copied_from"].startswith(b.path) and "copy_from" not in rows
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_deleted_id_does_not_come_back_in_the_copy(new_db, open_store, kind):
+    a = open_store(new_db("sqlite"))
+    with a.connection():
+        for i in range(3):
+            a.add(new_image(picture(i), n=i))
+        a.delete(3)
+    b = open_store(new_db(kind))
+    copy(a, b)
+    with b.connection():
+        assert b.add(new_image(picture(7), n=7)).id == 4
+        assert [r.id for r in b.list()[0]] == [4, 2, 1]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_an_interrupted_copy_goes_on_where_it_stopped(new_db, open_store, photo, kind):
+    a = open_store(new_db("sqlite"))
+    fill(a, photo)
+    b = open_store(new_db(kind))
+    seen = []
+
+    def stop(done: int) -> None:
+        seen.append(done)
+        if len(seen) == 2:
+            raise KeyboardInterrupt  # Ctrl-C after the second batch was committed
+
+    with pytest.raises(KeyboardInterrupt):
+        copy(a, b, batch_rows=3, after_batch=stop)
+    assert seen == [3, 6]
+    with b.connection():
+        assert b.count()[0] == 6
+        assert b.database.execute_sql("SELECT value FROM setting WHERE key = 'copy_from'").fetchone()[0] == a.path
+    seen.clear()
+    again = copy(a, b, batch_rows=3, after_batch=seen.append)
+    assert (again.already, again.images) == (6, 4)
+    assert seen == [9, 10]
+    assert dump(b) == dump(a)  # nothing twice, nothing missing
+
+
+def test_batches_are_bounded_by_bytes(new_db, open_store, photo):
+    a = open_store(new_db("sqlite"))
+    with a.connection():
+        for i, name in enumerate(PHOTOS):
+            a.add(new_image(photo(name), n=i))
+    sizes = [len(photo(name)) for name in PHOTOS]
+    b = open_store(new_db("sqlite"))
+    seen = []
+    # Room for the first two photos together, not for three: a larger one alone, never none.
+    copy(a, b, batch_mb=(sizes[0] + sizes[1]) / 2**20, after_batch=seen.append)
+    assert seen == [2, 3]
+    assert dump(b) == dump(a)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_target_holding_another_library_is_refused(new_db, open_store, kind, capsys):
+    a = open_store(new_db("sqlite"))
+    with a.connection():
+        a.add(new_image(picture(1), n=1))
+    target = new_db(kind)
+    b = open_store(target)
+    with b.connection():
+        b.add(new_image(picture(2), n=2))
+    b.shutdown()
+    assert store.main(["copy", a.path, target]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("store.py copy: ") and "is not empty (1 image(s), 1 blob(s)) and no copy was started" in err[-1]
+    assert "Traceback" not in "".join(err)
+    with b.connection():
+        assert b.count() == (1, 1)  # nothing written
+
+
+def test_an_unfinished_copy_of_another_source_is_refused(new_db, open_store):
+    a, other = open_store(new_db("sqlite")), open_store(new_db("sqlite"))
+    for i, s in enumerate((a, other)):
+        with s.connection():
+            s.add(new_image(picture(i), n=i))
+            s.add(new_image(picture(i + 10), n=i + 10))
+    b = open_store(new_db("sqlite"))
+
+    def stop(done: int) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        copy(other, b, batch_rows=1, after_batch=stop)
+    with pytest.raises(store.StoreError, match=r"holds an unfinished copy of another library \(.*\); give that library"):
+        copy(a, b)
+    copy(other, b)  # the one it started with goes on
+    assert dump(b) == dump(other)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_verification_names_a_corrupted_blob(new_db, open_store, photo, kind):
+    a = open_store(new_db("sqlite"))
+    fill(a, photo)
+    b = open_store(new_db(kind))
+    copy(a, b)
+    assert store.verify_copy(a, b) == []
+    sha = hashlib.sha256(photo(PHOTOS[1])).hexdigest()
+    with b.connection(), b.backend.write():
+        p = b.database.param
+        b.database.execute_sql(f"UPDATE blob SET data = {p} WHERE sha256 = {p}", [picture(5), sha])
+    problems = store.verify_copy(a, b, batch_mb=0.01)  # a group of one blob at a time
+    assert problems == [f"1 blob(s) whose bytes do not match their sha256: {sha}"]
+
+
+def test_the_verification_names_a_missing_row_and_a_wrong_count(new_db, open_store, photo):
+    a = open_store(new_db("sqlite"))
+    fill(a, photo)
+    b = open_store(new_db("sqlite"))
+    copy(a, b)
+    with b.connection(), b.backend.write():
+        b.database.execute_sql("DELETE FROM vision_frame")
+        b.database.execute_sql("UPDATE object_count SET images = images + 1 WHERE name = 'dog'")
+    problems = store.verify_copy(a, b)
+    assert "vision_frame: 1 row(s) in the source, 0 in the copy" in problems
+    assert "object_count: 2 row(s) disagree with a recount from the copy's detections" in problems
+
+
+def test_the_command_shows_progress_lines_off_a_terminal_and_one_summary(new_db, open_store, photo, capsys):
+    source = new_db("sqlite")
+    fill(open_store(source), photo)
+    target = new_db("sqlite")
+    assert store.main(["copy", source, target]) == 0
+    out, err = capsys.readouterr()
+    assert "\r" not in err
+    lines = err.splitlines()
+    stamp = r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d "
+    assert re.search(stamp + r"copy images: 10/10 images \(100%\); [\d.]+ images/s$", lines[0]), lines
+    assert any(re.search(stamp + r"copy thumbnails: 2/2 thumbnails \(100%\)", x) for x in lines), lines
+    assert any(re.search(stamp + r"verify bytes: 9/9 blobs \(100%\)", x) for x in lines), lines
+    assert out.count("\n") == 1
+    assert re.fullmatch(
+        r"copied 10 image\(s\), 9 blob\(s\) \([\d.]+ MB\), 11 detection\(s\), 1 vision frame\(s\) and 2 thumbnail\(s\) "
+        rf"from {re.escape(os.path.abspath(source))} to {re.escape(os.path.abspath(target))} in [\d.]+ s; verified: "
+        r"7 tables' rows equal, 9 sha256 recomputed, next image id above 12\n",
+        out,
+    ), out
+
+
+def test_usage_errors_exit_2(new_db, open_store, capsys):
+    source = new_db("sqlite")
+    open_store(source)
+    for argv, says in (
+        (["copy", source, os.path.join(os.path.dirname(source), ".", os.path.basename(source))], "are the same database"),
+        (["copy", source + ".missing", new_db("sqlite")], "does not exist"),
+        (["copy", source], "the following arguments are required: TARGET"),
+    ):
+        with pytest.raises(SystemExit) as stopped:
+            store.main(argv)
+        assert stopped.value.code == 2
+        assert says in capsys.readouterr().err
+
+
+def test_on_a_terminal_the_progress_is_a_bar():
+    out = io.StringIO()
+    with store._Bar(3, "copy images", unit="image", stream=out, tty=True) as bar:
+        for _ in range(3):
+            bar.update("added")
+        bar.write("a line above the bar")
+    text = out.getvalue()
+    assert "\r" in text and "a line above the bar\n" in text
+    assert re.search(r"copy images: 100%.*3/3", text), text
