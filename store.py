@@ -512,7 +512,7 @@ class PostgresBackend:
     blob_upsert = "ON CONFLICT (sha256) DO UPDATE SET sha256 = excluded.sha256"  # locks the row it meets
     DRIVERS = {"psycopg": "psycopg", "psycopg2": "psycopg2"}
 
-    def __init__(self, url: str, *, busy_timeout_ms: int = 10_000, pool_size: int = 0):
+    def __init__(self, url: str, *, busy_timeout_ms: int = 10_000, pool_size: int = 0, read_only: bool = False):
         self.description = redact(url)
         self.path = self.description
         scheme, rest = url.split("://", 1)
@@ -533,7 +533,7 @@ class PostgresBackend:
             prefer_psycopg3=prefer3,
             connect_timeout=max(1, min(10, busy_timeout_ms // 1000)),
             application_name="imgsvc",
-            session=(f"SET lock_timeout = {int(busy_timeout_ms)}",),
+            session=(f"SET lock_timeout = {int(busy_timeout_ms)}",) + (("SET default_transaction_read_only = on",) if read_only else ()),
         )
 
     @staticmethod
@@ -633,19 +633,42 @@ def redact(target: str) -> str:
     return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
-class ReadOnlyHoldings:
-    """Store.holds() on a SQLite file opened read-only, without migrating or writing a row (dry runs).
+class _ReadOnlyPostgres:
+    """A PostgreSQL database opened for reading only (every transaction READ ONLY), without migrating."""
 
-    A file that does not exist holds nothing (and is not created). SQLite may create the WAL's side
-    files (-wal, -shm) beside it; the database itself is not written."""
+    def __init__(self, url: str, busy_timeout_ms: int):
+        self._backend = PostgresBackend(url, busy_timeout_ms=busy_timeout_ms, pool_size=1, read_only=True)
+
+    def one(self, sql: str, params: Sequence[Any]) -> Any:
+        db = self._backend.database
+        try:
+            if not db.table_exists("image"):
+                return None  # a database the service never used holds nothing
+            return db.execute_sql(sql.replace("?", "%s"), params).fetchone()
+        except (pw.DatabaseError, MaxConnectionsExceeded) as e:
+            raise self._backend.translate(e) from e
+
+    def close(self) -> None:
+        self._backend.database.close_all()
+
+
+class ReadOnlyHoldings:
+    """Store.holds() on a database opened read-only, without migrating or writing a row (dry runs).
+
+    A SQLite file that does not exist holds nothing (and is not created). SQLite may create the WAL's side
+    files (-wal, -shm) beside it; the database itself is not written. A PostgreSQL database is read in
+    READ ONLY transactions."""
 
     def __init__(self, path: str, *, busy_timeout_ms: int = 10_000):
         self._conn: sqlite3.Connection | None = None
-        if os.path.exists(path):
+        self._pg = _ReadOnlyPostgres(path, busy_timeout_ms) if is_url(path) else None
+        if self._pg is None and os.path.exists(path):
             uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro"
             self._conn = sqlite3.connect(uri, uri=True, timeout=busy_timeout_ms / 1000, check_same_thread=False)
 
     def holds(self, sha256: str) -> bool:
+        if self._pg is not None:
+            return self._pg.one("SELECT 1 FROM image WHERE sha256 = ? LIMIT 1", [sha256]) is not None
         if self._conn is None:
             return False
         try:
@@ -654,6 +677,8 @@ class ReadOnlyHoldings:
             raise StoreUnavailable(f"the database cannot be read: {e}") from e
 
     def close(self) -> None:
+        if self._pg is not None:
+            self._pg.close()
         if self._conn is not None:
             self._conn.close()
             self._conn = None
@@ -684,11 +709,18 @@ def redetect_where(
 def read_only_redetect_count(
     path: str, which: str, detected_with: str, objects: Sequence[Collection[str]] = (), *, busy_timeout_ms: int = 10_000
 ) -> int:
-    """Store.redetect_count on a SQLite file opened read-only, without migrating or writing (dry runs).
-    A file that does not exist holds nothing (and is not created)."""
+    """Store.redetect_count on a database opened read-only, without migrating or writing (dry runs).
+    A SQLite file that does not exist holds nothing (and is not created)."""
+    where, params = redetect_where(which, detected_with, objects)
+    if is_url(path):
+        pg = _ReadOnlyPostgres(path, busy_timeout_ms)
+        try:
+            row = pg.one(f"SELECT COUNT(*) FROM image WHERE {where}", params)
+        finally:
+            pg.close()
+        return 0 if row is None else row[0]
     if not os.path.exists(path):
         return 0
-    where, params = redetect_where(which, detected_with, objects)
     uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro"
     try:
         conn = sqlite3.connect(uri, uri=True, timeout=busy_timeout_ms / 1000)
