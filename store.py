@@ -1520,41 +1520,10 @@ class _CopyFailed(StoreError):
     """A copy that cannot start (a target holding another library) or did not verify."""
 
 
-def _is_url(target: str) -> bool:
-    # TODO(merge): store.is_url from the lead's PostgresBackend commit
-    return bool(re.match(r"^[a-z][a-z0-9+.-]*://", target, re.I))
-
-
-def _redact(target: str) -> str:
-    # TODO(merge): store.redact from the lead's PostgresBackend commit
-    parts = urllib.parse.urlsplit(target)
-    if parts.password is None:
-        return target
-    host = parts.netloc.rpartition("@")[2]
-    return urllib.parse.urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
-
-
 def _place(target: str) -> str:
     """Where a library is, safe to print and the same however it is spelt: the absolute path of a SQLite file,
     a URL without its password."""
-    return _redact(target) if _is_url(target) else os.path.abspath(target)
-
-
-def _id_high_water(backend: Any) -> int:
-    # TODO(merge): backend.id_high_water() from the lead's PostgresBackend commit
-    db = backend.database
-    seq = db.execute_sql("SELECT seq FROM sqlite_sequence WHERE name = 'image'").fetchone()
-    top = db.execute_sql("SELECT MAX(id) FROM image").fetchone()
-    return max(seq[0] if seq else 0, top[0] or 0)
-
-
-def _raise_id_floor(backend: Any, n: int) -> None:
-    # TODO(merge): backend.raise_id_floor(n) from the lead's PostgresBackend commit
-    db = backend.database
-    if db.execute_sql("SELECT 1 FROM sqlite_sequence WHERE name = 'image'").fetchone():
-        db.execute_sql("UPDATE sqlite_sequence SET seq = MAX(seq, ?) WHERE name = 'image'", [n])
-    else:
-        db.execute_sql("INSERT INTO sqlite_sequence (name, seq) VALUES ('image', ?)", [n])
+    return redact(target) if is_url(target) else os.path.abspath(target)
 
 
 class _Rows:
@@ -1584,6 +1553,10 @@ class _Rows:
             marks = ", ".join([db.param] * len(self.columns))
             also = " ON CONFLICT DO NOTHING" if ignore else ""
             db.cursor().executemany(f'INSERT INTO "{self.table}" ({self.names}) VALUES ({marks}){also}', rows)
+
+
+def _put_setting(t: SimpleNamespace, key: str, value: str) -> None:
+    t.Setting.insert(key=key, value=value).on_conflict(conflict_target=[t.Setting.key], update={t.Setting.value: value}).execute()
 
 
 def _one(db: pw.Database, sql: str, params: Sequence[Any] = ()) -> Any:
@@ -1629,9 +1602,9 @@ class CopyReport:
     high_water: int = 0  # the next image id in the target is above this
 
 
-def check_copy_target(source: Store, target: Store, source_place: str) -> bool:
-    """Whether `target` can take a copy of `source`: True when an earlier copy from that source was started
-    there (it goes on), False when it is empty. _CopyFailed when it holds anything else."""
+def _check_copy_target(target: Store, source_place: str) -> bool:
+    """Whether `target` can take a copy of the library at `source_place`: True when an earlier copy from there
+    was started (it goes on), False when it is empty. _CopyFailed when it holds anything else."""
     db, t = target.database, target._t
     with target._errors():
         setting = {row.key: row.value for row in t.Setting.select().where(t.Setting.key.in_([_COPY_FROM, _COPIED_FROM]))}
@@ -1655,7 +1628,6 @@ def copy_library(
     source: Store,
     target: Store,
     *,
-    source_place: str | None = None,
     progress: Callable[..., Any] | None = None,
     batch_rows: int = 1000,
     batch_mb: float = 8,
@@ -1667,17 +1639,17 @@ def copy_library(
 
     Goes on where an interrupted copy from the same source stopped; _CopyFailed when `target` holds
     anything else, or when the verification fails (nothing is marked copied then). `progress(total, what,
-    unit=...)` makes a progress display (ingest.Progress's interface); `after_batch(images so far)` is
-    called after each committed batch of images.
+    unit=...)` makes a progress display for each step (_Bar; ingest.Progress fits too); `after_batch(images
+    so far)` is called after each committed batch of images (tests interrupt the copy there).
     """
-    place = source_place or source.path
+    place = _place(source.path)
     progress = progress or _Quiet
     report = CopyReport()
     sdb, tdb, st, tt = source.database, target.database, source._t, target._t
     with source.connection(), target.connection():
-        resuming = check_copy_target(source, target, place)
+        resuming = _check_copy_target(target, place)
         with target._errors(), target.backend.write():
-            tt.Setting.insert(key=_COPY_FROM, value=place).on_conflict_replace().execute()
+            _put_setting(tt, _COPY_FROM, place)
         with source._errors(), target._errors():
             last = _one(tdb, "SELECT COALESCE(MAX(id), 0) FROM image")
             report.already = _one(tdb, "SELECT COUNT(*) FROM image") if resuming else 0
@@ -1688,24 +1660,23 @@ def copy_library(
                 _copy_images(source, target, last, report, bar, batch_rows, int(batch_mb * 2**20), after_batch)
             _copy_thumbnails(source, target, report, progress, int(batch_mb * 2**20))
             with target.backend.write():
-                rows = _Rows(st.Setting)
-                kept = [r for r in rows.select(sdb, f"WHERE key NOT IN ({', '.join('?' * len(_NOT_COPIED))})", _NOT_COPIED)]
-                for key, value in kept:
-                    tt.Setting.insert(key=key, value=value).on_conflict_replace().execute()
+                marks = ", ".join("?" * len(_NOT_COPIED))
+                for key, value in _Rows(st.Setting).select(sdb, f"WHERE key NOT IN ({marks})", _NOT_COPIED):
+                    _put_setting(tt, key, value)
                 # The counts as the source kept them (the verification recounts them from the detections).
                 for model, key in ((st.ObjectCount, "name"), (st.ObjectPair, "a, b")):
                     table = _Rows(model)
                     tdb.execute_sql(f'DELETE FROM "{table.table}"')
                     _copy_pages(sdb, tdb, table, key, 5000)
-                report.high_water = _id_high_water(source.backend)
-                _raise_id_floor(target.backend, report.high_water)
+                report.high_water = source.backend.id_high_water()
+                target.backend.raise_id_floor(report.high_water)
         problems = verify_copy(source, target, report, progress=progress, batch_mb=batch_mb)
         if problems:
             raise _CopyFailed(f"the copy in {target.path} does not match {place}: " + "; ".join(problems))
         with target._errors(), target.backend.write():
             tt.Setting.delete().where(tt.Setting.key == _COPY_FROM).execute()
             stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(target.now()))
-            tt.Setting.insert(key=_COPIED_FROM, value=f"{place} at {stamp}").on_conflict_replace().execute()
+            _put_setting(tt, _COPIED_FROM, f"{place} at {stamp}")
     return report
 
 
@@ -1838,7 +1809,7 @@ def verify_copy(
         a, b = _one(sdb, "SELECT COALESCE(MAX(id), 0) FROM image"), _one(tdb, "SELECT COALESCE(MAX(id), 0) FROM image")
         if a != b:
             problems.append(f"the newest image is {a} in the source, {b} in the copy")
-        a, b = _id_high_water(source.backend), _id_high_water(target.backend)
+        a, b = source.backend.id_high_water(), target.backend.id_high_water()
         report.high_water = a
         if b < a:
             problems.append(f"the copy would hand out image id {b + 1}, which the source gave already (up to {a})")
@@ -1883,8 +1854,8 @@ class _Quiet:
 
 class _Bar:
     """Progress of one step of the copy on `stream` (stderr): a tqdm bar on a terminal, elsewhere a plain line
-    every `every` seconds and at the end. TODO(lead): ingest.Progress does this and more, with this interface;
-    use it here once store.py's command line may import it (tests/test_layout.py: store imports none of ours)."""
+    every `every` seconds and at the end. The subset of ingest.Progress a copy uses, with its interface:
+    store.py imports no module of ours (tests/test_layout.py), so it cannot use that one."""
 
     def __init__(self, total: int | None, what: str, *, unit: str = "row", stream: Any = None, tty: bool | None = None,
                  every: float = 5.0, clock: Callable[[], float] = time.monotonic):
@@ -1935,7 +1906,7 @@ class _Bar:
 
 
 def _same_library(a: str, b: str) -> bool:
-    if _is_url(a) or _is_url(b):
+    if is_url(a) or is_url(b):
         return _place(a) == _place(b)
     try:
         return os.path.samefile(a, b)
@@ -1946,7 +1917,7 @@ def _same_library(a: str, b: str) -> bool:
 def _run_copy(args: Any, parser: Any) -> int:
     if _same_library(args.source, args.target):
         parser.error(f"SOURCE and TARGET are the same database ({_place(args.source)}); give another TARGET")
-    if not _is_url(args.source) and not os.path.isfile(args.source):
+    if not is_url(args.source) and not os.path.isfile(args.source):
         parser.error(f"{args.source} does not exist; give the library to copy (a SQLite file or a postgresql:// URL)")
     if args.batch_mb <= 0:
         parser.error("--batch-mb must be above 0")
@@ -1960,7 +1931,7 @@ def _run_copy(args: Any, parser: Any) -> int:
     try:
         source = Store(args.source)  # migrates an older SQLite file first, as the server would
         target = Store(args.target)  # created where it is missing, with the current schema
-        report = copy_library(source, target, source_place=_place(args.source), progress=bar, batch_mb=args.batch_mb)
+        report = copy_library(source, target, progress=bar, batch_mb=args.batch_mb)
     except KeyboardInterrupt:
         print("store.py copy: interrupted; run the same command again to go on where it stopped", file=sys.stderr)
         return 1

@@ -128,12 +128,12 @@ def dump(s: store.Store) -> dict:
             "object_count": rows("SELECT name, images FROM object_count ORDER BY name"),
             "object_pair": rows("SELECT a, b, images FROM object_pair ORDER BY a, b"),
             "setting": rows("SELECT key, value FROM setting WHERE key NOT IN ('copy_from', 'copied_from') ORDER BY key"),
-            "high_water": store._id_high_water(s.backend),
+            "high_water": s.backend.id_high_water(),
         }
 
 
 def copy(source: store.Store, target: store.Store, **kw) -> store.CopyReport:
-    return store.copy_library(source, target, source_place=source.path, **kw)
+    return store.copy_library(source, target, **kw)
 
 
 @pytest.mark.parametrize("middle", KINDS)
@@ -320,3 +320,29 @@ def test_on_a_terminal_the_progress_is_a_bar():
     text = out.getvalue()
     assert "\r" in text and "a line above the bar\n" in text
     assert re.search(r"copy images: 100%.*3/3", text), text
+
+
+def with_password(url: str, password: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    user, _, host = parts.netloc.rpartition("@")
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user or 'postgres'}:{password}@{host}"))
+
+
+def test_no_password_in_any_output_or_row(new_db, open_store, photo, capsys, caplog):
+    """PostgreSQL on both sides (trust auth takes any password): the URLs' passwords are in no line the
+    command prints or logs, and not in the copy_from / copied_from rows."""
+    source = new_db("sqlite")
+    fill(open_store(source), photo)
+    pg = with_password(new_db("postgresql"), "s3cret-pw")
+    back = new_db("sqlite")
+    assert store.main(["copy", source, pg]) == 0
+    assert store.main(["copy", pg, back]) == 0
+    assert store.main(["copy", source, pg]) == 1  # refused: it holds a verified copy, and says so
+    out, err = capsys.readouterr()
+    assert "already holds a verified copy" in err
+    assert ":***@" in out
+    assert "s3cret-pw" not in out + err + caplog.text
+    b = open_store(back)
+    with b.connection():
+        copied = b.database.execute_sql("SELECT value FROM setting WHERE key = 'copied_from'").fetchone()[0]
+    assert copied.startswith(store.redact(pg) + " at ") and "s3cret-pw" not in copied
