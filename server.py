@@ -963,7 +963,10 @@ def build_parts(
         )
     elif isinstance(detector.observe, metrics_mod.DetectionTimes):
         times = detector.observe  # a caller's detector (tests) shows its own times
-    images = store.Store(settings.db, min_free_mb=settings.min_free_disk_mb, pool_size=settings.db_pool_size)
+    images = store.Store(
+        settings.db, min_free_mb=settings.min_free_disk_mb, pool_size=settings.db_pool_size,
+        busy_timeout_ms=int(settings.db_busy_timeout * 1000),
+    )
     fetcher = fetch.Fetcher(
         max_bytes=settings.max_image_bytes, allow_private=settings.allow_private_urls,
         timeout=settings.fetch_timeout, resolve=resolve, connect=connect,

@@ -529,7 +529,7 @@ class PostgresBackend:
             "postgresql://" + rest,
             max_connections=pool_size or self.DEFAULT_POOL,
             stale_timeout=600,
-            timeout=max(1, busy_timeout_ms // 1000),  # wait this long for a pooled connection, then 503
+            timeout=max(1, -(-busy_timeout_ms // 1000)),  # wait this long for a pooled connection, then 503
             prefer_psycopg3=prefer3,
             connect_timeout=max(1, min(10, busy_timeout_ms // 1000)),
             application_name="imgsvc",
@@ -566,8 +566,12 @@ class PostgresBackend:
                 "every database connection of this process is in use (DB_POOL_SIZE); try again in a moment",
                 retry_after=BUSY_RETRY_AFTER,
             )
+        if code is None or code.startswith(("08", "57P")):
+            # No SQLSTATE: the connection itself failed (refused, timed out, closed under us). The server
+            # went away or cut us off: the idle connections of the pool are as dead as this one, so close
+            # them rather than let each of them fail one more request.
+            self.database.close_idle()
         if code is None or code in _PG_BUSY or code.startswith(_PG_BUSY_CLASSES):
-            # No SQLSTATE: the connection itself failed (refused, timed out, closed under us).
             return StoreUnavailable(
                 f"the database {self.description} is busy or unreachable ({text}); try again in a moment",
                 retry_after=BUSY_RETRY_AFTER,
@@ -605,10 +609,9 @@ def _first_line(e: BaseException) -> str:
 
 
 def _driver_present(prefer3: bool, driver: str | None) -> bool:
-    import importlib.util
-
+    """Whether peewee found the driver (it imports psycopg and psycopg2 when they are installed)."""
     names = [driver] if driver else (["psycopg", "psycopg2"] if prefer3 else ["psycopg2"])
-    return any(importlib.util.find_spec(n) is not None for n in names)
+    return any(getattr(pw, n, None) is not None for n in names)
 
 
 def is_url(target: str) -> bool:
