@@ -213,11 +213,11 @@ def _tables(database: pw.Database, id_field: Callable[[], pw.Field]) -> SimpleNa
         image = pw.ForeignKeyField(Image, on_delete="CASCADE", backref="detections", index=False)
         name = pw.TextField()  # the label, lower-cased: what objects= searches
         label = pw.TextField()
-        confidence = pw.FloatField()
-        x_min = pw.FloatField()
-        y_min = pw.FloatField()
-        x_max = pw.FloatField()
-        y_max = pw.FloatField()
+        confidence = pw.DoubleField()  # double precision on PostgreSQL (FloatField would be its 4-byte REAL)
+        x_min = pw.DoubleField()
+        y_min = pw.DoubleField()
+        x_max = pw.DoubleField()
+        y_max = pw.DoubleField()
 
         class Meta:
             indexes = (
