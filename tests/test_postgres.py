@@ -33,10 +33,9 @@ pytestmark = pytest.mark.both_backends
 
 
 @pytest.fixture
-def pg_only(db_backend):
-    """Skips the [sqlite] run of a PostgreSQL-only test."""
-    if db_backend != "postgresql":
-        pytest.skip("PostgreSQL only")
+def pg_only(request, db_backend):
+    """For a PostgreSQL-only test: marks it so (tests/conftest.py then runs it as [postgresql] alone)."""
+    assert request.node.get_closest_marker("postgresql_only"), "mark the test postgresql_only"
 
 
 @pytest.fixture
@@ -129,6 +128,7 @@ def test_unreachable_server_at_start_is_one_line_without_the_password(model_path
     assert "PostgreSQL server runs" in last
 
 
+@pytest.mark.postgresql_only
 def test_the_password_never_appears_in_logs_health_metrics_or_errors(pg, tmp_path, model_path):
     from test_server import start_server, stop_server
 
@@ -232,6 +232,7 @@ class Proxy:
         self.listener.close()
 
 
+@pytest.mark.postgresql_only
 def test_an_unreachable_database_is_503_with_retry_after_and_served_again_after(pg, detector):
     """The PostgreSQL server goes away while the service runs: requests that need the database are 503
     with Retry-After (the pool's connections are checked before each use, so none fails later for
@@ -265,6 +266,7 @@ def test_an_unreachable_database_is_503_with_retry_after_and_served_again_after(
         proxy.close()
 
 
+@pytest.mark.postgresql_only
 def test_the_pool_exhausted_is_503_with_retry_after(pg):
     s = store.Store(pg, pool_size=1, busy_timeout_ms=500)
     held = threading.Event()
@@ -334,6 +336,7 @@ def tiny_tablespace(pg_only, postgres_server):
         os.rmdir(folder)
 
 
+@pytest.mark.postgresql_only
 def test_a_full_disk_on_the_database_server_is_507_and_nothing_is_stored(tiny_tablespace, make_service):
     service = make_service(min_free_disk_mb=100_000)  # the floor is SQLite's only
     tiny_tablespace(service.settings.db)
@@ -353,6 +356,7 @@ def test_a_full_disk_on_the_database_server_is_507_and_nothing_is_stored(tiny_ta
 # -- concurrent writers: the row locks ---------------------------------------------------------------------------------
 
 
+@pytest.mark.postgresql_only
 def test_a_deadlock_is_run_again(pg, caplog):
     """Another session holds "person" and then asks for "cat", while a store's add() holds "cat" (names in
     order) and waits for "person": PostgreSQL ends one of the two. The other session waits far longer
@@ -399,6 +403,7 @@ def test_a_deadlock_is_run_again(pg, caplog):
     s.shutdown()
 
 
+@pytest.mark.postgresql_only
 def test_concurrent_writers_keep_counts_ids_and_bytes_right(pg):
     """Eight threads add, re-detect and delete images holding overlapping names (the hot "person" row in
     all of them) and the same bytes: no error, no id twice, the counts equal a recount, and every image's
@@ -441,6 +446,7 @@ def test_concurrent_writers_keep_counts_ids_and_bytes_right(pg):
     s.shutdown()
 
 
+@pytest.mark.postgresql_only
 def test_processes_creating_one_schema_at_once_both_start(pg):
     """Two stores opening one new database at the same moment (two server processes started together)
     both find the schema made once."""
@@ -486,6 +492,7 @@ def test_ids_from_the_sequence_are_never_handed_out_twice(new_db):
     s.shutdown()
 
 
+@pytest.mark.postgresql_only
 def test_min_free_disk_mb_is_for_sqlite_files_only(pg):
     s = store.Store(pg, min_free_mb=10**9)
     with s.connection():
