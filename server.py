@@ -963,7 +963,10 @@ def build_parts(
         )
     elif isinstance(detector.observe, metrics_mod.DetectionTimes):
         times = detector.observe  # a caller's detector (tests) shows its own times
-    images = store.Store(settings.db, min_free_mb=settings.min_free_disk_mb)
+    images = store.Store(
+        settings.db, min_free_mb=settings.min_free_disk_mb, pool_size=settings.db_pool_size,
+        busy_timeout_ms=int(settings.db_busy_timeout * 1000),
+    )
     fetcher = fetch.Fetcher(
         max_bytes=settings.max_image_bytes, allow_private=settings.allow_private_urls,
         timeout=settings.fetch_timeout, resolve=resolve, connect=connect,
@@ -1035,14 +1038,9 @@ def make_app(settings: Any, parts: Parts) -> bottle.Bottle:
         for name, value in guard.response_headers(bottle.request.environ, bottle.response.content_type or ""):
             bottle.response.set_header(name, value)
 
-    @app.hook("before_request")
-    def _connect():
-        try:
-            images.connect()
-        except store.StoreError as e:  # hooks run outside the route plugin: map the error here
-            log.error("cannot open the database: %s", e)
-            raise problem(status_for(e) or 503, str(e)) from None
-
+    # A request's database connection is taken from the pool at its first query (the store's errors say
+    # when the database is busy or unreachable: 503 with Retry-After), and handed back when it ends. What
+    # needs no database (/health, the page, /metrics' process part) goes on while it is away.
     @app.hook("after_request")
     def _close():
         images.close()
@@ -1067,7 +1065,7 @@ def make_app(settings: Any, parts: Parts) -> bottle.Bottle:
         info = detector.info()
         # `imgur` lets the page say whether its Imgur panel works without sending a batch to find out.
         return {"status": "ok", "version": __version__, "detector": info, "auth": guard.mode,
-                "imgur": {"enabled": jobs.configured}}
+                "imgur": {"enabled": jobs.configured}, "database": images.backend.name}
 
     @app.post("/session")
     def sign_in():
@@ -1923,6 +1921,13 @@ def _startup_failure(message: str) -> int:
 
 
 def _database_hint(db: str, e: BaseException) -> str:
+    if store.is_url(db):  # never the URL itself: it may hold a password
+        if isinstance(e, store.DriverMissing):
+            return str(e)
+        return (
+            f"cannot open the database {store.redact(db)}: {e}. Check that the PostgreSQL server runs and "
+            "accepts this user, and the URL in IMAGES_DB / --db."
+        )
     folder = os.path.dirname(os.path.abspath(db))
     if isinstance(e, PermissionError) or (os.path.isdir(folder) and not os.access(folder, os.W_OK)):
         return (
@@ -1930,7 +1935,10 @@ def _database_hint(db: str, e: BaseException) -> str:
             "by this user (a Docker bind mount on /data is often root's: chown it), or point IMAGES_DB / --db elsewhere"
         )
     reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-    return f"cannot open the database {db}: {reason}. Point IMAGES_DB / --db at a SQLite file this user can write."
+    return (
+        f"cannot open the database {db}: {reason}. Point IMAGES_DB / --db at a SQLite file this user can write, "
+        "or a postgresql:// URL."
+    )
 
 
 def _listen_hint(settings: Any, e: OSError) -> str:

@@ -213,11 +213,11 @@ def _tables(database: pw.Database, id_field: Callable[[], pw.Field]) -> SimpleNa
         image = pw.ForeignKeyField(Image, on_delete="CASCADE", backref="detections", index=False)
         name = pw.TextField()  # the label, lower-cased: what objects= searches
         label = pw.TextField()
-        confidence = pw.FloatField()
-        x_min = pw.FloatField()
-        y_min = pw.FloatField()
-        x_max = pw.FloatField()
-        y_max = pw.FloatField()
+        confidence = pw.DoubleField()  # double precision on PostgreSQL (FloatField would be its 4-byte REAL)
+        x_min = pw.DoubleField()
+        y_min = pw.DoubleField()
+        x_max = pw.DoubleField()
+        y_max = pw.DoubleField()
 
         class Meta:
             indexes = (
@@ -512,7 +512,7 @@ class PostgresBackend:
     blob_upsert = "ON CONFLICT (sha256) DO UPDATE SET sha256 = excluded.sha256"  # locks the row it meets
     DRIVERS = {"psycopg": "psycopg", "psycopg2": "psycopg2"}
 
-    def __init__(self, url: str, *, busy_timeout_ms: int = 10_000, pool_size: int = 0):
+    def __init__(self, url: str, *, busy_timeout_ms: int = 10_000, pool_size: int = 0, read_only: bool = False):
         self.description = redact(url)
         self.path = self.description
         scheme, rest = url.split("://", 1)
@@ -529,11 +529,11 @@ class PostgresBackend:
             "postgresql://" + rest,
             max_connections=pool_size or self.DEFAULT_POOL,
             stale_timeout=600,
-            timeout=max(1, busy_timeout_ms // 1000),  # wait this long for a pooled connection, then 503
+            timeout=max(1, -(-busy_timeout_ms // 1000)),  # wait this long for a pooled connection, then 503
             prefer_psycopg3=prefer3,
             connect_timeout=max(1, min(10, busy_timeout_ms // 1000)),
             application_name="imgsvc",
-            session=(f"SET lock_timeout = {int(busy_timeout_ms)}",),
+            session=(f"SET lock_timeout = {int(busy_timeout_ms)}",) + (("SET default_transaction_read_only = on",) if read_only else ()),
         )
 
     @staticmethod
@@ -567,7 +567,6 @@ class PostgresBackend:
                 retry_after=BUSY_RETRY_AFTER,
             )
         if code is None or code in _PG_BUSY or code.startswith(_PG_BUSY_CLASSES):
-            # No SQLSTATE: the connection itself failed (refused, timed out, closed under us).
             return StoreUnavailable(
                 f"the database {self.description} is busy or unreachable ({text}); try again in a moment",
                 retry_after=BUSY_RETRY_AFTER,
@@ -605,10 +604,9 @@ def _first_line(e: BaseException) -> str:
 
 
 def _driver_present(prefer3: bool, driver: str | None) -> bool:
-    import importlib.util
-
+    """Whether peewee found the driver (it imports psycopg and psycopg2 when they are installed)."""
     names = [driver] if driver else (["psycopg", "psycopg2"] if prefer3 else ["psycopg2"])
-    return any(importlib.util.find_spec(n) is not None for n in names)
+    return any(getattr(pw, n, None) is not None for n in names)
 
 
 def is_url(target: str) -> bool:
@@ -633,19 +631,42 @@ def redact(target: str) -> str:
     return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
-class ReadOnlyHoldings:
-    """Store.holds() on a SQLite file opened read-only, without migrating or writing a row (dry runs).
+class _ReadOnlyPostgres:
+    """A PostgreSQL database opened for reading only (every transaction READ ONLY), without migrating."""
 
-    A file that does not exist holds nothing (and is not created). SQLite may create the WAL's side
-    files (-wal, -shm) beside it; the database itself is not written."""
+    def __init__(self, url: str, busy_timeout_ms: int):
+        self._backend = PostgresBackend(url, busy_timeout_ms=busy_timeout_ms, pool_size=1, read_only=True)
+
+    def one(self, sql: str, params: Sequence[Any]) -> Any:
+        db = self._backend.database
+        try:
+            if not db.table_exists("image"):
+                return None  # a database the service never used holds nothing
+            return db.execute_sql(sql.replace("?", "%s"), params).fetchone()
+        except (pw.DatabaseError, MaxConnectionsExceeded) as e:
+            raise self._backend.translate(e) from e
+
+    def close(self) -> None:
+        self._backend.database.close_all()
+
+
+class ReadOnlyHoldings:
+    """Store.holds() on a database opened read-only, without migrating or writing a row (dry runs).
+
+    A SQLite file that does not exist holds nothing (and is not created). SQLite may create the WAL's side
+    files (-wal, -shm) beside it; the database itself is not written. A PostgreSQL database is read in
+    READ ONLY transactions."""
 
     def __init__(self, path: str, *, busy_timeout_ms: int = 10_000):
         self._conn: sqlite3.Connection | None = None
-        if os.path.exists(path):
+        self._pg = _ReadOnlyPostgres(path, busy_timeout_ms) if is_url(path) else None
+        if self._pg is None and os.path.exists(path):
             uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro"
             self._conn = sqlite3.connect(uri, uri=True, timeout=busy_timeout_ms / 1000, check_same_thread=False)
 
     def holds(self, sha256: str) -> bool:
+        if self._pg is not None:
+            return self._pg.one("SELECT 1 FROM image WHERE sha256 = ? LIMIT 1", [sha256]) is not None
         if self._conn is None:
             return False
         try:
@@ -654,6 +675,8 @@ class ReadOnlyHoldings:
             raise StoreUnavailable(f"the database cannot be read: {e}") from e
 
     def close(self) -> None:
+        if self._pg is not None:
+            self._pg.close()
         if self._conn is not None:
             self._conn.close()
             self._conn = None
@@ -684,11 +707,18 @@ def redetect_where(
 def read_only_redetect_count(
     path: str, which: str, detected_with: str, objects: Sequence[Collection[str]] = (), *, busy_timeout_ms: int = 10_000
 ) -> int:
-    """Store.redetect_count on a SQLite file opened read-only, without migrating or writing (dry runs).
-    A file that does not exist holds nothing (and is not created)."""
+    """Store.redetect_count on a database opened read-only, without migrating or writing (dry runs).
+    A SQLite file that does not exist holds nothing (and is not created)."""
+    where, params = redetect_where(which, detected_with, objects)
+    if is_url(path):
+        pg = _ReadOnlyPostgres(path, busy_timeout_ms)
+        try:
+            row = pg.one(f"SELECT COUNT(*) FROM image WHERE {where}", params)
+        finally:
+            pg.close()
+        return 0 if row is None else row[0]
     if not os.path.exists(path):
         return 0
-    where, params = redetect_where(which, detected_with, objects)
     uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro"
     try:
         conn = sqlite3.connect(uri, uri=True, timeout=busy_timeout_ms / 1000)
@@ -786,7 +816,8 @@ class Store:
     def _many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
         """executemany() of plain SQL written with ? placeholders."""
         if rows:
-            self._db.cursor().executemany(sql if self._marks is None else sql.translate(self._marks), rows)
+            with pw.__exception_wrapper__:  # the driver's errors as peewee's, as execute_sql gives them
+                self._db.cursor().executemany(sql if self._marks is None else sql.translate(self._marks), rows)
 
     # -- connections -------------------------------------------------------------------------------------
 
@@ -1062,6 +1093,8 @@ class Store:
             row = self._sql(f"SELECT sha256 FROM image WHERE id = ?{self.backend.lock_rows}", [image_id]).fetchone()
             if row is None:
                 raise NotFound(f"there is no image {image_id}")
+            if self.backend.lock_rows:  # its bytes' row before the counts' rows, the order add() takes them in
+                self._sql(f"SELECT 1 FROM blob WHERE sha256 = ?{self.backend.lock_rows}", [row[0]])
             held = self._names_of([image_id]).get(image_id, ())
             self._sql("DELETE FROM image WHERE id = ?", [image_id])  # detections go by ON DELETE CASCADE
             self._count_changes(held, ())
@@ -1151,25 +1184,20 @@ class Store:
         # In name order, so two writers change the rows in one order (row locks, on a database that has them).
         by_name = sorted((n, k) for n, k in names.items() if k)
         by_pair = sorted((a, b, k) for (a, b), k in pairs.items() if k)
-        cursor, p = self._db.cursor(), self._db.param
-        if by_name:  # (an upsert locks the row it changes until the transaction ends, on PostgreSQL)
-            cursor.executemany(
-                f"INSERT INTO object_count (name, images) VALUES ({p}, {p}) "
-                "ON CONFLICT (name) DO UPDATE SET images = object_count.images + excluded.images",
-                by_name,
-            )
-        if by_pair:
-            cursor.executemany(
-                f"INSERT INTO object_pair (a, b, images) VALUES ({p}, {p}, {p}) "
-                "ON CONFLICT (a, b) DO UPDATE SET images = object_pair.images + excluded.images",
-                by_pair,
-            )
-        fewer = [(n,) for n, k in by_name if k < 0]
-        if fewer:  # a name no image holds any more has no row, as in a GROUP BY
-            cursor.executemany(f"DELETE FROM object_count WHERE name = {p} AND images <= 0", fewer)
-        fewer = [(a, b) for a, b, k in by_pair if k < 0]
-        if fewer:
-            cursor.executemany(f"DELETE FROM object_pair WHERE a = {p} AND b = {p} AND images <= 0", fewer)
+        # (An upsert locks the row it changes until the transaction ends, on PostgreSQL.)
+        self._many(
+            "INSERT INTO object_count (name, images) VALUES (?, ?) "
+            "ON CONFLICT (name) DO UPDATE SET images = object_count.images + excluded.images",
+            by_name,
+        )
+        self._many(
+            "INSERT INTO object_pair (a, b, images) VALUES (?, ?, ?) "
+            "ON CONFLICT (a, b) DO UPDATE SET images = object_pair.images + excluded.images",
+            by_pair,
+        )
+        # A name no image holds any more has no row, as in a GROUP BY.
+        self._many("DELETE FROM object_count WHERE name = ? AND images <= 0", [(n,) for n, k in by_name if k < 0])
+        self._many("DELETE FROM object_pair WHERE a = ? AND b = ? AND images <= 0", [(a, b) for a, b, k in by_pair if k < 0])
 
     def _names_of(self, ids: Sequence[int]) -> dict[int, set[str]]:
         """The names each of these images holds (images without detections are left out)."""

@@ -4,7 +4,8 @@ Without those variables the tests look in testdata/ (what `make testdata` fills)
 
 Two backends: tests marked `both_backends` (a module's `pytestmark`, a class or a function) that use a
 database through `new_db` (`make_service` and `service` do) run twice, as `[sqlite]` and `[postgresql]`;
-`sqlite_only` keeps one of them on SQLite (PRAGMAs, the file itself). The PostgreSQL half runs on a
+`sqlite_only` keeps one of them on SQLite (PRAGMAs, the file itself); `postgresql_only` runs a test on
+PostgreSQL alone (what SQLite does not have: row locks, a server that goes away). The PostgreSQL half runs on a
 throwaway cluster (tests/postgres.py), or on TEST_POSTGRES_URL's server; without PostgreSQL's binaries or
 a driver it is skipped, with the reason in the report's header and in each skip.
 """
@@ -56,7 +57,9 @@ def pytest_report_header(config) -> str:
 def pytest_generate_tests(metafunc) -> None:
     """Twice for `both_backends` tests that reach a database through `db_backend`; once for the rest."""
     marked = metafunc.definition.get_closest_marker("both_backends")
-    if marked and "db_backend" in metafunc.fixturenames and not metafunc.definition.get_closest_marker("sqlite_only"):
+    if "db_backend" in metafunc.fixturenames and metafunc.definition.get_closest_marker("postgresql_only"):
+        metafunc.parametrize("db_backend", ["postgresql"], indirect=True)
+    elif marked and "db_backend" in metafunc.fixturenames and not metafunc.definition.get_closest_marker("sqlite_only"):
         metafunc.parametrize("db_backend", BACKENDS, indirect=True)
 
 
