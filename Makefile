@@ -50,6 +50,16 @@ $(VENV)/.dev-deps: requirements.txt requirements-dev.txt | prereqs
 	$(PY) -m pip install -q -r requirements-dev.txt
 	touch $@ $(VENV)/.run-deps
 
+# The PostgreSQL driver, for the tests' [postgresql] half: only where PostgreSQL's binaries are (Debian
+# keeps initdb in /usr/lib/postgresql/*/bin, off PATH) or TEST_POSTGRES_URL names a server.
+PG_INITDB := $(wildcard /usr/lib/postgresql/*/bin/initdb) $(shell command -v initdb 2>/dev/null)
+PG_DEPS   := $(if $(strip $(PG_INITDB) $(TEST_POSTGRES_URL)),$(VENV)/.postgres-deps)
+
+$(VENV)/.postgres-deps: requirements.txt requirements-postgres.txt | prereqs
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements-postgres.txt
+	touch $@
+
 ## make run: install, fetch the default model if it is missing (carry on without it offline), serve.
 run: prereqs $(VENV)/.run-deps
 	@test -f "$(MODEL)" || $(PY) detect.py --fetch efficientdet_lite0 || \
@@ -59,8 +69,10 @@ run: prereqs $(VENV)/.run-deps
 ## make test: ruff (ruff.toml), then the whole pytest suite. The test data comes from TESTDATA_DIR and
 ## DETECT_MODEL, else from testdata/, downloaded first when it is missing (need-testdata). The page tests
 ## use Debian's Chromium, else Playwright's own, installed only when its download host answers; without
-## either they are skipped.
-test: prereqs need-testdata $(VENV)/.dev-deps
+## either they are skipped. The store and image-API tests run on SQLite and again on a throwaway PostgreSQL
+## cluster (tests/postgres.py) when PostgreSQL's binaries are here, else that half is left out with one
+## line saying so.
+test: prereqs need-testdata $(VENV)/.dev-deps $(PG_DEPS)
 	$(VENV)/bin/ruff check .
 	@test -x /usr/bin/chromium || $(PY) tests/chromium.py
 	$(PY) -m pytest -q
