@@ -1,8 +1,7 @@
 """`python store.py copy SOURCE TARGET`: a whole library between SQLite and PostgreSQL, resumable and verified.
 
-Real databases and real bytes (the test photos, small Pillow-made pictures). The PostgreSQL cases run when
-TEST_POSTGRES_URL names a server where databases may be created (each test makes its own and drops it), for
-example postgresql://postgres@127.0.0.1:55432/postgres; without it they are skipped.
+Real databases and real bytes (the test photos, small Pillow-made pictures). The other side of each copy is
+new_db's (tests/conftest.py): SQLite, then PostgreSQL in a `both_backends` test's second run.
 """
 
 from __future__ import annotations
@@ -12,60 +11,39 @@ import io
 import os
 import re
 import urllib.parse
-import uuid
 
 import pytest
 from PIL import Image
 
 import store
 
-KINDS = ("sqlite", "postgresql")
 PHOTOS = ("cats_and_dogs.jpg", "kite_and_cold.jpg", "coupleanddog.jpeg")
 
+# Tests taking `db_backend` run twice (tests/conftest.py): copying to and from SQLite, then PostgreSQL.
+pytestmark = pytest.mark.both_backends
+
 
 @pytest.fixture
-def new_db(tmp_path):
-    """new_db(kind) -> the target of a fresh, empty database: a SQLite path, or a PostgreSQL URL of a
-    database made for this test on TEST_POSTGRES_URL (dropped at the end)."""
-    made: list[str] = []
+def sqlite_db(tmp_path):
+    """sqlite_db() -> the path of a SQLite file nobody has used (beside new_db's, whatever its backend)."""
+    names = iter(range(1000))
+    return lambda: str(tmp_path / f"library{next(names)}.db")
+
+
+@pytest.fixture
+def open_store():
+    """open_store(target) -> a Store on it, shut down at the end of the test (tests that take new_db name it
+    first: its databases are dropped after the stores are shut down)."""
     stores: list[store.Store] = []
-
-    def make(kind: str) -> str:
-        if kind == "sqlite":
-            return str(tmp_path / f"{uuid.uuid4().hex[:8]}.db")
-        server = os.environ.get("TEST_POSTGRES_URL")
-        if not server:
-            pytest.skip("TEST_POSTGRES_URL is not set: no PostgreSQL server to copy to")
-        import psycopg
-
-        name = f"h_copy_{uuid.uuid4().hex[:10]}"
-        with psycopg.connect(server, autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
-        made.append(name)
-        return urllib.parse.urlunsplit(urllib.parse.urlsplit(server)._replace(path=f"/{name}"))
-
-    make.stores = stores
-    yield make
-    for s in stores:
-        s.shutdown()
-    if made:
-        import psycopg
-
-        with psycopg.connect(os.environ["TEST_POSTGRES_URL"], autocommit=True) as conn:
-            for name in made:
-                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-@pytest.fixture
-def open_store(new_db):
-    """open_store(target) -> a Store on it, shut down at the end of the test."""
 
     def open_(target: str) -> store.Store:
         s = store.Store(target)
-        new_db.stores.append(s)
+        stores.append(s)
         return s
 
-    return open_
+    yield open_
+    for s in stores:
+        s.shutdown()
 
 
 def picture(n: int, size: tuple[int, int] = (32, 24)) -> bytes:
@@ -136,11 +114,10 @@ def copy(source: store.Store, target: store.Store, **kw) -> store.CopyReport:
     return store.copy_library(source, target, **kw)
 
 
-@pytest.mark.parametrize("middle", KINDS)
-def test_a_round_trip_keeps_every_row_and_id(new_db, open_store, photo, middle):
-    a = open_store(new_db("sqlite"))
+def test_a_round_trip_keeps_every_row_and_id(new_db, sqlite_db, open_store, photo):
+    a = open_store(sqlite_db())
     fill(a, photo)
-    b, c = open_store(new_db(middle)), open_store(new_db("sqlite"))
+    b, c = open_store(new_db()), open_store(sqlite_db())
     first = copy(a, b)
     copy(b, c)
     want = dump(a)
@@ -158,25 +135,23 @@ def test_a_round_trip_keeps_every_row_and_id(new_db, open_store, photo, middle):
     assert rows["copied_from"].startswith(b.path) and "copy_from" not in rows
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_a_deleted_id_does_not_come_back_in_the_copy(new_db, open_store, kind):
-    a = open_store(new_db("sqlite"))
+def test_a_deleted_id_does_not_come_back_in_the_copy(new_db, sqlite_db, open_store):
+    a = open_store(sqlite_db())
     with a.connection():
         for i in range(3):
             a.add(new_image(picture(i), n=i))
         a.delete(3)
-    b = open_store(new_db(kind))
+    b = open_store(new_db())
     copy(a, b)
     with b.connection():
         assert b.add(new_image(picture(7), n=7)).id == 4
         assert [r.id for r in b.list()[0]] == [4, 2, 1]
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_an_interrupted_copy_goes_on_where_it_stopped(new_db, open_store, photo, kind):
-    a = open_store(new_db("sqlite"))
+def test_an_interrupted_copy_goes_on_where_it_stopped(new_db, sqlite_db, open_store, photo):
+    a = open_store(sqlite_db())
     fill(a, photo)
-    b = open_store(new_db(kind))
+    b = open_store(new_db())
     seen = []
 
     def stop(done: int) -> None:
@@ -197,13 +172,13 @@ def test_an_interrupted_copy_goes_on_where_it_stopped(new_db, open_store, photo,
     assert dump(b) == dump(a)  # nothing twice, nothing missing
 
 
-def test_batches_are_bounded_by_bytes(new_db, open_store, photo):
-    a = open_store(new_db("sqlite"))
+def test_batches_are_bounded_by_bytes(sqlite_db, open_store, photo):
+    a = open_store(sqlite_db())
     with a.connection():
         for i, name in enumerate(PHOTOS):
             a.add(new_image(photo(name), n=i))
     sizes = [len(photo(name)) for name in PHOTOS]
-    b = open_store(new_db("sqlite"))
+    b = open_store(sqlite_db())
     seen = []
     # Room for the first two photos together, not for three: a larger one alone, never none.
     copy(a, b, batch_mb=(sizes[0] + sizes[1]) / 2**20, after_batch=seen.append)
@@ -211,12 +186,11 @@ def test_batches_are_bounded_by_bytes(new_db, open_store, photo):
     assert dump(b) == dump(a)
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_a_target_holding_another_library_is_refused(new_db, open_store, kind, capsys):
-    a = open_store(new_db("sqlite"))
+def test_a_target_holding_another_library_is_refused(new_db, sqlite_db, open_store, capsys):
+    a = open_store(sqlite_db())
     with a.connection():
         a.add(new_image(picture(1), n=1))
-    target = new_db(kind)
+    target = new_db()
     b = open_store(target)
     with b.connection():
         b.add(new_image(picture(2), n=2))
@@ -229,13 +203,13 @@ def test_a_target_holding_another_library_is_refused(new_db, open_store, kind, c
         assert b.count() == (1, 1)  # nothing written
 
 
-def test_an_unfinished_copy_of_another_source_is_refused(new_db, open_store):
-    a, other = open_store(new_db("sqlite")), open_store(new_db("sqlite"))
+def test_an_unfinished_copy_of_another_source_is_refused(sqlite_db, open_store):
+    a, other = open_store(sqlite_db()), open_store(sqlite_db())
     for i, s in enumerate((a, other)):
         with s.connection():
             s.add(new_image(picture(i), n=i))
             s.add(new_image(picture(i + 10), n=i + 10))
-    b = open_store(new_db("sqlite"))
+    b = open_store(sqlite_db())
 
     def stop(done: int) -> None:
         raise KeyboardInterrupt
@@ -248,11 +222,10 @@ def test_an_unfinished_copy_of_another_source_is_refused(new_db, open_store):
     assert dump(b) == dump(other)
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_the_verification_names_a_corrupted_blob(new_db, open_store, photo, kind):
-    a = open_store(new_db("sqlite"))
+def test_the_verification_names_a_corrupted_blob(new_db, sqlite_db, open_store, photo):
+    a = open_store(sqlite_db())
     fill(a, photo)
-    b = open_store(new_db(kind))
+    b = open_store(new_db())
     copy(a, b)
     assert store.verify_copy(a, b) == []
     sha = hashlib.sha256(photo(PHOTOS[1])).hexdigest()
@@ -263,10 +236,10 @@ def test_the_verification_names_a_corrupted_blob(new_db, open_store, photo, kind
     assert problems == [f"1 blob(s) whose bytes do not match their sha256: {sha}"]
 
 
-def test_the_verification_names_a_missing_row_and_a_wrong_count(new_db, open_store, photo):
-    a = open_store(new_db("sqlite"))
+def test_the_verification_names_a_missing_row_and_a_wrong_count(sqlite_db, open_store, photo):
+    a = open_store(sqlite_db())
     fill(a, photo)
-    b = open_store(new_db("sqlite"))
+    b = open_store(sqlite_db())
     copy(a, b)
     with b.connection(), b.backend.write():
         b.database.execute_sql("DELETE FROM vision_frame")
@@ -276,10 +249,10 @@ def test_the_verification_names_a_missing_row_and_a_wrong_count(new_db, open_sto
     assert "object_count: 2 row(s) disagree with a recount from the copy's detections" in problems
 
 
-def test_the_command_shows_progress_lines_off_a_terminal_and_one_summary(new_db, open_store, photo, capsys):
-    source = new_db("sqlite")
+def test_the_command_shows_progress_lines_off_a_terminal_and_one_summary(sqlite_db, open_store, photo, capsys):
+    source = sqlite_db()
     fill(open_store(source), photo)
-    target = new_db("sqlite")
+    target = sqlite_db()
     assert store.main(["copy", source, target]) == 0
     out, err = capsys.readouterr()
     assert "\r" not in err
@@ -297,12 +270,12 @@ def test_the_command_shows_progress_lines_off_a_terminal_and_one_summary(new_db,
     ), out
 
 
-def test_usage_errors_exit_2(new_db, open_store, capsys):
-    source = new_db("sqlite")
+def test_usage_errors_exit_2(sqlite_db, open_store, capsys):
+    source = sqlite_db()
     open_store(source)
     for argv, says in (
         (["copy", source, os.path.join(os.path.dirname(source), ".", os.path.basename(source))], "are the same database"),
-        (["copy", source + ".missing", new_db("sqlite")], "does not exist"),
+        (["copy", source + ".missing", sqlite_db()], "does not exist"),
         (["copy", source], "the following arguments are required: TARGET"),
     ):
         with pytest.raises(SystemExit) as stopped:
@@ -328,21 +301,26 @@ def with_password(url: str, password: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(netloc=f"{user or 'postgres'}:{password}@{host}"))
 
 
-def test_no_password_in_any_output_or_row(new_db, open_store, photo, capsys, caplog):
-    """PostgreSQL on both sides (trust auth takes any password): the URLs' passwords are in no line the
+@pytest.mark.postgresql_only
+def test_no_password_in_any_output_or_row(new_db, sqlite_db, open_store, photo, capsys, caplog):
+    """SQLite to PostgreSQL and back, the URL with a password: it is in no line the
     command prints or logs, and not in the copy_from / copied_from rows."""
-    source = new_db("sqlite")
+    source = sqlite_db()
     fill(open_store(source), photo)
-    pg = with_password(new_db("postgresql"), "s3cret-pw")
-    back = new_db("sqlite")
+    pg = new_db()
+    secret = urllib.parse.urlsplit(pg).password
+    if secret is None:  # the session's own cluster trusts 127.0.0.1: any password is taken
+        secret = "s3cret-pw"
+        pg = with_password(pg, secret)
+    back = sqlite_db()
     assert store.main(["copy", source, pg]) == 0
     assert store.main(["copy", pg, back]) == 0
     assert store.main(["copy", source, pg]) == 1  # refused: it holds a verified copy, and says so
     out, err = capsys.readouterr()
     assert "already holds a verified copy" in err
     assert ":***@" in out
-    assert "s3cret-pw" not in out + err + caplog.text
+    assert secret not in out + err + caplog.text
     b = open_store(back)
     with b.connection():
         copied = b.database.execute_sql("SELECT value FROM setting WHERE key = 'copied_from'").fetchone()[0]
-    assert copied.startswith(store.redact(pg) + " at ") and "s3cret-pw" not in copied
+    assert copied.startswith(store.redact(pg) + " at ") and secret not in copied
