@@ -7,9 +7,12 @@ new_db's (tests/conftest.py): SQLite, then PostgreSQL in a `both_backends` test'
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import io
 import os
 import re
+import socket
+import sqlite3
 import urllib.parse
 
 import pytest
@@ -172,6 +175,24 @@ def test_an_interrupted_copy_goes_on_where_it_stopped(new_db, sqlite_db, open_st
     assert dump(b) == dump(a)  # nothing twice, nothing missing
 
 
+def test_an_older_sqlite_source_is_migrated_first(new_db, sqlite_db, open_store, photo):
+    """A source as schema version 3 left it (no counts tables): opened as the server opens it, it gains the
+    counts, and the copy carries them."""
+    source = sqlite_db()
+    fill(open_store(source), photo)
+    conn = sqlite3.connect(source)
+    conn.executescript(
+        "BEGIN; DROP TABLE object_count; DROP TABLE object_pair; DROP INDEX detection_name_confidence_image_id;"
+        "UPDATE setting SET value = '3' WHERE key = 'schema_version'; COMMIT;"
+    )
+    conn.close()
+    target = new_db()
+    assert store.main(["copy", source, target]) == 0
+    a, b = open_store(source), open_store(target)
+    assert dump(b) == dump(a)
+    with b.connection():
+        assert b.objects() == [("dog", 4), ("car", 3), ("person", 3), ("cat", 1)]
+
 def test_batches_are_bounded_by_bytes(sqlite_db, open_store, photo):
     a = open_store(sqlite_db())
     with a.connection():
@@ -324,3 +345,20 @@ def test_no_password_in_any_output_or_row(new_db, sqlite_db, open_store, photo, 
     with b.connection():
         copied = b.database.execute_sql("SELECT value FROM setting WHERE key = 'copied_from'").fetchone()[0]
     assert copied.startswith(store.redact(pg) + " at ") and secret not in copied
+
+
+def test_a_database_error_is_one_line_and_status_1(sqlite_db, open_store, capsys):
+    if not any(importlib.util.find_spec(name) for name in ("psycopg", "psycopg2")):
+        pytest.skip("no PostgreSQL driver (requirements-postgres.txt)")
+    source = sqlite_db()
+    open_store(source)
+    port = socket.socket()
+    port.bind(("127.0.0.1", 0))  # a free port nobody listens on: the connection is refused
+    try:
+        url = f"postgresql://postgres:s3cret-pw@127.0.0.1:{port.getsockname()[1]}/nowhere"
+        assert store.main(["copy", source, url]) == 1
+    finally:
+        port.close()
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("store.py copy: the database postgresql://postgres:***@127.0.0.1:")
+    assert "unreachable" in err and "s3cret-pw" not in err and "Traceback" not in err
