@@ -1668,7 +1668,10 @@ def copy_library(
                 target.backend.raise_id_floor(report.high_water)
         problems = verify_copy(source, target, report, progress=progress, batch_mb=batch_mb)
         if problems:
-            raise _CopyFailed(f"the copy in {target.path} does not match {place}: " + "; ".join(problems))
+            raise _CopyFailed(
+                f"the copy in {target.path} does not match {place}: " + "; ".join(problems)
+                + " (it is not marked done; did the service write meanwhile? stop it and copy into an empty database)"
+            )
         with target._errors(), target.backend.write():
             tt.Setting.delete().where(tt.Setting.key == _COPY_FROM).execute()
             stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(target.now()))
