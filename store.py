@@ -1598,6 +1598,15 @@ class CopyReport:
     high_water: int = 0  # the next image id in the target is above this
 
 
+def _identity(images: Store) -> tuple:
+    """What tells two databases apart however their targets are spelt (a URL's host as a name or an address,
+    its port left out or given): the file itself, or the server (its start time) and the database's name."""
+    if images.backend.name == "sqlite":
+        return ("sqlite", os.path.realpath(images.backend.path))
+    row = images.database.execute_sql("SELECT current_database(), CAST(pg_postmaster_start_time() AS TEXT)").fetchone()
+    return ("postgresql", *row)
+
+
 def _check_copy_target(target: Store, source_place: str) -> bool:
     """Whether `target` can take a copy of the library at `source_place`: True when an earlier copy from there
     was started (it goes on), False when it is empty. _CopyFailed when it holds anything else."""
@@ -1643,6 +1652,9 @@ def copy_library(
     report = CopyReport()
     sdb, tdb, st, tt = source.database, target.database, source._t, target._t
     with source.connection(), target.connection():
+        with source._errors(), target._errors():
+            if _identity(source) == _identity(target):
+                raise _CopyFailed(f"{place} and {target.path} are the same database; give another TARGET")
         resuming = _check_copy_target(target, place)
         with target._errors(), target.backend.write():
             _put_setting(tt, _COPY_FROM, place)

@@ -362,3 +362,16 @@ def test_a_database_error_is_one_line_and_status_1(sqlite_db, open_store, capsys
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("store.py copy: the database postgresql://postgres:***@127.0.0.1:")
     assert "unreachable" in err and "s3cret-pw" not in err and "Traceback" not in err
+
+
+@pytest.mark.postgresql_only
+def test_one_postgresql_database_spelt_two_ways_is_refused(new_db, open_store, capsys):
+    url = new_db()
+    with open_store(url).connection():
+        pass
+    other = url + ("&" if "?" in url else "?") + "application_name=copy"  # another spelling, the same database
+    assert store.main(["copy", url, other]) == 1
+    assert "are the same database; give another TARGET" in capsys.readouterr().err
+    a = open_store(url)
+    with a.connection():
+        assert a.database.execute_sql("SELECT COUNT(*) FROM setting WHERE key IN ('copy_from', 'copied_from')").fetchone()[0] == 0
