@@ -375,3 +375,15 @@ def test_one_postgresql_database_spelt_two_ways_is_refused(new_db, open_store, c
     a = open_store(url)
     with a.connection():
         assert a.database.execute_sql("SELECT COUNT(*) FROM setting WHERE key IN ('copy_from', 'copied_from')").fetchone()[0] == 0
+
+
+def test_ingest_progress_fits_the_copy(sqlite_db, open_store, photo):
+    """copy_library's progress displays have ingest.Progress's interface: that one can be handed in as is."""
+    import ingest
+
+    out = io.StringIO()
+    a, b = open_store(sqlite_db()), open_store(sqlite_db())
+    fill(a, photo)
+    store.copy_library(a, b, progress=lambda total, what, **kw: ingest.Progress(total, what, stream=out, tty=False, **kw))
+    assert re.search(r"copy images: 10/10 images \(100%\), 10 added", out.getvalue()), out.getvalue()
+    assert dump(b) == dump(a)
