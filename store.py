@@ -1548,7 +1548,8 @@ class _Rows:
         if rows:
             marks = ", ".join([db.param] * len(self.columns))
             also = " ON CONFLICT DO NOTHING" if ignore else ""
-            db.cursor().executemany(f'INSERT INTO "{self.table}" ({self.names}) VALUES ({marks}){also}', rows)
+            with pw.__exception_wrapper__:  # a raw cursor: the driver's errors as peewee's
+                db.cursor().executemany(f'INSERT INTO "{self.table}" ({self.names}) VALUES ({marks}){also}', rows)
 
 
 def _put_setting(t: SimpleNamespace, key: str, value: str) -> None:

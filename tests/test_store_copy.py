@@ -387,3 +387,21 @@ def test_ingest_progress_fits_the_copy(sqlite_db, open_store, photo):
     store.copy_library(a, b, progress=lambda total, what, **kw: ingest.Progress(total, what, stream=out, tty=False, **kw))
     assert re.search(r"copy images: 10/10 images \(100%\), 10 added", out.getvalue()), out.getvalue()
     assert dump(b) == dump(a)
+
+
+@pytest.mark.postgresql_only
+def test_a_row_the_target_refuses_is_one_line_and_status_1(new_db, sqlite_db, open_store, capsys):
+    """SQLite takes a NUL in text, PostgreSQL does not: the insert fails, the batch is rolled back, one line."""
+    source = sqlite_db()
+    a = open_store(source)
+    with a.connection():
+        a.add(new_image(picture(1), n=1))
+        a.database.execute_sql("UPDATE image SET label = ? WHERE id = 1", ["a\x00b"])
+    target = new_db()
+    assert store.main(["copy", source, target]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1].startswith("store.py copy: ") and "NUL" in err[-1]
+    assert not any("Traceback" in line for line in err)
+    b = open_store(target)
+    with b.connection():
+        assert b.count() == (0, 0)  # the batch went back whole
