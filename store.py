@@ -1973,7 +1973,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     purge = commands.add_parser("purge-thumbnails", help="delete every kept thumbnail (they are made again on request)")
     purge.add_argument("--db", default=os.environ.get("IMAGES_DB", "data/images.db"),
-                       help="the database file (default: $IMAGES_DB, else data/images.db)")
+                       help="the database: a SQLite file or a postgresql:// URL (default: $IMAGES_DB, else data/images.db)")
     copy = commands.add_parser(
         "copy", help="copy a whole library to another database, SQLite or PostgreSQL, resumable and verified",
         description=(
@@ -1997,9 +1997,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "copy":
         return _run_copy(args, parser)
-    if not os.path.exists(args.db):
+    if not is_url(args.db) and not os.path.exists(args.db):
         parser.error(f"{args.db} does not exist; give the service's database with --db (IMAGES_DB)")
-    images = Store(args.db)
+    try:
+        images = Store(args.db)
+    except StoreError as e:  # as ingest.py's commands: a database that cannot be opened is a wrong --db
+        print(f"store.py purge-thumbnails: cannot open the database {redact(args.db)}: {e}", file=sys.stderr)
+        return 2
     try:
         with images.connection():
             _, size = images.thumbnail_count()
