@@ -181,16 +181,18 @@ class Tally:
             return [i for i, a in self.acked.items() if a.process == process]
 
 
-def writer(base: str, process: int, tally: Tally, until: float, photos: list[bytes], stop_on_error: bool = False) -> None:
-    """POST /images of distinct small pictures (detect=false) until `until`; every DETECT_EVERY-th one a real
-    photo with detection. A connection lost mid-request (the server was killed) counts in `in_flight`."""
+def writer(base: str, process: int, tally: Tally, until: float, photos: list[bytes], *,
+           detect_every: int = DETECT_EVERY, stop_on_error: bool = False) -> None:
+    """POST /images of distinct small pictures (detect=false) until `until`; every `detect_every`-th one one
+    of `photos` with detection. A connection lost mid-request (the server was killed) counts in `in_flight`
+    (and, unless `stop_on_error`, as a problem)."""
     client = Client(base)
-    n = random.randrange(DETECT_EVERY)
+    n = random.randrange(detect_every)
     try:
         while time.monotonic() < until:
             n += 1
-            detect = n % DETECT_EVERY == 0
-            data = photos[n // DETECT_EVERY % len(photos)] if detect else noise_png()
+            detect = n % detect_every == 0
+            data = photos[random.randrange(len(photos))] if detect else noise_png()
             try:
                 status, headers, body = client("POST", "/images", post_body(data, detect))
             except (OSError, http.client.HTTPException) as e:
@@ -390,11 +392,34 @@ def test_kill_9_mid_write_loses_no_acknowledged_image(shared_db, model_path, pho
         return buf.getvalue()
 
     tally = Tally()
-    proc, base = start(db, model_path)
+    with servers(db, model_path, 1) as others:  # the other process, running all along
+        proc, base = start(db, model_path)
+        kill_mid_write(proc, base, tally, fresh_photo)
+        check_readable(tally, [others[0][1]], through=lambda a: 0)
+    assert not tally.problems, (tally.problems[:10], tally.statuses)
+    assert len(tally.acked) >= 100 and tally.in_flight > 0, (len(tally.acked), tally.in_flight)
+    assert len(tally.ids) == len(set(tally.ids))
+
+    with servers(db, model_path, 1) as procs:  # a fresh process: its start takes away what the killed one staged
+        check_readable(tally, [procs[0][1]], through=lambda a: 0)
+    rows = database_rows(db)
+    # The posts in flight at the kill may or may not have been stored; nothing else was, and nothing half.
+    assert set(tally.acked) <= set(rows["ids"])
+    assert len(rows["ids"]) <= len(tally.acked) + tally.in_flight
+    check_counts(rows)
+    assert rows["staged"] == 0 and rows["orphan_blobs"] == 0, rows
+    print(f"\n{backend}: {len(tally.acked)} acknowledged before the kill, {tally.in_flight} in flight, "
+          f"{len(rows['ids']) - len(tally.acked)} of those stored")
+
+
+def kill_mid_write(proc, base: str, tally: Tally, fresh_photo) -> None:
+    """10 writers against `proc`, one post in 5 with detection of a photo of its own (the model runs while
+    its bytes are staged), until `proc` has acknowledged 300 images; then SIGKILL while they write."""
     try:
         until = time.monotonic() + 30  # a bound: the kill ends the writes long before
-        photos = [fresh_photo(i) for i in range(40)]
-        threads = [threading.Thread(target=writer, args=(base, 0, tally, until, photos, True)) for _ in range(10)]
+        photos = [fresh_photo(i) for i in range(100)]
+        threads = [threading.Thread(target=writer, args=(base, 0, tally, until, photos),
+                                    kwargs={"detect_every": 5, "stop_on_error": True}) for _ in range(10)]
         for t in threads:
             t.start()
         deadline = time.monotonic() + 20
@@ -410,17 +435,3 @@ def test_kill_9_mid_write_loses_no_acknowledged_image(shared_db, model_path, pho
             proc.kill()
             proc.wait()
         proc.drain.join(5)
-    assert not tally.problems, (tally.problems[:10], tally.statuses)
-    assert len(tally.acked) >= 100 and tally.in_flight > 0, (len(tally.acked), tally.in_flight)
-    assert len(tally.ids) == len(set(tally.ids))
-
-    with servers(db, model_path, 1) as procs:  # a fresh process: what the killed one acknowledged is there
-        check_readable(tally, [procs[0][1]], through=lambda a: 0)
-    rows = database_rows(db)
-    # The posts in flight at the kill may or may not have been stored; nothing else was, and nothing half.
-    assert set(tally.acked) <= set(rows["ids"])
-    assert len(rows["ids"]) <= len(tally.acked) + tally.in_flight
-    check_counts(rows)
-    assert rows["staged"] == 0 and rows["orphan_blobs"] == 0, rows
-    print(f"\n{backend}: {len(tally.acked)} acknowledged before the kill, {tally.in_flight} in flight, "
-          f"{len(rows['ids']) - len(tally.acked)} of those stored")
