@@ -843,7 +843,7 @@ def open_library(settings: Any) -> Ingest:
     store (with the disk floor), the detector (its pool of interpreters), one decode budget. No gates:
     a bulk command bounds its own concurrency. Raises store.StoreError or OSError."""
     detector = make_detector(settings)
-    images = store.Store(settings.db, min_free_mb=settings.min_free_disk_mb)
+    images = store.Store(settings.db, min_free_mb=settings.min_free_disk_mb, pool_size=settings.db_pool_size)
     fetcher = fetch.Fetcher(max_bytes=settings.max_image_bytes)  # unused by files; Ingest takes one
     return Ingest(
         images=images, detector=detector, fetcher=fetcher, max_pixels=settings.max_pixels, budget=detector.budget
@@ -1180,7 +1180,7 @@ def _run_import(args: Any, parser: Any) -> int:
             pipeline = open_library(settings)
             holds, close, detector = pipeline.images.holds, pipeline.images.shutdown, pipeline.detector
     except (store.StoreError, OSError, sqlite3.Error) as e:
-        print(f"ingest.py import: cannot open the database {settings.db}: {e}", file=sys.stderr)
+        print(f"ingest.py import: cannot open the database {store.redact(settings.db)}: {e}", file=sys.stderr)
         return EXIT_USAGE
     budget, workers = detector.budget, detector.pool
     try:
@@ -1198,7 +1198,7 @@ def _run_import(args: Any, parser: Any) -> int:
                 f"detection on ({os.path.basename(settings.model)}, threshold {settings.detect_threshold:g})"
                 if args.detect else "detection off"
             )
-            progress.write(f"import: {total} file(s) into {settings.db}, {detection}, {workers} at once")
+            progress.write(f"import: {total} file(s) into {store.redact(settings.db)}, {detection}, {workers} at once")
             importer = Importer(
                 pipeline, progress, holds=holds, detect=args.detect, dry_run=args.dry_run,
                 max_bytes=settings.max_image_bytes, max_pixels=settings.max_pixels, budget=budget, workers=workers,
@@ -1382,21 +1382,21 @@ def _run_redetect(args: Any, parser: Any) -> int:
             print(f"ingest.py redetect: {e}", file=sys.stderr)
             return EXIT_USAGE
         except store.StoreError as e:
-            print(f"ingest.py redetect: cannot read the database {settings.db}: {e}", file=sys.stderr)
+            print(f"ingest.py redetect: cannot read the database {store.redact(settings.db)}: {e}", file=sys.stderr)
             return EXIT_USAGE
-        print(f"redetect (dry run: nothing is written): {n} image(s) in {settings.db} would be detected again "
+        print(f"redetect (dry run: nothing is written): {n} image(s) in {store.redact(settings.db)} would be detected again "
               f"({scope}) with {detector.model_name} ({fingerprint})", flush=True)
         return EXIT_OK
     # store.Store would make a missing file a new empty library (a typo, or the default path from another
     # folder): nothing to re-detect there, and a file left behind. (A dry run opens it read-only: 0 images.)
-    if not os.path.exists(settings.db):
-        print(f"ingest.py redetect: the database {settings.db} does not exist; give the server's database with "
+    if not store.is_url(settings.db) and not os.path.exists(settings.db):
+        print(f"ingest.py redetect: the database {store.redact(settings.db)} does not exist; give the server's database with "
               f"--db (IMAGES_DB)", file=sys.stderr)
         return EXIT_USAGE
     try:
         pipeline = open_library(settings)
     except (store.StoreError, OSError, sqlite3.Error) as e:
-        print(f"ingest.py redetect: cannot open the database {settings.db}: {e}", file=sys.stderr)
+        print(f"ingest.py redetect: cannot open the database {store.redact(settings.db)}: {e}", file=sys.stderr)
         return EXIT_USAGE
     try:
         try:
@@ -1411,7 +1411,7 @@ def _run_redetect(args: Any, parser: Any) -> int:
             total = pipeline.images.redetect_count(args.which, fingerprint, objects=objects, until=until)
         words = {"added": "re-detected"}
         with Progress(total, "redetect", unit="image", every=args.log_every, words=words) as progress:
-            progress.write(f"redetect: {total} image(s) in {settings.db} ({scope}) with {pipeline.detector.model_name} "
+            progress.write(f"redetect: {total} image(s) in {store.redact(settings.db)} ({scope}) with {pipeline.detector.model_name} "
                            f"({fingerprint}), {workers} at once")
             redetector = Redetector(pipeline, progress, threshold=threshold, workers=workers)
             interrupted = False

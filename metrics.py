@@ -17,7 +17,6 @@ This module imports none of ours: it reads the parts through the few attributes 
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from typing import Any, Iterator
 
@@ -178,15 +177,12 @@ class ServiceCollector:
         images = self.parts.images
         with images.connection():
             stored, _ = images.count()
+            size = images.backend.size_bytes()
         yield GaugeMetricFamily("imgsvc_images", "Images stored.", value=stored)
-        size = 0
-        path = images.path
-        for name in (path, path + "-wal"):  # the WAL holds what is not yet checkpointed into the file
-            try:
-                size += os.stat(name).st_size
-            except OSError:
-                pass
-        yield GaugeMetricFamily("imgsvc_database_bytes", "Bytes of the database file and its write-ahead log on disk.", value=size)
+        yield GaugeMetricFamily(
+            "imgsvc_database_bytes", "Bytes of the database: SQLite's file and write-ahead log, or PostgreSQL's database size.",
+            value=size,
+        )
 
     def _jobs(self, tally: dict[str, Any]) -> Iterator[Metric]:
         jobs = GaugeMetricFamily(

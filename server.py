@@ -963,7 +963,7 @@ def build_parts(
         )
     elif isinstance(detector.observe, metrics_mod.DetectionTimes):
         times = detector.observe  # a caller's detector (tests) shows its own times
-    images = store.Store(settings.db, min_free_mb=settings.min_free_disk_mb)
+    images = store.Store(settings.db, min_free_mb=settings.min_free_disk_mb, pool_size=settings.db_pool_size)
     fetcher = fetch.Fetcher(
         max_bytes=settings.max_image_bytes, allow_private=settings.allow_private_urls,
         timeout=settings.fetch_timeout, resolve=resolve, connect=connect,
@@ -1041,7 +1041,8 @@ def make_app(settings: Any, parts: Parts) -> bottle.Bottle:
             images.connect()
         except store.StoreError as e:  # hooks run outside the route plugin: map the error here
             log.error("cannot open the database: %s", e)
-            raise problem(status_for(e) or 503, str(e)) from None
+            retry_after = getattr(e, "retry_after", None)
+            raise problem(status_for(e) or 503, str(e), {"Retry-After": str(retry_after)} if retry_after else None) from None
 
     @app.hook("after_request")
     def _close():
@@ -1923,6 +1924,13 @@ def _startup_failure(message: str) -> int:
 
 
 def _database_hint(db: str, e: BaseException) -> str:
+    if store.is_url(db):  # never the URL itself: it may hold a password
+        if isinstance(e, store.DriverMissing):
+            return str(e)
+        return (
+            f"cannot open the database {store.redact(db)}: {e}. Check that the PostgreSQL server runs and "
+            "accepts this user, and the URL in IMAGES_DB / --db."
+        )
     folder = os.path.dirname(os.path.abspath(db))
     if isinstance(e, PermissionError) or (os.path.isdir(folder) and not os.access(folder, os.W_OK)):
         return (
@@ -1930,7 +1938,10 @@ def _database_hint(db: str, e: BaseException) -> str:
             "by this user (a Docker bind mount on /data is often root's: chown it), or point IMAGES_DB / --db elsewhere"
         )
     reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-    return f"cannot open the database {db}: {reason}. Point IMAGES_DB / --db at a SQLite file this user can write."
+    return (
+        f"cannot open the database {db}: {reason}. Point IMAGES_DB / --db at a SQLite file this user can write, "
+        "or a postgresql:// URL."
+    )
 
 
 def _listen_hint(settings: Any, e: OSError) -> str:

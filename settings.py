@@ -137,7 +137,9 @@ class Settings:
     host: str = _setting("HOST", "127.0.0.1", "Address to listen on; 0.0.0.0 to serve the LAN.", flag="--host")
     port: int = _setting("PORT", 8080, "TCP port to listen on (0 picks a free one and logs it).", flag="--port", parse=_port)
     db: str = _setting(
-        "IMAGES_DB", "data/images.db", "SQLite file holding images, bytes and detections (created with its folder).",
+        "IMAGES_DB", "data/images.db",
+        "Where images, bytes and detections live: a SQLite file (created with its folder), or a PostgreSQL URL "
+        "postgresql://user:pass@host:port/dbname (needs requirements-postgres.txt).",
         flag="--db",
     )
     model: str = _setting(
@@ -285,6 +287,12 @@ class Settings:
     min_free_disk_mb: int = _setting(
         "MIN_FREE_DISK_MB", 256,
         "Megabytes kept free on the database's filesystem: writes that would go below answer 507 (reads work).",
+        parse=_non_negative_int,
+    )
+    db_pool_size: int = _setting(
+        "DB_POOL_SIZE", 0,
+        "Database connections this process keeps open at most; 0: 64 for SQLite, 16 for PostgreSQL (every process "
+        "counts against the server's max_connections, 100 by default). A request that finds none free waits up to 10 s, then 503.",
         parse=_non_negative_int,
     )
     stop_grace: float = _setting(

@@ -22,10 +22,12 @@ writes no API JSON. Writes stop at a floor of free disk space (`min_free_mb`, MI
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import logging
 import math
 import os
+import random
 import re
 import sqlite3
 import sys
@@ -37,7 +39,7 @@ from types import SimpleNamespace
 from typing import Any, Callable, Collection, Iterable, Iterator, Sequence
 
 import peewee as pw
-from playhouse.pool import PooledSqliteDatabase
+from playhouse.pool import MaxConnectionsExceeded, PooledPostgresqlDatabase, PooledSqliteDatabase
 from playhouse.sqlite_ext import AutoIncrementField
 
 log = logging.getLogger(__name__)
@@ -64,7 +66,26 @@ class LowDisk(StoreFull):
 
 
 class StoreUnavailable(StoreError):
-    """The database cannot be used right now (locked past the busy timeout, read-only, corrupt)."""
+    """The database cannot be used right now (locked past the busy timeout, unreachable, read-only, corrupt).
+
+    `retry_after`: seconds after which trying again may work (busy, unreachable), else None."""
+
+    def __init__(self, message: str, retry_after: int | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class WriteConflict(StoreUnavailable):
+    """A write lost a deadlock or a serialization check (PostgreSQL): nothing was written, and the store
+    tries it again itself (`_retried`) before this reaches a caller."""
+
+
+class DriverMissing(StoreUnavailable):
+    """The target names a database whose driver is not installed."""
+
+
+BUSY_RETRY_AFTER = 2  # seconds: a busy or unreachable database, on either backend
+WRITE_ATTEMPTS = 5  # a write that loses a deadlock or serialization check is run again up to this many times
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -277,10 +298,15 @@ class SqliteBackend:
 
     name = "sqlite"
     _FULL = re.compile(r"database or disk is full", re.I)
+    DEFAULT_POOL = 64  # more than waitress' threads plus the upload workers: SQLite connections are cheap
+    lock_rows = ""  # SQLite has no row locks: a write transaction holds the one write lock (BEGIN IMMEDIATE)
+    share_rows = ""
+    blob_upsert = "ON CONFLICT (sha256) DO NOTHING"  # writers are serialised: a blob seen is a blob kept
 
-    def __init__(self, path: str, *, busy_timeout_ms: int = 10_000, max_connections: int = 64):
+    def __init__(self, path: str, *, busy_timeout_ms: int = 10_000, pool_size: int = 0):
         self.path = path
         self.description = path
+        max_connections = pool_size or self.DEFAULT_POOL
         self._page_size: int | None = None
         folder = os.path.dirname(os.path.abspath(path))
         os.makedirs(folder, exist_ok=True)
@@ -323,22 +349,52 @@ class SqliteBackend:
         """A write transaction that holds the write lock from its start (writers queue, never fail half-way)."""
         return self.database.atomic("IMMEDIATE")
 
-    def translate(self, e: pw.DatabaseError) -> StoreError:
+    def snapshot(self) -> Any:
+        """A read transaction: its statements see one state of the database (WAL: the state at its first read)."""
+        return self.database.atomic()
+
+    def serialize(self, key: str) -> None:
+        """Make writers that pass the same `key` take turns (inside a write transaction): they already do here."""
+
+    def translate(self, e: BaseException) -> StoreError:
         # On a full disk SQLite rolls the transaction back itself; peewee's own ROLLBACK then fails ("no
         # transaction is active") and that error hides the real one, which is still in the chain.
         texts = [str(x) for x in _chain(e)]
         text = texts[0]
         if any(self._FULL.search(t) for t in texts):
             return StoreFull("the disk holding the database is full; free some space and try again")
-        if "locked" in text or "busy" in text:
-            return StoreUnavailable("the database is busy; try again in a moment")
+        if "locked" in text or "busy" in text or isinstance(e, MaxConnectionsExceeded):
+            return StoreUnavailable("the database is busy; try again in a moment", retry_after=BUSY_RETRY_AFTER)
         return StoreUnavailable(f"the database cannot be used: {text}")
 
-    def next_id(self) -> int:
-        """The id the next image gets (inside a write transaction): past every id ever handed out."""
+    def reserve_ids(self, n: int) -> list[int]:
+        """`n` fresh image ids (inside a write transaction): past every id ever handed out."""
+        first = self.id_high_water() + 1
+        return list(range(first, first + n))
+
+    def id_high_water(self) -> int:
+        """The highest image id ever handed out, deleted ones included (AUTOINCREMENT's sqlite_sequence)."""
         seq = self.database.execute_sql("SELECT seq FROM sqlite_sequence WHERE name = 'image'").fetchone()
         top = self.database.execute_sql("SELECT MAX(id) FROM image").fetchone()
-        return max(seq[0] if seq else 0, top[0] or 0) + 1
+        return max(seq[0] if seq else 0, top[0] or 0)
+
+    def raise_id_floor(self, n: int) -> None:
+        """Make the next image id handed out greater than `n` (inside a write transaction)."""
+        if n <= self.id_high_water():
+            return
+        db = self.database
+        if db.execute_sql("UPDATE sqlite_sequence SET seq = ? WHERE name = 'image'", [n]).rowcount == 0:
+            db.execute_sql("INSERT INTO sqlite_sequence (name, seq) VALUES ('image', ?)", [n])
+
+    def size_bytes(self) -> int:
+        """Bytes of the database file and its write-ahead log on disk."""
+        size = 0
+        for name in (self.path, self.path + "-wal"):  # the WAL holds what is not yet checkpointed into the file
+            try:
+                size += os.stat(name).st_size
+            except OSError:
+                pass
+        return size
 
     def migrate_v1_to_v2(self, tables: SimpleNamespace) -> None:
         """Rebuild `image` with AUTOINCREMENT (SQLite cannot alter a primary key), keeping every id."""
@@ -409,19 +465,210 @@ class SqliteBackend:
             tables.Setting.update(value="5").where(tables.Setting.key == "schema_version").execute()
 
 
-class ReadOnlyHoldings:
-    """Store.holds() on a SQLite file opened read-only, without migrating or writing a row (dry runs).
+class _PostgresDatabase(PooledPostgresqlDatabase):
+    """Peewee's pooled PostgreSQL database, each new connection given the session settings of the backend."""
 
-    A file that does not exist holds nothing (and is not created). SQLite may create the WAL's side
-    files (-wal, -shm) beside it; the database itself is not written."""
+    def __init__(self, *args: Any, session: Sequence[str] = (), **kwargs: Any):
+        self._session = tuple(session)
+        super().__init__(*args, **kwargs)
+
+    def _connect(self) -> Any:
+        conn = super()._connect()
+        with conn.cursor() as cursor:
+            for statement in self._session:
+                cursor.execute(statement)
+        return conn
+
+
+# SQLSTATEs (PostgreSQL's appendix A) and what they mean here.
+_PG_RETRY = {"40001", "40P01"}  # serialization_failure, deadlock_detected: run the transaction again
+_PG_FULL = {"53100"}  # disk_full
+_PG_BUSY_CLASSES = ("08", "53", "57")  # connection exceptions, insufficient resources, operator intervention
+_PG_BUSY = {"55P03", "55006", "57014"}  # lock_not_available (lock_timeout), object_in_use, query_canceled
+
+
+def _sqlstate(e: BaseException) -> str | None:
+    for x in _chain(e):
+        code = getattr(x, "sqlstate", None) or getattr(x, "pgcode", None)  # psycopg 3, psycopg2
+        if code:
+            return code
+    return None
+
+
+class PostgresBackend:
+    """A PostgreSQL database: pooled connections, SERIAL ids from a sequence (never reused), row locks.
+
+    Writers run concurrently (READ COMMITTED). What SQLite's single write lock gave for free, row locks
+    give here: deleting bytes locks their blob row first and then looks for images holding them (`lock_rows`),
+    storing an image upserts its blob so the row is locked until it commits (`blob_upsert`), and the counts
+    are changed in name order, so two writers meet on a hot row ("person") in one order and do not deadlock.
+    A deadlock or serialization failure that happens anyway is run again (`Store._retried`). Each connection
+    waits at most the busy timeout for a row lock (`lock_timeout`): past it, 503 with Retry-After."""
+
+    name = "postgresql"
+    DEFAULT_POOL = 16  # per process: two processes at 64 would pass PostgreSQL's default max_connections (100)
+    lock_rows = " FOR UPDATE"
+    share_rows = " FOR KEY SHARE"
+    blob_upsert = "ON CONFLICT (sha256) DO UPDATE SET sha256 = excluded.sha256"  # locks the row it meets
+    DRIVERS = {"psycopg": "psycopg", "psycopg2": "psycopg2"}
+
+    def __init__(self, url: str, *, busy_timeout_ms: int = 10_000, pool_size: int = 0, read_only: bool = False):
+        self.description = redact(url)
+        self.path = self.description
+        scheme, rest = url.split("://", 1)
+        driver = scheme.partition("+")[2] or None  # postgresql+psycopg2://: the bench compares the drivers
+        if driver is not None and driver not in self.DRIVERS:
+            raise StoreUnavailable(f"{scheme}:// names an unknown driver {driver!r}; use postgresql://, postgresql+psycopg:// or postgresql+psycopg2://")
+        prefer3 = driver != "psycopg2"
+        if not _driver_present(prefer3, driver):
+            raise DriverMissing(
+                f"IMAGES_DB names a PostgreSQL database but its driver ({driver or 'psycopg'}) is not installed: "
+                "pip install -r requirements-postgres.txt"
+            )
+        self.database = _PostgresDatabase(
+            "postgresql://" + rest,
+            max_connections=pool_size or self.DEFAULT_POOL,
+            stale_timeout=600,
+            timeout=max(1, busy_timeout_ms // 1000),  # wait this long for a pooled connection, then 503
+            prefer_psycopg3=prefer3,
+            connect_timeout=max(1, min(10, busy_timeout_ms // 1000)),
+            application_name="imgsvc",
+            session=(f"SET lock_timeout = {int(busy_timeout_ms)}",) + (("SET default_transaction_read_only = on",) if read_only else ()),
+        )
+
+    @staticmethod
+    def id_field() -> pw.Field:
+        return pw.AutoField()  # SERIAL: a sequence, which never hands out an id twice
+
+    def free_bytes(self) -> int | None:
+        return None  # the server's disk is the server's: MIN_FREE_DISK_MB applies to SQLite files only
+
+    def write(self) -> Any:
+        return self.database.atomic()
+
+    def snapshot(self) -> Any:
+        """A read transaction whose statements see one snapshot (READ COMMITTED gives each statement its own)."""
+        return self.database.atomic(isolation_level="REPEATABLE READ")
+
+    def serialize(self, key: str) -> None:
+        """Make writers that pass the same `key` take turns until their transactions end."""
+        self.database.execute_sql("SELECT pg_advisory_xact_lock(hashtext(%s))", [key])
+
+    def translate(self, e: BaseException) -> StoreError:
+        code = _sqlstate(e)
+        text = _first_line(e)
+        if code in _PG_RETRY:
+            return WriteConflict("the database was busy with a conflicting write; try again", retry_after=1)
+        if code in _PG_FULL:
+            return StoreFull("the disk holding the PostgreSQL database is full; free some space on the database server and try again")
+        if isinstance(e, MaxConnectionsExceeded):
+            return StoreUnavailable(
+                "every database connection of this process is in use (DB_POOL_SIZE); try again in a moment",
+                retry_after=BUSY_RETRY_AFTER,
+            )
+        if code is None or code in _PG_BUSY or code.startswith(_PG_BUSY_CLASSES):
+            # No SQLSTATE: the connection itself failed (refused, timed out, closed under us).
+            return StoreUnavailable(
+                f"the database {self.description} is busy or unreachable ({text}); try again in a moment",
+                retry_after=BUSY_RETRY_AFTER,
+            )
+        return StoreUnavailable(f"the database cannot be used: {text}")
+
+    def _sequence(self) -> str:
+        return self.database.execute_sql("SELECT pg_get_serial_sequence('image', 'id')").fetchone()[0]
+
+    def reserve_ids(self, n: int) -> list[int]:
+        """`n` fresh image ids from the sequence (not always consecutive when other writers take some too)."""
+        if n <= 0:
+            return []
+        sql = "SELECT nextval(%s) FROM generate_series(1, %s)"
+        return [row[0] for row in self.database.execute_sql(sql, [self._sequence(), n]).fetchall()]
+
+    def id_high_water(self) -> int:
+        """The highest image id ever handed out, deleted ones included (the sequence's last value)."""
+        seq = self._sequence()
+        last, called = self.database.execute_sql(f"SELECT last_value, is_called FROM {seq}").fetchone()
+        top = self.database.execute_sql("SELECT MAX(id) FROM image").fetchone()[0] or 0
+        return max(last if called else last - 1, top)
+
+    def raise_id_floor(self, n: int) -> None:
+        """Make the next image id handed out greater than `n`."""
+        if n > self.id_high_water():
+            self.database.execute_sql("SELECT setval(%s, %s, true)", [self._sequence(), n])
+
+    def size_bytes(self) -> int:
+        return self.database.execute_sql("SELECT pg_database_size(current_database())").fetchone()[0]
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def _driver_present(prefer3: bool, driver: str | None) -> bool:
+    import importlib.util
+
+    names = [driver] if driver else (["psycopg", "psycopg2"] if prefer3 else ["psycopg2"])
+    return any(importlib.util.find_spec(n) is not None for n in names)
+
+
+def is_url(target: str) -> bool:
+    """Whether `target` is a database URL (scheme://...) rather than a SQLite file path."""
+    return re.match(r"^[a-z][a-z0-9+.-]*://", target, re.I) is not None
+
+
+def redact(target: str) -> str:
+    """`target` with any password replaced by ***, fit for logs, errors and /health."""
+    if not is_url(target):
+        return target
+    parts = urllib.parse.urlsplit(target)
+    netloc = parts.netloc
+    if "@" in netloc:
+        user, _, host = netloc.rpartition("@")
+        if ":" in user:
+            user = user.split(":", 1)[0] + ":***"
+        netloc = f"{user}@{host}"
+    query = urllib.parse.urlencode(
+        [(k, "***" if k.lower() == "password" else v) for k, v in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)]
+    )
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+class _ReadOnlyPostgres:
+    """A PostgreSQL database opened for reading only (every transaction READ ONLY), without migrating."""
+
+    def __init__(self, url: str, busy_timeout_ms: int):
+        self._backend = PostgresBackend(url, busy_timeout_ms=busy_timeout_ms, pool_size=1, read_only=True)
+
+    def one(self, sql: str, params: Sequence[Any]) -> Any:
+        db = self._backend.database
+        try:
+            if not db.table_exists("image"):
+                return None  # a database the service never used holds nothing
+            return db.execute_sql(sql.replace("?", "%s"), params).fetchone()
+        except (pw.DatabaseError, MaxConnectionsExceeded) as e:
+            raise self._backend.translate(e) from e
+
+    def close(self) -> None:
+        self._backend.database.close_all()
+
+
+class ReadOnlyHoldings:
+    """Store.holds() on a database opened read-only, without migrating or writing a row (dry runs).
+
+    A SQLite file that does not exist holds nothing (and is not created). SQLite may create the WAL's side
+    files (-wal, -shm) beside it; the database itself is not written. A PostgreSQL database is read in
+    READ ONLY transactions."""
 
     def __init__(self, path: str, *, busy_timeout_ms: int = 10_000):
         self._conn: sqlite3.Connection | None = None
-        if os.path.exists(path):
+        self._pg = _ReadOnlyPostgres(path, busy_timeout_ms) if is_url(path) else None
+        if self._pg is None and os.path.exists(path):
             uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro"
             self._conn = sqlite3.connect(uri, uri=True, timeout=busy_timeout_ms / 1000, check_same_thread=False)
 
     def holds(self, sha256: str) -> bool:
+        if self._pg is not None:
+            return self._pg.one("SELECT 1 FROM image WHERE sha256 = ? LIMIT 1", [sha256]) is not None
         if self._conn is None:
             return False
         try:
@@ -430,6 +677,8 @@ class ReadOnlyHoldings:
             raise StoreUnavailable(f"the database cannot be read: {e}") from e
 
     def close(self) -> None:
+        if self._pg is not None:
+            self._pg.close()
         if self._conn is not None:
             self._conn.close()
             self._conn = None
@@ -443,7 +692,7 @@ def redetect_where(
     conditions = {
         "stale": ("detected_with IS NOT NULL AND detected_with != ?", [detected_with]),
         "undetected": ("detected_with IS NULL", []),
-        "all": ("1", []),
+        "all": ("TRUE", []),
     }
     if which not in conditions:
         raise ValueError(f"which must be one of {', '.join(conditions)}")
@@ -460,11 +709,18 @@ def redetect_where(
 def read_only_redetect_count(
     path: str, which: str, detected_with: str, objects: Sequence[Collection[str]] = (), *, busy_timeout_ms: int = 10_000
 ) -> int:
-    """Store.redetect_count on a SQLite file opened read-only, without migrating or writing (dry runs).
-    A file that does not exist holds nothing (and is not created)."""
+    """Store.redetect_count on a database opened read-only, without migrating or writing (dry runs).
+    A SQLite file that does not exist holds nothing (and is not created)."""
+    where, params = redetect_where(which, detected_with, objects)
+    if is_url(path):
+        pg = _ReadOnlyPostgres(path, busy_timeout_ms)
+        try:
+            row = pg.one(f"SELECT COUNT(*) FROM image WHERE {where}", params)
+        finally:
+            pg.close()
+        return 0 if row is None else row[0]
     if not os.path.exists(path):
         return 0
-    where, params = redetect_where(which, detected_with, objects)
     uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro"
     try:
         conn = sqlite3.connect(uri, uri=True, timeout=busy_timeout_ms / 1000)
@@ -476,11 +732,14 @@ def read_only_redetect_count(
         raise StoreUnavailable(f"the database cannot be read: {e}") from e
 
 
-def open_backend(target: str, **options: Any) -> SqliteBackend:
-    """The backend that serves `target`: a file path is SQLite (the only backend so far)."""
-    if re.match(r"^[a-z][a-z0-9+.-]*://", target, re.I):
+def open_backend(target: str, **options: Any) -> SqliteBackend | PostgresBackend:
+    """The backend that serves `target`: postgresql:// (or postgres://) is PostgreSQL, a file path SQLite."""
+    if is_url(target):
+        scheme = target.split("://", 1)[0].lower()
+        if scheme.partition("+")[0] in ("postgresql", "postgres"):
+            return PostgresBackend(target, **options)
         raise StoreUnavailable(
-            f"IMAGES_DB takes a SQLite file path; {target.split('://', 1)[0]}:// databases are not supported yet"
+            f"IMAGES_DB takes a SQLite file path or a postgresql:// URL; {scheme}:// databases are not supported"
         )
     return SqliteBackend(target, **options)
 
@@ -488,6 +747,30 @@ def open_backend(target: str, **options: Any) -> SqliteBackend:
 # ---------------------------------------------------------------------------------------------------------
 # The store
 # ---------------------------------------------------------------------------------------------------------
+
+
+def _retried(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Run a Store write again when it loses a deadlock or a serialization check (WriteConflict: PostgreSQL
+    rolled it back, nothing was written), up to WRITE_ATTEMPTS times with a short random pause. Only the
+    outermost transaction is run again: a write called inside another lets the conflict through to it."""
+
+    @functools.wraps(method)
+    def run(self: "Store", *args: Any, **kwargs: Any) -> Any:
+        return _run_again_on_conflict(self._db, lambda: method(self, *args, **kwargs), method.__name__)
+
+    return run
+
+
+def _run_again_on_conflict(db: pw.Database, write: Callable[[], Any], what: str) -> Any:
+    for attempt in range(1, WRITE_ATTEMPTS + 1):
+        try:
+            return write()
+        except WriteConflict:
+            if db.in_transaction() or attempt == WRITE_ATTEMPTS:
+                raise
+            log.info("%s lost a write conflict (attempt %d of %d); running it again", what, attempt, WRITE_ATTEMPTS)
+            time.sleep(random.uniform(0.005, 0.02) * attempt)
+    raise AssertionError("unreachable")
 
 
 class Store:
@@ -499,15 +782,18 @@ class Store:
         *,
         now: Callable[[], float] = time.time,
         busy_timeout_ms: int = 10_000,
-        backend: Callable[..., SqliteBackend] = open_backend,
+        backend: Callable[..., SqliteBackend | PostgresBackend] = open_backend,
         min_free_mb: int = 0,
+        pool_size: int = 0,
     ):
         self.now = now
         self.min_free_mb = min_free_mb
-        self.backend = backend(target, busy_timeout_ms=busy_timeout_ms)
+        self.backend = backend(target, busy_timeout_ms=busy_timeout_ms, pool_size=pool_size)
         self.path = self.backend.description
         self._db = self.backend.database
         self._t = _tables(self._db, self.backend.id_field)
+        # Plain SQL below is written with ? placeholders; PostgreSQL's drivers take %s.
+        self._marks = str.maketrans({"?": "%s"}) if self._db.param == "%s" else None
         with self._errors(), self.connection():
             self._migrate()
 
@@ -520,10 +806,19 @@ class Store:
     def _errors(self) -> Iterator[None]:
         try:
             yield
-        except (pw.OperationalError, pw.DatabaseError) as e:
+        except (pw.OperationalError, pw.DatabaseError, MaxConnectionsExceeded) as e:
             if isinstance(e, pw.IntegrityError):
                 raise
             raise self.backend.translate(e) from e
+
+    def _sql(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        """Run plain SQL written with ? placeholders on this thread's connection; returns the cursor."""
+        return self._db.execute_sql(sql if self._marks is None else sql.translate(self._marks), params)
+
+    def _many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        """executemany() of plain SQL written with ? placeholders."""
+        if rows:
+            self._db.cursor().executemany(sql if self._marks is None else sql.translate(self._marks), rows)
 
     # -- connections -------------------------------------------------------------------------------------
 
@@ -552,6 +847,7 @@ class Store:
             if opened:
                 self._db.close()
 
+    @_retried
     def _migrate(self) -> None:
         version = self._version()
         if version is not None and version > SCHEMA_VERSION:
@@ -559,20 +855,19 @@ class Store:
                 f"{self.path} has schema version {version}, newer than this service ({SCHEMA_VERSION}); "
                 "upgrade the service or use another IMAGES_DB"
             )
-        if version == 1:
-            self.backend.migrate_v1_to_v2(self._t)
-            version = 2
-        if version == 2:
-            self.backend.migrate_v2_to_v3(self._t)
-            version = 3
-        if version == 3:
-            self.backend.migrate_v3_to_v4(self._t)
-            version = 4
-        if version == 4:
-            self.backend.migrate_v4_to_v5(self._t)
+        while version is not None and version < SCHEMA_VERSION:  # SQLite files from earlier versions
+            step = getattr(self.backend, f"migrate_v{version}_to_v{version + 1}", None)
+            if step is None:
+                raise StoreUnavailable(f"{self.path} has schema version {version}, which this service cannot migrate")
+            step(self._t)
+            version += 1
+        Setting = self._t.Setting
         with self.backend.write():
+            self.backend.serialize("imgsvc schema")  # processes starting at once on one new database take turns
             self._db.create_tables(self._t.all, safe=True)
-            self._t.Setting.insert(key="schema_version", value=str(SCHEMA_VERSION)).on_conflict_replace().execute()
+            Setting.insert(key="schema_version", value=str(SCHEMA_VERSION)).on_conflict(
+                conflict_target=[Setting.key], update={Setting.value: str(SCHEMA_VERSION)}
+            ).execute()
             # Bytes staged by a process that stopped before their image was added (a crash, a kill -9). A
             # process still running may have staged some of them: its add() writes them again.
             left = [row.sha256 for row in self._t.StagedBlob.select().limit(10_000)]
@@ -616,6 +911,7 @@ class Store:
                 "delete images or free space on that disk, or lower MIN_FREE_DISK_MB"
             )
 
+    @_retried
     def add(self, new: NewImage) -> ImageRecord:
         """Store an image (and its bytes, unless those are stored already) in one transaction."""
         t = self._t
@@ -623,9 +919,10 @@ class Store:
         with self._errors(), self.backend.write():
             staged = t.StagedBlob.delete().where(t.StagedBlob.sha256 == new.sha256).execute()
             self._check_space(0 if staged else len(new.data))
-            # Ignored when they are stored already (by another image, or staged ahead: only the small rows
-            # below are written then); written again when a delete took staged bytes meanwhile.
-            t.Blob.insert(sha256=new.sha256, data=new.data).on_conflict_ignore().execute()
+            # Not written when they are stored already (by another image, or staged ahead: only the small rows
+            # below are written then); written again when a delete took staged bytes meanwhile. On PostgreSQL
+            # the row stays locked until this commits, so a delete of the last image holding them waits.
+            self._sql(f"INSERT INTO blob (sha256, data) VALUES (?, ?) {self.backend.blob_upsert}", [new.sha256, new.data])
             image = t.Image.create(
                 sha256=new.sha256,
                 label=new.label,
@@ -650,6 +947,7 @@ class Store:
             new.detected_with, new.model_name if new.detected_with is not None else None,
         )
 
+    @_retried
     def stage_blob(self, sha256: str, data: bytes) -> bool:
         """Write an image's bytes ahead of the image (Ingest.add writes them while the model runs, so the
         image's own transaction is small), in a transaction of their own. True when this call wrote them
@@ -660,10 +958,12 @@ class Store:
             if t.Blob.select().where(t.Blob.sha256 == sha256).exists():
                 return False
             self._check_space(len(data))
-            t.Blob.insert(sha256=sha256, data=data).execute()
+            if not self._sql("INSERT INTO blob (sha256, data) VALUES (?, ?) ON CONFLICT (sha256) DO NOTHING", [sha256, data]).rowcount:
+                return False  # another writer stored them meanwhile (PostgreSQL: writers do not queue)
             t.StagedBlob.insert(sha256=sha256).on_conflict_ignore().execute()
         return True
 
+    @_retried
     def unstage_blob(self, sha256: str) -> None:
         """Take back bytes stage_blob wrote for an image that was not added (its request failed): deleted
         unless an image holds them by now."""
@@ -676,18 +976,35 @@ class Store:
         if not staged:
             return 0
         t.StagedBlob.delete().where(t.StagedBlob.sha256.in_(staged)).execute()
-        held = {row.sha256 for row in t.Image.select(t.Image.sha256).where(t.Image.sha256.in_(staged))}
-        orphans = [sha for sha in staged if sha not in held]
+        return self._drop_unheld(staged)
+
+    def _drop_unheld(self, shas: Collection[str]) -> int:
+        """Delete the bytes, and their thumbnails, of those of `shas` no image holds (inside a write
+        transaction); returns how many went. Their blob rows are locked first (PostgreSQL), so an add()
+        of the same bytes that is under way commits its image before this looks for images holding them,
+        or waits and writes the bytes again after."""
+        shas = sorted(set(shas))
+        if not shas:
+            return 0
+        marks = ",".join("?" * len(shas))
+        if self.backend.lock_rows:
+            self._sql(f"SELECT sha256 FROM blob WHERE sha256 IN ({marks}) ORDER BY sha256{self.backend.lock_rows}", shas)
+        held = {row[0] for row in self._sql(f"SELECT DISTINCT sha256 FROM image WHERE sha256 IN ({marks})", shas).fetchall()}
+        orphans = [sha for sha in shas if sha not in held]
         if orphans:
-            t.Blob.delete().where(t.Blob.sha256.in_(orphans)).execute()
+            marks = ",".join("?" * len(orphans))
+            self._sql(f"DELETE FROM blob WHERE sha256 IN ({marks})", orphans)
+            self._sql(f"DELETE FROM thumbnail WHERE sha256 IN ({marks})", orphans)
         return len(orphans)
 
+    @_retried
     def add_frame(self, new: NewImage, keep: int) -> ImageRecord:
         """add() an image as a vision frame (VISION_STORE): in the same transaction, vision frames beyond the
         newest `keep` are deleted, with their bytes when no other image uses them. Images added otherwise
         are never deleted here."""
         t = self._t
         with self._errors(), self.backend.write():
+            self.backend.serialize("vision frames")  # two processes pruning the same frames would count them twice
             rec = self.add(new)
             t.VisionFrame.insert(image=rec.id).execute()
             old = [
@@ -699,10 +1016,7 @@ class Store:
                 held = self._names_of(old)
                 t.Image.delete().where(t.Image.id.in_(old)).execute()  # detections and frames by ON DELETE CASCADE
                 self._count_images(removed=held.values())
-                used = {row.sha256 for row in t.Image.select(t.Image.sha256).where(t.Image.sha256.in_(shas))}
-                if shas - used:
-                    t.Blob.delete().where(t.Blob.sha256.in_(shas - used)).execute()
-                    t.Thumbnail.delete().where(t.Thumbnail.sha256.in_(shas - used)).execute()
+                self._drop_unheld(shas)
                 log.debug("deleted %d vision frame(s) beyond VISION_STORE_MAX (%d)", len(old), keep)
         return rec
 
@@ -725,32 +1039,35 @@ class Store:
         The same tables and rules as `add()` (bytes once by sha256, ids never reused), without building
         a record per image. Returns how many were stored.
         """
-        db, stored, chunk = self._db, 0, []
+        stored, chunk = 0, []
 
         def flush() -> None:
+            _run_again_on_conflict(self._db, write, "add_many")
+
+        def write() -> None:
             with self._errors(), self.backend.write():
                 self._check_space(sum(len(n.data) for n in chunk))
-                first = self.backend.next_id()
-                blobs = {n.sha256: n.data for n in chunk}
-                self._t.Blob.insert_many(list(blobs.items()), fields=["sha256", "data"]).on_conflict_ignore().execute()
-                cursor, p = db.cursor(), db.param  # plain executemany: peewee's per-row query building was most of a fill
+                ids = self.backend.reserve_ids(len(chunk))
+                blobs = sorted({n.sha256: n.data for n in chunk}.items())
+                self._many(f"INSERT INTO blob (sha256, data) VALUES (?, ?) {self.backend.blob_upsert}", blobs)
+                # Plain executemany: peewee's per-row query building was most of a fill.
                 now_ms = int(self.now() * 1000)
-                cursor.executemany(
+                self._many(
                     "INSERT INTO image (id, sha256, label, label_generated, detection_enabled, detected_with, "
-                    f"content_type, size, width, height, source_url, created_ms, filename, model_name) VALUES ({', '.join([p] * 14)})",
+                    f"content_type, size, width, height, source_url, created_ms, filename, model_name) VALUES ({', '.join('?' * 14)})",
                     [
-                        (first + i, n.sha256, n.label, n.label_generated, n.detection_enabled, n.detected_with,
+                        (ids[i], n.sha256, n.label, n.label_generated, n.detection_enabled, n.detected_with,
                          n.content_type, len(n.data), n.width, n.height, n.source_url,
                          now_ms if n.created_ms is None else n.created_ms, n.filename,
                          n.model_name if n.detected_with is not None else None)
                         for i, n in enumerate(chunk)
                     ],
                 )
-                cursor.executemany(
+                self._many(
                     "INSERT INTO detection (image_id, name, label, confidence, x_min, y_min, x_max, y_max) "
-                    f"VALUES ({', '.join([p] * 8)})",
+                    f"VALUES ({', '.join('?' * 8)})",
                     [
-                        (first + i, d.label.lower(), d.label, d.confidence, d.x_min, d.y_min, d.x_max, d.y_max)
+                        (ids[i], d.label.lower(), d.label, d.confidence, d.x_min, d.y_min, d.x_max, d.y_max)
                         for i, n in enumerate(chunk)
                         for d in n.detections
                     ],
@@ -769,19 +1086,20 @@ class Store:
                 stored += len(chunk)
         return stored
 
+    @_retried
     def delete(self, image_id: int) -> None:
         """Delete an image; its bytes go too when no other image uses them."""
         with self._errors(), self.backend.write():
-            image = self._t.Image.get_or_none(self._t.Image.id == image_id)
-            if image is None:
+            # Locked (PostgreSQL) so that a re-detection or another delete of it waits for this one.
+            row = self._sql(f"SELECT sha256 FROM image WHERE id = ?{self.backend.lock_rows}", [image_id]).fetchone()
+            if row is None:
                 raise NotFound(f"there is no image {image_id}")
             held = self._names_of([image_id]).get(image_id, ())
-            image.delete_instance()  # detections go by ON DELETE CASCADE
+            self._sql("DELETE FROM image WHERE id = ?", [image_id])  # detections go by ON DELETE CASCADE
             self._count_changes(held, ())
-            if not self._t.Image.select().where(self._t.Image.sha256 == image.sha256).exists():
-                self._t.Blob.delete().where(self._t.Blob.sha256 == image.sha256).execute()
-                self._t.Thumbnail.delete().where(self._t.Thumbnail.sha256 == image.sha256).execute()
+            self._drop_unheld([row[0]])
 
+    @_retried
     def replace_detections(
         self, image_id: int, found: Sequence[Found], detected_with: str, model_name: str | None, label: str | None = None
     ) -> ImageRecord:
@@ -790,23 +1108,23 @@ class Store:
         enabled, and `label` (one generated from `found`) replaces the label only while that label is a
         generated one: a user's label is never touched. NotFound when the image is gone (deleted while it
         was being detected): nothing is written."""
-        db, p = self._db, self._db.param  # plain SQL, as add_many: peewee's query building was a third of it
+        # Plain SQL, as add_many: peewee's query building was a third of it.
         with self._errors(), self.backend.write():
             self._check_space(0)
-            if db.execute_sql(f"SELECT 1 FROM image WHERE id = {p}", [image_id]).fetchone() is None:
+            # Locked (PostgreSQL): a delete or another re-detection of this image waits for this one.
+            if self._sql(f"SELECT 1 FROM image WHERE id = ?{self.backend.lock_rows}", [image_id]).fetchone() is None:
                 raise NotFound(f"there is no image {image_id}; it was deleted")
             self._count_changes(self._names_of([image_id]).get(image_id, ()), {d.label.lower() for d in found})
-            db.execute_sql(f"DELETE FROM detection WHERE image_id = {p}", [image_id])
-            if found:
-                db.cursor().executemany(
-                    "INSERT INTO detection (image_id, name, label, confidence, x_min, y_min, x_max, y_max) "
-                    f"VALUES ({', '.join([p] * 8)})",
-                    [(image_id, d.label.lower(), d.label, d.confidence, d.x_min, d.y_min, d.x_max, d.y_max) for d in found],
-                )
-            db.execute_sql(
-                f"UPDATE image SET detected_with = {p}, model_name = {p}, detection_enabled = 1, "
-                f"label = CASE WHEN label_generated AND {p} IS NOT NULL THEN {p} ELSE label END WHERE id = {p}",
-                [detected_with, model_name, label, label, image_id],
+            self._sql("DELETE FROM detection WHERE image_id = ?", [image_id])
+            self._many(
+                "INSERT INTO detection (image_id, name, label, confidence, x_min, y_min, x_max, y_max) "
+                f"VALUES ({', '.join('?' * 8)})",
+                [(image_id, d.label.lower(), d.label, d.confidence, d.x_min, d.y_min, d.x_max, d.y_max) for d in found],
+            )
+            self._sql(
+                "UPDATE image SET detected_with = ?, model_name = ?, detection_enabled = TRUE, "
+                "label = CASE WHEN label_generated THEN COALESCE(?, label) ELSE label END WHERE id = ?",
+                [detected_with, model_name, label, image_id],
             )
             return self._records("WHERE id = ?", [image_id])[0]
 
@@ -826,7 +1144,7 @@ class Store:
             sql += " LIMIT ?"
             args.append(limit)
         with self._errors():
-            return [row[0] for row in self._db.execute_sql(sql, args).fetchall()]
+            return [row[0] for row in self._sql(sql, args).fetchall()]
 
     def redetect_count(
         self, which: str, detected_with: str, *, objects: Sequence[Collection[str]] = (), until: int | None = None
@@ -834,12 +1152,12 @@ class Store:
         """How many images redetect_ids would give in all."""
         where, params = redetect_where(which, detected_with, objects, until)
         with self._errors():
-            return self._db.execute_sql(f"SELECT COUNT(*) FROM image WHERE {where}", params).fetchone()[0]
+            return self._sql(f"SELECT COUNT(*) FROM image WHERE {where}", params).fetchone()[0]
 
     def last_id(self) -> int:
         """The newest image's id (0 when there is none)."""
         with self._errors():
-            return self._db.execute_sql("SELECT COALESCE(MAX(id), 0) FROM image").fetchone()[0]
+            return self._sql("SELECT COALESCE(MAX(id), 0) FROM image").fetchone()[0]
 
     # -- the counts behind GET /objects and match=all -------------------------------------------------------
 
@@ -866,7 +1184,7 @@ class Store:
         by_name = sorted((n, k) for n, k in names.items() if k)
         by_pair = sorted((a, b, k) for (a, b), k in pairs.items() if k)
         cursor, p = self._db.cursor(), self._db.param
-        if by_name:
+        if by_name:  # (an upsert locks the row it changes until the transaction ends, on PostgreSQL)
             cursor.executemany(
                 f"INSERT INTO object_count (name, images) VALUES ({p}, {p}) "
                 "ON CONFLICT (name) DO UPDATE SET images = object_count.images + excluded.images",
@@ -891,7 +1209,7 @@ class Store:
         for i in range(0, len(ids), 500):
             part = list(ids[i:i + 500])
             sql = f"SELECT DISTINCT image_id, name FROM detection WHERE image_id IN ({','.join('?' * len(part))})"
-            for image_id, name in self._db.execute_sql(sql, part).fetchall():
+            for image_id, name in self._sql(sql, part).fetchall():
                 out.setdefault(image_id, set()).add(name)
         return out
 
@@ -901,7 +1219,7 @@ class Store:
         """Detections stored for these bytes by the same model and threshold, or None. Both reads in one
         read transaction (one snapshot): a re-detection committed between them would otherwise hand over
         detections kept at another threshold under this one's name."""
-        with self._errors(), self._db.atomic():
+        with self._errors(), self.backend.snapshot():
             image = (
                 self._t.Image.select(self._t.Image.id)
                 .where((self._t.Image.sha256 == sha256) & (self._t.Image.detected_with == detected_with))
@@ -918,7 +1236,7 @@ class Store:
             return self._t.Image.select(self._t.Image.id).where(self._t.Image.sha256 == sha256).exists()
 
     def get(self, image_id: int) -> ImageRecord:
-        with self._errors():
+        with self._errors(), self.backend.snapshot():
             records = self._records("WHERE id = ?", [image_id])
         if not records:
             raise NotFound(f"there is no image {image_id}")
@@ -956,7 +1274,7 @@ class Store:
         """
         groups = _name_groups(objects)
         names = sorted(set().union(*groups)) if groups else []
-        with self._errors():
+        with self._errors(), self.backend.snapshot():
             if names:
                 ids = self._ids_with(groups, match_all, min_confidence, before, limit + 1)
                 more = len(ids) > limit
@@ -1015,26 +1333,28 @@ class Store:
             also += f" AND EXISTS (SELECT 1 FROM detection o WHERE o.image_id = d.image_id AND {cond})"
         below, below_args = ("", []) if before is None else (" AND d.image_id < ?", [before])
         walks, params = [], []
-        for name in walked:
-            # A unary + keeps the planner off an index: off (name, confidence) for a walk by id, and off
-            # (name, image) for the few at min_confidence, which it would otherwise walk to satisfy the order.
+        # A unary + keeps SQLite's planner off an index: off (name, confidence) for a walk by id, and off
+        # (name, image) for the few at min_confidence, which it would otherwise walk to satisfy the order.
+        # PostgreSQL's planner weighs the indexes by their statistics (and its DISTINCT wants the plain column).
+        plus = "+" if self.backend.name == "sqlite" else ""
+        for k, name in enumerate(walked):
             order = "d.image_id"
             if min_confidence is None:
                 cond, cond_args = "d.name = ?", [name]
             elif name in few:  # all of them by confidence, then sorted by id
-                cond, cond_args, order = "d.name = ? AND d.confidence >= ?", [name, min_confidence], "+d.image_id"
+                cond, cond_args, order = "d.name = ? AND d.confidence >= ?", [name, min_confidence], f"{plus}d.image_id"
             else:  # many: walk by id
-                cond, cond_args = "d.name = ? AND +d.confidence >= ?", [name, min_confidence]
+                cond, cond_args = f"d.name = ? AND {plus}d.confidence >= ?", [name, min_confidence]
             walks.append(
                 f"SELECT * FROM (SELECT DISTINCT d.image_id FROM detection d WHERE {cond}{below}{also} "
-                f"ORDER BY {order} DESC LIMIT ?)"
+                f"ORDER BY {order} DESC LIMIT ?) AS w{k}"
             )
             params += cond_args + below_args + also_args + [limit]
         if not walks:
             return []
-        sql = f"SELECT image_id FROM ({' UNION '.join(walks)}) ORDER BY image_id DESC LIMIT ?"
+        sql = f"SELECT image_id FROM ({' UNION '.join(walks)}) AS u ORDER BY image_id DESC LIMIT ?"
         params.append(limit)
-        return [row[0] for row in self._db.execute_sql(sql, params).fetchall()]
+        return [row[0] for row in self._sql(sql, params).fetchall()]
 
     def _held(self, names: Collection[str]) -> dict[str, int]:
         """How many images hold each of `names` (object_count); names no image holds are left out."""
@@ -1042,20 +1362,20 @@ class Store:
             return {}
         names = sorted(names)
         sql = f"SELECT name, images FROM object_count WHERE name IN ({','.join('?' * len(names))})"
-        return dict(self._db.execute_sql(sql, names).fetchall())
+        return dict(self._sql(sql, names).fetchall())
 
     def _count_at(self, name: str, min_confidence: float, cap: int) -> int:
         """Detections of `name` at or above `min_confidence`, counted up to `cap` (an index range of at most
         `cap` rows; `before` is left out, which would make it a filter over the whole range)."""
-        sql = "SELECT COUNT(*) FROM (SELECT 1 FROM detection WHERE name = ? AND confidence >= ? LIMIT ?)"
-        return self._db.execute_sql(sql, [name, min_confidence, cap]).fetchone()[0]
+        sql = "SELECT COUNT(*) FROM (SELECT 1 FROM detection WHERE name = ? AND confidence >= ? LIMIT ?) AS c"
+        return self._sql(sql, [name, min_confidence, cap]).fetchone()[0]
 
     def _apart(self, groups: list[tuple[str, ...]], counts: dict[str, int]) -> bool:
         """Whether two of `groups` are never held by one image (object_pair), only names in `counts` counted."""
         held = sorted({n for g in groups for n in g if n in counts})
         marks = ",".join("?" * len(held))
         together = {
-            (a, b) for a, b in self._db.execute_sql(
+            (a, b) for a, b in self._sql(
                 f"SELECT a, b FROM object_pair WHERE a IN ({marks}) AND b IN ({marks})", held + held
             ).fetchall()
         }
@@ -1081,12 +1401,12 @@ class Store:
             "SELECT image_id, label, confidence, x_min, y_min, x_max, y_max FROM detection "
             f"WHERE image_id IN ({','.join('?' * len(ids))}) ORDER BY image_id, confidence DESC"
         )
-        for image_id, *rest in self._db.execute_sql(sql, ids).fetchall():
+        for image_id, *rest in self._sql(sql, ids).fetchall():
             out.setdefault(image_id, []).append(Found(*rest))
         return {k: tuple(v) for k, v in out.items()}
 
     def _records(self, where: str, params: list) -> list[ImageRecord]:
-        rows = self._db.execute_sql(f"SELECT {self._IMAGE_COLUMNS} FROM image {where}", params).fetchall()
+        rows = self._sql(f"SELECT {self._IMAGE_COLUMNS} FROM image {where}", params).fetchall()
         found = self._detections([r[0] for r in rows])
         return [
             ImageRecord(i, sha, label, bool(gen), bool(det), ct, size, w, h, url, ms, found.get(i, ()), name, dw, model)
@@ -1097,7 +1417,7 @@ class Store:
         """Every name found so far with the number of images holding it, most common first."""
         with self._errors():
             # The counts kept beside the detections (object_count): one row per name, whatever the images.
-            rows = self._db.execute_sql("SELECT name, images FROM object_count ORDER BY images DESC, name").fetchall()
+            rows = self._sql("SELECT name, images FROM object_count ORDER BY images DESC, name").fetchall()
         return [(name, n) for name, n in rows]
 
     def count(self) -> tuple[int, int]:
@@ -1110,7 +1430,7 @@ class Store:
     def thumbnail_source(self, image_id: int) -> tuple[str, int, int]:
         """(sha256, width, height) of an image: what a thumbnail of it is keyed by and sized from."""
         with self._errors():
-            row = self._db.execute_sql("SELECT sha256, width, height FROM image WHERE id = ?", [image_id]).fetchone()
+            row = self._sql("SELECT sha256, width, height FROM image WHERE id = ?", [image_id]).fetchone()
         if row is None:
             raise NotFound(f"there is no image {image_id}")
         return row[0], row[1], row[2]
@@ -1118,7 +1438,7 @@ class Store:
     def thumbnail(self, sha256: str, size: int, fmt: str) -> Thumbnail | None:
         """The kept thumbnail of these bytes at this size and format, or None when none was made yet."""
         with self._errors():
-            row = self._db.execute_sql(
+            row = self._sql(
                 "SELECT data, width, height FROM thumbnail WHERE sha256 = ? AND size = ? AND format = ?", [sha256, size, fmt]
             ).fetchone()
         return None if row is None else Thumbnail(bytes(row[0]), row[1], row[2])
@@ -1126,17 +1446,19 @@ class Store:
     def has_thumbnail(self, sha256: str, size: int, fmt: str) -> bool:
         """Whether that thumbnail is kept (without reading its bytes)."""
         with self._errors():
-            return self._db.execute_sql(
+            return self._sql(
                 "SELECT 1 FROM thumbnail WHERE sha256 = ? AND size = ? AND format = ?", [sha256, size, fmt]
             ).fetchone() is not None
 
+    @_retried
     def keep_thumbnail(self, sha256: str, size: int, fmt: str, thumb: Thumbnail) -> bool:
         """Keep a thumbnail; False when its bytes are gone meanwhile (nothing kept). Two processes making
         the same one at once both succeed: the second insert is ignored. LowDisk below the disk floor."""
         t = self._t
         with self._errors(), self.backend.write():
             self._check_space(len(thumb.data))
-            if not t.Blob.select().where(t.Blob.sha256 == sha256).exists():  # deleted while it was made
+            # Deleted while it was made? (Locked, on PostgreSQL, so a delete of the bytes waits for this.)
+            if self._sql(f"SELECT 1 FROM blob WHERE sha256 = ?{self.backend.share_rows}", [sha256]).fetchone() is None:
                 return False
             t.Thumbnail.insert(
                 sha256=sha256, size=size, format=fmt, data=thumb.data, width=thumb.width, height=thumb.height,
@@ -1144,6 +1466,7 @@ class Store:
             ).on_conflict_ignore().execute()
         return True
 
+    @_retried
     def purge_thumbnails(self) -> int:
         """Delete every kept thumbnail (they are made again on request); returns how many went."""
         with self._errors(), self.backend.write():
@@ -1152,7 +1475,7 @@ class Store:
     def thumbnail_count(self) -> tuple[int, int]:
         """(kept thumbnails, their bytes): for tests, health and the command line."""
         with self._errors():
-            n, size = self._db.execute_sql("SELECT COUNT(*), COALESCE(SUM(LENGTH(data)), 0) FROM thumbnail").fetchone()
+            n, size = self._sql("SELECT COUNT(*), COALESCE(SUM(LENGTH(data)), 0) FROM thumbnail").fetchone()
         return n, size
 
 
