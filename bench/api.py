@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import contextlib
 import dataclasses
 import hashlib
 import io
@@ -403,22 +402,18 @@ def print_scale(sc: dict, rows: int) -> None:
 # Part 5 (--db): the searches and uploads of part 4 on SQLite and on PostgreSQL, side by side
 # ---------------------------------------------------------------------------------------------------------
 
-# The driver a server and a fill use, for the drivers' comparison (--drivers): the environment variable the
-# PostgreSQL backend reads, and its values.
-DRIVER_ENV = "IMAGES_PG_DRIVER"
-DRIVERS = {"psycopg2": "psycopg2-binary", "psycopg": "psycopg 3"}
+# The drivers of the comparison (--drivers): named in the URL's scheme, postgresql+<driver>://, which
+# store.PostgresBackend honours (plain postgresql:// is its default, psycopg 3).
+DRIVERS = {"psycopg": "psycopg 3", "psycopg2": "psycopg2-binary"}  # the backend's default first
 
 
 def is_postgres(target: str) -> bool:
-    return target.startswith(("postgresql://", "postgres://"))
+    return store.is_url(target)
 
 
-def hidden(url: str) -> str:
-    """`url` without its password (for progress lines)."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
-    return parts._replace(netloc=parts.netloc.replace(":" + parts.password + "@", ":***@", 1)).geturl()
+def with_driver(url: str, driver: str | None) -> str:
+    """`url` with `driver` in its scheme (None: as it is)."""
+    return url if driver is None else f"postgresql+{driver}://{url.split('://', 1)[1]}"
 
 
 class PostgresDatabases:
@@ -427,7 +422,7 @@ class PostgresDatabases:
     drop them. CREATE DATABASE fails on a name that exists, so the bench never touches data it did not make."""
 
     def __init__(self, url: str):
-        self.url = url
+        self.url = "postgresql://" + url.split("://", 1)[1]  # what psycopg takes (no +driver)
         self.made: list[str] = []
         with self._admin() as admin:
             self.facts = {k: admin.execute(f"SHOW {k}").fetchone()[0]
@@ -459,30 +454,13 @@ class PostgresDatabases:
             self._drop(name)
 
 
-@contextlib.contextmanager
-def driver_env(driver: str | None):
-    """DRIVER_ENV set to `driver` for the block (None: left as it is), for a fill in this process."""
-    if driver is None:
-        yield
-        return
-    before = os.environ.get(DRIVER_ENV)
-    os.environ[DRIVER_ENV] = driver
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ[DRIVER_ENV]
-        else:
-            os.environ[DRIVER_ENV] = before
-
-
 @dataclasses.dataclass
 class Subject:
     """One database of the comparison: what its column is called, where it lives, which driver serves it."""
 
     label: str
     kind: str  # "sqlite" or "postgresql"
-    driver: str | None = None  # DRIVER_ENV's value for its servers and fills (None: the backend's default)
+    driver: str | None = None  # the driver in its URLs (None: the backend's default)
     big: str = ""  # the filled database's target
     small: str = ""  # one holding 10 images
     filled: dict = dataclasses.field(default_factory=dict)
@@ -512,18 +490,17 @@ def part_compare(tmp: str, model: str, rows: int, queries: int, runs: int, pg: P
             if s.kind == "sqlite":
                 s.big, s.small = os.path.join(tmp, f"compare-{rows}.db"), os.path.join(tmp, "compare-10.db")
             else:
-                s.big, s.small = pg.create(f"{rows}_{n}"), pg.create(f"10_{n}")
+                s.big, s.small = (with_driver(pg.create(f"{rows}_{n}"), s.driver),
+                                  with_driver(pg.create(f"10_{n}"), s.driver))
             progress(f"part 5: writing {rows:,} synthetic images into {s.label}")
-            with driver_env(s.driver):
-                s.filled = fill(s.big, rows, model, seed=4)
-                fill(s.small, 10, model, seed=4)
+            s.filled = fill(s.big, rows, model, seed=4)
+            fill(s.small, 10, model, seed=4)
             progress(f"part 5: {s.label}: {s.filled['detections']:,} detections in {s.filled['seconds']:.1f} s "
                      f"({s.filled['mb']:,.0f} MB)")
         servers = {}
         for s in subjects:
-            env = None if s.driver is None else {**os.environ, DRIVER_ENV: s.driver}
             for which in ("big", "small"):
-                started.append(ServerProcess(["--db", getattr(s, which), "--model", model], env=env, timeout=120))
+                started.append(ServerProcess(["--db", getattr(s, which), "--model", model], timeout=120))
                 servers[s.label, which] = started[-1]
         rng = random.Random(3)
         counts: dict[str, dict[str, int]] = {s.label: {} for s in subjects}
@@ -579,7 +556,7 @@ def compare_rows(cmp: dict) -> list[tuple[str, str, str | None]]:
 
 def print_compare(cmp: dict) -> None:
     subjects, rows = cmp["subjects"], cmp["rows"]
-    sqlite, pg = subjects[0], subjects[1]  # the first PostgreSQL column is the table's (--drivers: psycopg2)
+    sqlite, pg = subjects[0], subjects[1]  # the first PostgreSQL column is the table's (the default driver)
     print(f"\n| at {rows:,} images, {sqlite.filled['detections']:,} detections | {sqlite.label} | {pg.label} | "
           "PostgreSQL / SQLite | target | ok/FAIL |")
     print("|---|---|---|---|---|---|")
@@ -596,7 +573,7 @@ def print_compare(cmp: dict) -> None:
           f"(VACUUM ANALYZE {b['seconds'] - b['load_seconds']:.1f} s of it) | {b['seconds'] / a['seconds']:.2f} | — | — |")
     print(f"| size | {a['mb']:,.0f} MB | {b['mb']:,.0f} MB | {b['mb'] / a['mb']:.2f} | — | — |")
     if len(subjects) == 3:
-        two, three = subjects[1], subjects[2]
+        three, two = subjects[1], subjects[2]
         print(f"\n| at {rows:,} images, PostgreSQL | {two.label} | {three.label} | 3 / 2 |")
         print("|---|---|---|---|")
         for what, key, _ in compare_rows(cmp):
@@ -628,7 +605,7 @@ def compare_main(args, model: str) -> int:
         print_compare(cmp)
     facts = pg.facts
     print(
-        f"\nPostgreSQL {facts['server_version']} at {hidden(args.db)} (fsync {facts['fsync']}, server default "
+        f"\nPostgreSQL {facts['server_version']} at {store.redact(args.db)} (fsync {facts['fsync']}, server default "
         f"synchronous_commit {facts['synchronous_commit']}, on in the bench's databases; shared_buffers "
         f"{facts['shared_buffers']}); cores: {os.cpu_count()}; load average at the start {load[0]:.2f}, at the end "
         f"{os.getloadavg()[0]:.2f}; {args.queries} requests per search median, {args.runs} per POST median, "
