@@ -843,7 +843,10 @@ def open_library(settings: Any) -> Ingest:
     store (with the disk floor), the detector (its pool of interpreters), one decode budget. No gates:
     a bulk command bounds its own concurrency. Raises store.StoreError or OSError."""
     detector = make_detector(settings)
-    images = store.Store(settings.db, min_free_mb=settings.min_free_disk_mb, pool_size=settings.db_pool_size)
+    images = store.Store(
+        settings.db, min_free_mb=settings.min_free_disk_mb, pool_size=settings.db_pool_size,
+        busy_timeout_ms=int(settings.db_busy_timeout * 1000),
+    )
     fetcher = fetch.Fetcher(max_bytes=settings.max_image_bytes)  # unused by files; Ingest takes one
     return Ingest(
         images=images, detector=detector, fetcher=fetcher, max_pixels=settings.max_pixels, budget=detector.budget

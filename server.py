@@ -963,7 +963,10 @@ def build_parts(
         )
     elif isinstance(detector.observe, metrics_mod.DetectionTimes):
         times = detector.observe  # a caller's detector (tests) shows its own times
-    images = store.Store(settings.db, min_free_mb=settings.min_free_disk_mb, pool_size=settings.db_pool_size)
+    images = store.Store(
+        settings.db, min_free_mb=settings.min_free_disk_mb, pool_size=settings.db_pool_size,
+        busy_timeout_ms=int(settings.db_busy_timeout * 1000),
+    )
     fetcher = fetch.Fetcher(
         max_bytes=settings.max_image_bytes, allow_private=settings.allow_private_urls,
         timeout=settings.fetch_timeout, resolve=resolve, connect=connect,
@@ -1035,15 +1038,9 @@ def make_app(settings: Any, parts: Parts) -> bottle.Bottle:
         for name, value in guard.response_headers(bottle.request.environ, bottle.response.content_type or ""):
             bottle.response.set_header(name, value)
 
-    @app.hook("before_request")
-    def _connect():
-        try:
-            images.connect()
-        except store.StoreError as e:  # hooks run outside the route plugin: map the error here
-            log.error("cannot open the database: %s", e)
-            retry_after = getattr(e, "retry_after", None)
-            raise problem(status_for(e) or 503, str(e), {"Retry-After": str(retry_after)} if retry_after else None) from None
-
+    # A request's database connection is taken from the pool at its first query (the store's errors say
+    # when the database is busy or unreachable: 503 with Retry-After), and handed back when it ends. What
+    # needs no database (/health, the page, /metrics' process part) goes on while it is away.
     @app.hook("after_request")
     def _close():
         images.close()
@@ -1068,7 +1065,7 @@ def make_app(settings: Any, parts: Parts) -> bottle.Bottle:
         info = detector.info()
         # `imgur` lets the page say whether its Imgur panel works without sending a batch to find out.
         return {"status": "ok", "version": __version__, "detector": info, "auth": guard.mode,
-                "imgur": {"enabled": jobs.configured}}
+                "imgur": {"enabled": jobs.configured}, "database": images.backend.name}
 
     @app.post("/session")
     def sign_in():

@@ -292,8 +292,13 @@ class Settings:
     db_pool_size: int = _setting(
         "DB_POOL_SIZE", 0,
         "Database connections this process keeps open at most; 0: 64 for SQLite, 16 for PostgreSQL (every process "
-        "counts against the server's max_connections, 100 by default). A request that finds none free waits up to 10 s, then 503.",
+        "counts against the server's max_connections, 100 by default). A request that finds none free waits DB_BUSY_TIMEOUT, then 503.",
         parse=_non_negative_int,
+    )
+    db_busy_timeout: float = _setting(
+        "DB_BUSY_TIMEOUT", 10,
+        "Seconds a write waits for the database (SQLite's write lock, a PostgreSQL row lock, a free connection) before 503 with Retry-After.",
+        parse=_positive_float,
     )
     stop_grace: float = _setting(
         "STOP_GRACE", 8,

@@ -213,11 +213,11 @@ def _tables(database: pw.Database, id_field: Callable[[], pw.Field]) -> SimpleNa
         image = pw.ForeignKeyField(Image, on_delete="CASCADE", backref="detections", index=False)
         name = pw.TextField()  # the label, lower-cased: what objects= searches
         label = pw.TextField()
-        confidence = pw.FloatField()
-        x_min = pw.FloatField()
-        y_min = pw.FloatField()
-        x_max = pw.FloatField()
-        y_max = pw.FloatField()
+        confidence = pw.DoubleField()  # double precision on PostgreSQL (FloatField would be its 4-byte REAL)
+        x_min = pw.DoubleField()
+        y_min = pw.DoubleField()
+        x_max = pw.DoubleField()
+        y_max = pw.DoubleField()
 
         class Meta:
             indexes = (
@@ -529,7 +529,7 @@ class PostgresBackend:
             "postgresql://" + rest,
             max_connections=pool_size or self.DEFAULT_POOL,
             stale_timeout=600,
-            timeout=max(1, busy_timeout_ms // 1000),  # wait this long for a pooled connection, then 503
+            timeout=max(1, -(-busy_timeout_ms // 1000)),  # wait this long for a pooled connection, then 503
             prefer_psycopg3=prefer3,
             connect_timeout=max(1, min(10, busy_timeout_ms // 1000)),
             application_name="imgsvc",
@@ -567,7 +567,6 @@ class PostgresBackend:
                 retry_after=BUSY_RETRY_AFTER,
             )
         if code is None or code in _PG_BUSY or code.startswith(_PG_BUSY_CLASSES):
-            # No SQLSTATE: the connection itself failed (refused, timed out, closed under us).
             return StoreUnavailable(
                 f"the database {self.description} is busy or unreachable ({text}); try again in a moment",
                 retry_after=BUSY_RETRY_AFTER,
@@ -605,10 +604,9 @@ def _first_line(e: BaseException) -> str:
 
 
 def _driver_present(prefer3: bool, driver: str | None) -> bool:
-    import importlib.util
-
+    """Whether peewee found the driver (it imports psycopg and psycopg2 when they are installed)."""
     names = [driver] if driver else (["psycopg", "psycopg2"] if prefer3 else ["psycopg2"])
-    return any(importlib.util.find_spec(n) is not None for n in names)
+    return any(getattr(pw, n, None) is not None for n in names)
 
 
 def is_url(target: str) -> bool:
@@ -818,7 +816,8 @@ class Store:
     def _many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
         """executemany() of plain SQL written with ? placeholders."""
         if rows:
-            self._db.cursor().executemany(sql if self._marks is None else sql.translate(self._marks), rows)
+            with pw.__exception_wrapper__:  # the driver's errors as peewee's, as execute_sql gives them
+                self._db.cursor().executemany(sql if self._marks is None else sql.translate(self._marks), rows)
 
     # -- connections -------------------------------------------------------------------------------------
 
@@ -1094,6 +1093,8 @@ class Store:
             row = self._sql(f"SELECT sha256 FROM image WHERE id = ?{self.backend.lock_rows}", [image_id]).fetchone()
             if row is None:
                 raise NotFound(f"there is no image {image_id}")
+            if self.backend.lock_rows:  # its bytes' row before the counts' rows, the order add() takes them in
+                self._sql(f"SELECT 1 FROM blob WHERE sha256 = ?{self.backend.lock_rows}", [row[0]])
             held = self._names_of([image_id]).get(image_id, ())
             self._sql("DELETE FROM image WHERE id = ?", [image_id])  # detections go by ON DELETE CASCADE
             self._count_changes(held, ())
@@ -1183,25 +1184,20 @@ class Store:
         # In name order, so two writers change the rows in one order (row locks, on a database that has them).
         by_name = sorted((n, k) for n, k in names.items() if k)
         by_pair = sorted((a, b, k) for (a, b), k in pairs.items() if k)
-        cursor, p = self._db.cursor(), self._db.param
-        if by_name:  # (an upsert locks the row it changes until the transaction ends, on PostgreSQL)
-            cursor.executemany(
-                f"INSERT INTO object_count (name, images) VALUES ({p}, {p}) "
-                "ON CONFLICT (name) DO UPDATE SET images = object_count.images + excluded.images",
-                by_name,
-            )
-        if by_pair:
-            cursor.executemany(
-                f"INSERT INTO object_pair (a, b, images) VALUES ({p}, {p}, {p}) "
-                "ON CONFLICT (a, b) DO UPDATE SET images = object_pair.images + excluded.images",
-                by_pair,
-            )
-        fewer = [(n,) for n, k in by_name if k < 0]
-        if fewer:  # a name no image holds any more has no row, as in a GROUP BY
-            cursor.executemany(f"DELETE FROM object_count WHERE name = {p} AND images <= 0", fewer)
-        fewer = [(a, b) for a, b, k in by_pair if k < 0]
-        if fewer:
-            cursor.executemany(f"DELETE FROM object_pair WHERE a = {p} AND b = {p} AND images <= 0", fewer)
+        # (An upsert locks the row it changes until the transaction ends, on PostgreSQL.)
+        self._many(
+            "INSERT INTO object_count (name, images) VALUES (?, ?) "
+            "ON CONFLICT (name) DO UPDATE SET images = object_count.images + excluded.images",
+            by_name,
+        )
+        self._many(
+            "INSERT INTO object_pair (a, b, images) VALUES (?, ?, ?) "
+            "ON CONFLICT (a, b) DO UPDATE SET images = object_pair.images + excluded.images",
+            by_pair,
+        )
+        # A name no image holds any more has no row, as in a GROUP BY.
+        self._many("DELETE FROM object_count WHERE name = ? AND images <= 0", [(n,) for n, k in by_name if k < 0])
+        self._many("DELETE FROM object_pair WHERE a = ? AND b = ? AND images <= 0", [(a, b) for a, b, k in by_pair if k < 0])
 
     def _names_of(self, ids: Sequence[int]) -> dict[int, set[str]]:
         """The names each of these images holds (images without detections are left out)."""

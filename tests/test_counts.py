@@ -8,14 +8,15 @@ find exactly what a plain reading of the rules finds.
 from __future__ import annotations
 
 import hashlib
-import os
 import sqlite3
-import tempfile
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import store
+
+pytestmark = pytest.mark.both_backends
 
 NAMES = ["cat", "dog", "person", "hot dog", "Car"]  # "Car": a label's name is lower-cased
 
@@ -45,6 +46,9 @@ def assert_counts_agree(s: store.Store) -> None:
 
 
 labels = st.lists(st.sampled_from(NAMES), max_size=4)  # repeats: two dogs in one picture
+# A database per example from new_db (dropped after it), so its fixture being per test does no harm.
+EXAMPLES = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+
 ops = st.lists(
     st.one_of(
         st.tuples(st.just("add"), labels),
@@ -63,32 +67,33 @@ def redetect(s: store.Store, image_id: int, new_labels) -> None:
     s.replace_detections(image_id, found, "0123456789abcdef@0.5", "ssd", None)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(ops)
-def test_the_counts_equal_a_group_by_after_any_writes(sequence):
-    with tempfile.TemporaryDirectory() as tmp:
-        s = store.Store(os.path.join(tmp, "counts.db"))
-        try:
-            with s.connection():
-                n = 0
-                for op in sequence:
-                    ids = [r.id for r in s.list(limit=1000)[0]]
-                    if op[0] == "add":
-                        n += 1
-                        s.add(new_image(op[1], n))
-                    elif op[0] == "add_many":
-                        s.add_many([new_image(found, n + i + 1) for i, found in enumerate(op[1])], batch=2)
-                        n += len(op[1])
-                    elif op[0] == "add_frame":
-                        n += 1
-                        s.add_frame(new_image(op[1], n), keep=op[2])
-                    elif ids and op[0] == "delete":
-                        s.delete(ids[op[1] % len(ids)])
-                    elif ids and op[0] == "redetect":
-                        redetect(s, ids[op[1] % len(ids)], op[2])
-                    assert_counts_agree(s)
-        finally:
-            s.shutdown()
+@settings(max_examples=60, **EXAMPLES)
+@given(sequence=ops)
+def test_the_counts_equal_a_group_by_after_any_writes(new_db, sequence):
+    target = new_db()
+    s = store.Store(target)
+    try:
+        with s.connection():
+            n = 0
+            for op in sequence:
+                ids = [r.id for r in s.list(limit=1000)[0]]
+                if op[0] == "add":
+                    n += 1
+                    s.add(new_image(op[1], n))
+                elif op[0] == "add_many":
+                    s.add_many([new_image(found, n + i + 1) for i, found in enumerate(op[1])], batch=2)
+                    n += len(op[1])
+                elif op[0] == "add_frame":
+                    n += 1
+                    s.add_frame(new_image(op[1], n), keep=op[2])
+                elif ids and op[0] == "delete":
+                    s.delete(ids[op[1] % len(ids)])
+                elif ids and op[0] == "redetect":
+                    redetect(s, ids[op[1] % len(ids)], op[2])
+                assert_counts_agree(s)
+    finally:
+        s.shutdown()
+        new_db.drop(target)
 
 
 def test_a_version_3_database_gains_the_counts_and_the_index(tmp_path):
@@ -143,41 +148,42 @@ QUERIES = st.lists(
 )
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(IMAGES, QUERIES, st.integers(0, 5))
-def test_searches_find_what_the_rules_say(images, queries, deleted):
-    with tempfile.TemporaryDirectory() as tmp:
-        s = store.Store(os.path.join(tmp, "search.db"))
-        try:
-            with s.connection():
-                s.add_many([new_image([n for n, _ in found], i, [c for _, c in found]) for i, found in enumerate(images, 1)])
-                held = {i: found for i, found in enumerate(images, 1)}
-                for image_id in list(held)[:deleted]:
-                    s.delete(image_id)
-                    del held[image_id]
-                for groups, match_all, min_confidence, before, limit in queries:
-                    groups = [{n.lower() for n in g} for g in groups]
+@settings(max_examples=40, **EXAMPLES)
+@given(images=IMAGES, queries=QUERIES, deleted=st.integers(0, 5))
+def test_searches_find_what_the_rules_say(new_db, images, queries, deleted):
+    target = new_db()
+    s = store.Store(target)
+    try:
+        with s.connection():
+            s.add_many([new_image([n for n, _ in found], i, [c for _, c in found]) for i, found in enumerate(images, 1)])
+            held = {i: found for i, found in enumerate(images, 1)}
+            for image_id in list(held)[:deleted]:
+                s.delete(image_id)
+                del held[image_id]
+            for groups, match_all, min_confidence, before, limit in queries:
+                groups = [{n.lower() for n in g} for g in groups]
 
-                    def holds(found, group, min_confidence=min_confidence):
-                        return any(n.lower() in group and (min_confidence is None or c >= min_confidence) for n, c in found)
+                def holds(found, group, min_confidence=min_confidence):
+                    return any(n.lower() in group and (min_confidence is None or c >= min_confidence) for n, c in found)
 
-                    want = [
-                        i for i in sorted(held, reverse=True)
-                        if (before is None or i < before)
-                        and (all if match_all else any)(holds(held[i], g) for g in groups)
-                    ]
-                    records, more = s.list(limit=limit, before=before, objects=groups, match_all=match_all,
-                                           min_confidence=min_confidence)
-                    assert [r.id for r in records] == want[:limit]
-                    assert more == (len(want) > limit)
-        finally:
-            s.shutdown()
+                want = [
+                    i for i in sorted(held, reverse=True)
+                    if (before is None or i < before)
+                    and (all if match_all else any)(holds(held[i], g) for g in groups)
+                ]
+                records, more = s.list(limit=limit, before=before, objects=groups, match_all=match_all,
+                                       min_confidence=min_confidence)
+                assert [r.id for r in records] == want[:limit]
+                assert more == (len(want) > limit)
+    finally:
+        s.shutdown()
+        new_db.drop(target)
 
 
-def test_match_all_of_a_name_and_a_group_holding_it(tmp_path):
+def test_match_all_of_a_name_and_a_group_holding_it(new_db):
     """`objects=dog,animal&match=all`: an image with a dog alone holds both terms, although no pair of
     names counts it."""
-    s = store.Store(str(tmp_path / "overlap.db"))
+    s = store.Store(new_db())
     try:
         with s.connection():
             s.add_many([new_image(["dog"], 1), new_image(["cat"], 2), new_image(["person"], 3)])

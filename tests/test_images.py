@@ -16,6 +16,8 @@ import store
 from helpers import ISO_MS, assert_problem, b64, jpeg  # noqa: E402
 from loopback import Loopback, drip, ok, redirect, status
 
+pytestmark = pytest.mark.both_backends
+
 
 def post_json(service, body, status=200, **kw):
     return service.client.post_json("/images", body, status=status, **kw)
@@ -400,6 +402,7 @@ def test_objects_vocabulary(gallery):
 # --------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.sqlite_only  # SQLite's PRAGMAs and its file
 def test_database_pragmas_schema_version_and_reopen(service, photo):
     img = post_json(service, {"image": b64(photo("pets.jpg")), "detect": True}).json
     service.store.shutdown()
@@ -414,13 +417,12 @@ def test_database_pragmas_schema_version_and_reopen(service, photo):
         assert reopened.get(img["id"]).objects == ["dog"]
 
 
-def test_a_database_from_a_newer_version_is_refused(tmp_path):
-    path = str(tmp_path / "new.db")
-    store.Store(path).shutdown()
-    conn = sqlite3.connect(path)
-    conn.execute("UPDATE setting SET value='99' WHERE key='schema_version'")
-    conn.commit()
-    conn.close()
+def test_a_database_from_a_newer_version_is_refused(new_db):
+    path = new_db()
+    s = store.Store(path)
+    with s.connection():
+        s.database.execute_sql("UPDATE setting SET value='99' WHERE key='schema_version'")
+    s.shutdown()
     with pytest.raises(store.StoreUnavailable, match="newer"):
         store.Store(path)
 
@@ -474,12 +476,12 @@ def test_name_hint(hint, label):
     assert ingest.name_hint(hint) == label
 
 
-def test_a_new_store_never_reuses_connections_to_the_previous_file(tmp_path):
-    first = store.Store(str(tmp_path / "a.db"))
+def test_a_new_store_never_reuses_connections_to_the_previous_file(new_db):
+    first = store.Store(new_db())
     with first.connection():
         first.add(store.NewImage(b"x", "0" * 64, "image/png", 1, 1, "a", False, False))
     first.close()  # back to the pool, still open on a.db
-    second = store.Store(str(tmp_path / "b.db"))
+    second = store.Store(new_db())
     try:
         with second.connection():
             assert second.count() == (0, 0)
@@ -487,9 +489,9 @@ def test_a_new_store_never_reuses_connections_to_the_previous_file(tmp_path):
         second.shutdown()
 
 
-def test_two_stores_in_one_process_are_independent(tmp_path):
+def test_two_stores_in_one_process_are_independent(new_db):
     """Each Store owns its database: writes, reads and closing one never touch the other."""
-    a, b = store.Store(str(tmp_path / "a.db")), store.Store(str(tmp_path / "b.db"))
+    a, b = store.Store(new_db()), store.Store(new_db())
     try:
         errors = []
 
@@ -650,6 +652,7 @@ def test_a_large_upload_that_fails_in_detection_stores_nothing(service):
     assert service.counts() == (0, 0) and staged_rows(service) == 0
 
 
+@pytest.mark.sqlite_only  # MIN_FREE_DISK_MB is SQLite's: PostgreSQL's disk is the server's
 def test_a_large_upload_refused_by_the_disk_floor_while_staging_stores_nothing(make_service):
     service = make_service(min_free_disk_mb=2**40)
     assert_problem(post_json(service, {"image": b64(noise_jpeg()), "detect": True}, status=507), 507)
@@ -673,14 +676,14 @@ def test_bytes_a_delete_took_meanwhile_are_written_again_by_the_add(service):
     s = service.store
     with s.connection():
         assert s.stage_blob(sha, data) is True
-        s.database.execute_sql("DELETE FROM blob WHERE sha256 = ?", [sha])  # what that delete does
+        s.database.execute_sql(f"DELETE FROM blob WHERE sha256 = {s.database.param}", [sha])  # what that delete does
         rec = s.add(store.NewImage(data, sha, "image/jpeg", 1800, 1350, "x", False, False))
         assert s.file(rec.id)[0] == data
     assert staged_rows(service) == 0
 
 
-def test_bytes_staged_by_a_process_that_stopped_are_deleted_at_the_next_start(tmp_path):
-    path = str(tmp_path / "images.db")
+def test_bytes_staged_by_a_process_that_stopped_are_deleted_at_the_next_start(new_db):
+    path = new_db()
     data, kept = noise_jpeg(1), noise_jpeg(2)
     s = store.Store(path)
     try:

@@ -20,6 +20,8 @@ import server
 import store
 from helpers import assert_problem, b64
 
+pytestmark = pytest.mark.both_backends
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -34,7 +36,8 @@ def add(service, data, *, detect_=False, label=None, filename=None):
 
 def detection_rows(service, image_id: int) -> int:
     with service.store.connection():
-        return service.store.database.execute_sql("SELECT COUNT(*) FROM detection WHERE image_id = ?", [image_id]).fetchone()[0]
+        db = service.store.database
+        return db.execute_sql(f"SELECT COUNT(*) FROM detection WHERE image_id = {db.param}", [image_id]).fetchone()[0]
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -317,6 +320,7 @@ def test_an_image_deleted_while_it_is_detected_is_not_resurrected(make_service, 
     assert detection_rows(service, img["id"]) == 0 and service.counts() == (0, 0)
 
 
+@pytest.mark.sqlite_only  # MIN_FREE_DISK_MB is SQLite's: PostgreSQL's disk is the server's
 def test_a_failed_write_stores_nothing(make_service, photo):
     """Below the disk floor the replace is refused (507) and the old detections stay."""
     service = make_service()
@@ -479,10 +483,10 @@ def test_without_a_model_it_says_so_and_exits_2(make_service, photo, tmp_path):
     assert service.client.get(f"/images/{img['id']}").json == img
 
 
-def test_sigterm_finishes_the_images_under_way_and_keeps_them(tmp_path, photo, model_path):
+def test_sigterm_finishes_the_images_under_way_and_keeps_them(new_db, photo, model_path):
     """Stopped after its first image (a progress line for each: --log-every 0), it says so, exits 143, and the
     images its summary counts as re-detected are exactly those stored with detection."""
-    path = str(tmp_path / "many.db")
+    path = new_db()
     data = photo("pets.jpg")
     sha = hashlib.sha256(data).hexdigest()
     s = store.Store(path)
@@ -503,8 +507,11 @@ def test_sigterm_finishes_the_images_under_way_and_keeps_them(tmp_path, photo, m
     assert proc.returncode == 143, err
     assert "interrupted" in out
     done = int(out.split(" re-detected")[0].rsplit(" ", 1)[1])
-    conn = sqlite3.connect(path)
-    stored = conn.execute("SELECT COUNT(*) FROM image WHERE detection_enabled").fetchone()[0]
-    labels = {row[0] for row in conn.execute("SELECT label FROM image WHERE detection_enabled")}
-    conn.close()
+    s = store.Store(path)
+    try:
+        with s.connection():
+            stored = s.database.execute_sql("SELECT COUNT(*) FROM image WHERE detection_enabled").fetchone()[0]
+            labels = {row[0] for row in s.database.execute_sql("SELECT label FROM image WHERE detection_enabled")}
+    finally:
+        s.shutdown()
     assert 1 <= done < 400 and stored == done and labels == {"2 dogs"}

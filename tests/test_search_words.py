@@ -17,6 +17,8 @@ import ingest
 import store
 from helpers import assert_problem, b64, jpeg
 
+pytestmark = pytest.mark.both_backends
+
 LIST_PARAMS = ("limit", "before", "objects", "match", "min_confidence")
 
 

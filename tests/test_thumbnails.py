@@ -27,6 +27,8 @@ import store
 from helpers import assert_problem, b64, jpeg, wait_for
 from loopback import Loopback, ok
 
+pytestmark = pytest.mark.both_backends
+
 EVERY_DISK = 2**40  # MB: more than any disk has free
 WEBP = {"Accept": "image/avif,image/webp,image/apng,image/*,*/*;q=0.8"}  # what Chromium sends for <img>
 
@@ -203,6 +205,7 @@ def test_what_is_served_is_what_is_kept(service, photo):
     assert thumb.data == served and (thumb.width, thumb.height) == (320, 269)
 
 
+@pytest.mark.sqlite_only  # MIN_FREE_DISK_MB is SQLite's: PostgreSQL's disk is the server's
 def test_below_the_disk_floor_a_thumbnail_is_served_without_being_kept(make_service, photo):
     service = make_service(min_free_disk_mb=EVERY_DISK)
     service.store.min_free_mb = 0  # the image is stored before the disk "fills"
@@ -234,8 +237,8 @@ def test_deleting_the_last_image_of_some_bytes_deletes_their_thumbnails(service,
         assert service.store.thumbnail(other["sha256"], 320, "jpeg") is not None
 
 
-def test_a_thumbnail_of_bytes_deleted_meanwhile_is_not_kept(tmp_path):
-    images = store.Store(str(tmp_path / "images.db"))
+def test_a_thumbnail_of_bytes_deleted_meanwhile_is_not_kept(new_db):
+    images = store.Store(new_db())
     try:
         with images.connection():
             assert images.keep_thumbnail("a" * 64, 320, "jpeg", store.Thumbnail(b"x", 1, 1)) is False
@@ -274,9 +277,9 @@ def test_purge_from_the_command_line(service, photo):
     assert missing.returncode == 2 and "does not exist" in missing.stderr
 
 
-def test_two_stores_keeping_the_same_thumbnail_both_succeed(tmp_path, photo):
-    """Two processes (two stores on one file) making the same thumbnail: the second insert is ignored."""
-    path = str(tmp_path / "images.db")
+def test_two_stores_keeping_the_same_thumbnail_both_succeed(new_db, photo):
+    """Two processes (two stores on one database) making the same thumbnail: the second insert is ignored."""
+    path = new_db()
     one, two = store.Store(path), store.Store(path)
     data = photo("pets.jpg")
     sha = hashlib.sha256(data).hexdigest()
@@ -552,11 +555,12 @@ def test_annotated_is_the_picture_with_its_detections_and_revalidated(service, p
 
     # The detections change (a re-detection, a new model): the old copy no longer validates.
     with service.store.connection():
-        service.store.database.execute_sql("UPDATE detection SET confidence = 0.99 WHERE image_id = ?", [image["id"]])
+        db = service.store.database
+        db.execute_sql(f"UPDATE detection SET confidence = 0.99 WHERE image_id = {db.param}", [image["id"]])
     changed = service.client.get(url, headers={"If-None-Match": etag}, status=200)
     assert changed.headers["ETag"] != etag and changed.body != res.body
     with service.store.connection():
-        service.store.database.execute_sql("DELETE FROM detection WHERE image_id = ?", [image["id"]])
+        db.execute_sql(f"DELETE FROM detection WHERE image_id = {db.param}", [image["id"]])
     bare = service.client.get(url)
     assert bare.headers["ETag"] not in (etag, changed.headers["ETag"])
     # Nothing drawn: the picture itself, re-encoded; the first render had boxes and tags on it.
