@@ -5,9 +5,8 @@ nothing else is, no id comes twice, every acknowledged image reads back through 
 answer searches, GET /objects and /v1/vision/detection alike, and the counts table equals a recount. Then
 kill -9 of a process in the middle of writes: every acknowledged image is still there for the next one.
 
-PostgreSQL: TEST_POSTGRES_URL names a server (e.g. postgresql://postgres@127.0.0.1:5432/postgres); each test
-creates a database of its own there and drops it after. Unset: those cases are skipped. SQLite: two
-processes on one file (its writers queue on the busy timeout).
+Each runs on both backends (`both_backends`, a database of its own from `new_db`): PostgreSQL, and two
+processes on one SQLite file (its writers queue on the busy timeout).
 """
 
 import base64
@@ -19,7 +18,6 @@ import io
 import json
 import os
 import random
-import secrets
 import signal
 import threading
 import time
@@ -47,33 +45,13 @@ PHOTOS = ("pets.jpg", "coupleanddog.jpeg", "cats_and_dogs.jpg")
 # --------------------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def postgres_database(url: str):
-    """A database of its own on the server `url` names, created here and dropped (with its connections) after:
-    the URL of it."""
-    import psycopg
-
-    name = f"h_procs_{os.getpid()}_{secrets.token_hex(4)}"
-    with psycopg.connect(url, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield urllib.parse.urlsplit(url)._replace(path="/" + name).geturl()
-    finally:
-        with psycopg.connect(url, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+pytestmark = pytest.mark.both_backends
 
 
-@pytest.fixture(params=["postgresql", "sqlite"])
-def shared_db(request, tmp_path):
+@pytest.fixture
+def shared_db(db_backend, new_db):
     """(backend name, IMAGES_DB for every process of the test)."""
-    if request.param == "sqlite":
-        yield "sqlite", str(tmp_path / "images.db")
-        return
-    url = os.environ.get("TEST_POSTGRES_URL")
-    if not url:
-        pytest.skip("TEST_POSTGRES_URL is unset: no PostgreSQL server to run against")
-    with postgres_database(url) as db:
-        yield "postgresql", db
+    return db_backend, new_db()
 
 
 def start(db: str, model_path: str):
