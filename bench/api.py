@@ -1,6 +1,6 @@
 """Benchmark of the HTTP API through the real server process: uploads, listing 100,000 and 1,000,000 images, memory.
 
-    python bench/api.py [--runs N] [--queries N] [--rows N] [--uploads N] [--big-rows N]
+    python bench/api.py [--runs N] [--queries N] [--rows N] [--uploads N] [--big-rows N] [--db URL [--drivers]]
                                              (DETECT_MODEL and TESTDATA_DIR as for the tests)
 
 Starts `python server.py --port 0 --db <temp> --model $DETECT_MODEL` (a fresh database for each part)
@@ -20,6 +20,12 @@ and talks to it over one keep-alive connection (http.client):
    file deleted afterwards); the first page of each search of issue 15, GET /objects and GET /images/{id},
    round-robin; POST /images detect=false of distinct 64x64 JPEGs, alternately to it and to a server whose
    database held 10 images. `--big-rows 0` skips it.
+5. `--db postgresql://...`: only this part. Part 4's searches, GET /images/{id} and POST /images detect=false
+   (at N images and at 10) at --rows and at --big-rows images, on SQLite and on PostgreSQL side by side:
+   each filled the same way through Store.add_many (PostgreSQL: then VACUUM ANALYZE, as autovacuum would
+   soon after), every request round-robin over the servers. The bench creates its databases on that server
+   (bench_api_<pid>_*, synchronous_commit on) and drops them at the end. `--drivers` adds a column per
+   driver (psycopg2-binary, psycopg 3), each with a database it filled.
 
 Prints one markdown table of medians (ms) / values against the issue's targets, one line of context,
 then part 4's table (ok/FAIL).
@@ -30,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import dataclasses
 import hashlib
 import io
 import json
@@ -40,6 +47,7 @@ import statistics
 import sys
 import tempfile
 import time
+import urllib.parse
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -194,19 +202,30 @@ def fill(path: str, rows: int, model: str, seed: int = 1, chunk: int = 10_000) -
                 )
 
     images_store = store.Store(path)  # creates the schema
+    postgres = is_postgres(path)
     try:
         with images_store.connection():
-            # A bigger page cache for this connection only: the indexes of a large fill stay in memory.
-            images_store.database.execute_sql("PRAGMA cache_size = -262144")
+            sql = images_store.database.execute_sql
+            if not postgres:
+                # A bigger page cache for this connection only: the indexes of a large fill stay in memory.
+                sql("PRAGMA cache_size = -262144")
             # 100,000 a transaction: each commit writes every page it changed to the WAL, and the
             # (name, confidence) index changes pages all over; 10,000 took 104 s for 1,000,000 images, this 91 s.
             images_store.add_many(images(), batch=100_000)  # the store's public bulk load, ids 1..rows in order
-            images_store.database.execute_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+            loaded = time.perf_counter()
+            if postgres:
+                # What autovacuum does within a minute or two of a bulk load (statistics for the planner, the
+                # visibility map for index-only scans), done now so the searches see the steady state.
+                images_store.database.execute_sql("VACUUM ANALYZE")
+                mb = sql("SELECT pg_database_size(current_database())").fetchone()[0] / 2**20
+            else:
+                sql("PRAGMA wal_checkpoint(TRUNCATE)")
+                mb = os.path.getsize(path) / 2**20
     finally:
         images_store.shutdown()
     detections, with_dog = counted["detections"], counted["with_dog"]
-    return {"seconds": time.perf_counter() - t0, "detections": detections, "dog_share": with_dog / rows,
-            "mb": os.path.getsize(path) / 2**20}
+    return {"seconds": time.perf_counter() - t0, "load_seconds": loaded - t0, "detections": detections,
+            "dog_share": with_dog / rows, "mb": mb}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -379,6 +398,224 @@ def print_scale(sc: dict, rows: int) -> None:
           f"{sc['n_by_id']} GET by id; page size 100" + (f"; REGRESSION in SIGTERM handling: {'; '.join(stops)}" if stops else ""))
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Part 5 (--db): the searches and uploads of part 4 on SQLite and on PostgreSQL, side by side
+# ---------------------------------------------------------------------------------------------------------
+
+# The drivers of the comparison (--drivers): named in the URL's scheme, postgresql+<driver>://, which
+# store.PostgresBackend honours (plain postgresql:// is its default, psycopg 3).
+DRIVERS = {"psycopg": "psycopg 3", "psycopg2": "psycopg2-binary"}  # the backend's default first
+
+
+def is_postgres(target: str) -> bool:
+    return store.is_url(target)
+
+
+def with_driver(url: str, driver: str | None) -> str:
+    """`url` with `driver` in its scheme (None: as it is)."""
+    return url if driver is None else f"postgresql+{driver}://{url.split('://', 1)[1]}"
+
+
+class PostgresDatabases:
+    """Databases of the bench's own on the PostgreSQL server `url` names: `create(tag)` makes one, with
+    synchronous_commit on whatever the server's default, and returns its URL; `drop(url)` and `close()`
+    drop them. CREATE DATABASE fails on a name that exists, so the bench never touches data it did not make."""
+
+    def __init__(self, url: str):
+        self.url = "postgresql://" + url.split("://", 1)[1]  # what psycopg takes (no +driver)
+        self.made: list[str] = []
+        with self._admin() as admin:
+            self.facts = {k: admin.execute(f"SHOW {k}").fetchone()[0]
+                          for k in ("server_version", "fsync", "synchronous_commit", "shared_buffers")}
+
+    def _admin(self):
+        import psycopg
+
+        return psycopg.connect(self.url, autocommit=True)
+
+    def create(self, tag: str) -> str:
+        name = f"bench_api_{os.getpid()}_{tag}"
+        with self._admin() as admin:
+            admin.execute(f'CREATE DATABASE "{name}"')
+            self.made.append(name)
+            admin.execute(f'ALTER DATABASE "{name}" SET synchronous_commit = on')
+        return urllib.parse.urlsplit(self.url)._replace(path="/" + name).geturl()
+
+    def drop(self, url: str) -> None:
+        self._drop(urllib.parse.urlsplit(url).path.lstrip("/"))
+
+    def _drop(self, name: str) -> None:
+        with self._admin() as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        self.made.remove(name)
+
+    def close(self) -> None:
+        for name in list(self.made):
+            self._drop(name)
+
+
+@dataclasses.dataclass
+class Subject:
+    """One database of the comparison: what its column is called, where it lives, which driver serves it."""
+
+    label: str
+    kind: str  # "sqlite" or "postgresql"
+    driver: str | None = None  # the driver in its URLs (None: the backend's default)
+    big: str = ""  # the filled database's target
+    small: str = ""  # one holding 10 images
+    filled: dict = dataclasses.field(default_factory=dict)
+    times: dict = dataclasses.field(default_factory=dict)
+
+
+def rotated(items: list, k: int) -> list:
+    k %= len(items)
+    return items[k:] + items[:k]
+
+
+def part_compare(tmp: str, model: str, rows: int, queries: int, runs: int, pg: PostgresDatabases,
+                 drivers: bool) -> dict:
+    """Part 4's first pages, GET /objects, GET by id and POST /images detect=false at `rows` images, on
+    SQLite and on PostgreSQL (with `drivers`, on PostgreSQL through each driver: a database filled by each),
+    every request round-robin over the servers so noise falls on all alike."""
+    subjects = [Subject("SQLite", "sqlite")]
+    if drivers:
+        subjects += [Subject(f"PostgreSQL, {DRIVERS[d]}", "postgresql", d) for d in DRIVERS]
+    else:
+        subjects.append(Subject("PostgreSQL", "postgresql"))
+    deep = rows // 10
+    paths = {k.format(deep=deep): (p.format(deep=deep), target) for k, (p, target) in SCALE_PATHS.items()}
+    started: list[ServerProcess] = []
+    try:
+        for n, s in enumerate(subjects):
+            if s.kind == "sqlite":
+                s.big, s.small = os.path.join(tmp, f"compare-{rows}.db"), os.path.join(tmp, "compare-10.db")
+            else:
+                s.big, s.small = (with_driver(pg.create(f"{rows}_{n}"), s.driver),
+                                  with_driver(pg.create(f"10_{n}"), s.driver))
+            progress(f"part 5: writing {rows:,} synthetic images into {s.label}")
+            s.filled = fill(s.big, rows, model, seed=4)
+            fill(s.small, 10, model, seed=4)
+            progress(f"part 5: {s.label}: {s.filled['detections']:,} detections in {s.filled['seconds']:.1f} s "
+                     f"({s.filled['mb']:,.0f} MB)")
+        servers = {}
+        for s in subjects:
+            for which in ("big", "small"):
+                started.append(ServerProcess(["--db", getattr(s, which), "--model", model], timeout=120))
+                servers[s.label, which] = started[-1]
+        rng = random.Random(3)
+        counts: dict[str, dict[str, int]] = {s.label: {} for s in subjects}
+        for s in subjects:
+            s.times = {k: [] for k in paths} | {"by_id": [], "post": [], "post_10": []}
+            big = servers[s.label, "big"]
+            for key, (p, _) in paths.items():  # warm up; note the page sizes (the same on every backend)
+                counts[s.label][key] = len(json.loads(big.request("GET", p)[2]))
+            for _ in range(20):
+                big.request("GET", f"/images/{rng.randint(1, rows)}")
+        for q in range(queries):
+            for key, (p, _) in paths.items():
+                for s in rotated(subjects, q):
+                    s.times[key].append(servers[s.label, "big"].request("GET", p)[0])
+            for _ in range(3):
+                image_id = rng.randint(1, rows)
+                for s in rotated(subjects, q):
+                    s.times["by_id"].append(servers[s.label, "big"].request("GET", f"/images/{image_id}")[0])
+        bodies = iter([post_body(d, False) for d in small_jpegs(2 * len(subjects) * (runs + 3), seed=11)])
+        for i in range(runs + 3):  # 3 to warm up
+            for s in rotated(subjects, i):
+                a = servers[s.label, "big"].request("POST", "/images", next(bodies))[0]
+                b = servers[s.label, "small"].request("POST", "/images", next(bodies))[0]
+                if i >= 3:
+                    s.times["post"].append(a)
+                    s.times["post_10"].append(b)
+    finally:
+        for srv in started:
+            srv.stop()
+        for s in subjects:
+            for target in (s.big, s.small):
+                if target and is_postgres(target):
+                    pg.drop(target)
+                elif target and os.path.exists(target):
+                    os.remove(target)
+    for s in subjects:
+        s.times = {k: median_ms(v) for k, v in s.times.items()}
+    return {"subjects": subjects, "paths": paths, "counts": counts[subjects[0].label], "rows": rows,
+            "same_pages": all(c == counts[subjects[0].label] for c in counts.values()),
+            "stops": [srv.stop_problem() for srv in started if srv.stop_problem()]}
+
+
+def compare_rows(cmp: dict) -> list[tuple[str, str, str | None]]:
+    """(what, time key or 'fill', target kind) of part 5's table."""
+    rows = cmp["rows"]
+    out = [(f"{key} ({cmp['counts'][key]} {'names' if key == 'GET /objects' else 'images'})", key, "search")
+           for key in cmp["paths"]]
+    out.append(("GET /images/{id}, random ids", "by_id", "search"))
+    out.append((f"POST /images 64x64 detect=false, at {rows:,} images", "post", "post"))
+    out.append(("POST /images 64x64 detect=false, at 10 images", "post_10", "post"))
+    return out
+
+
+def print_compare(cmp: dict) -> None:
+    subjects, rows = cmp["subjects"], cmp["rows"]
+    sqlite, pg = subjects[0], subjects[1]  # the first PostgreSQL column is the table's (the default driver)
+    print(f"\n| at {rows:,} images, {sqlite.filled['detections']:,} detections | {sqlite.label} | {pg.label} | "
+          "PostgreSQL / SQLite | target | ok/FAIL |")
+    print("|---|---|---|---|---|---|")
+    for what, key, kind in compare_rows(cmp):
+        a, b = sqlite.times[key], pg.times[key]
+        ratio = b / a
+        if kind == "search":
+            target, ok = "<= 2x and <= 20 ms", ratio <= 2 and b <= 20
+        else:
+            target, ok = "<= 1.5x", ratio <= 1.5
+        print(f"| {what} | {a:.2f} ms | {b:.2f} ms | {ratio:.2f} | {target} | {'ok' if ok else 'FAIL'} |")
+    a, b = sqlite.filled, pg.filled
+    print(f"| fill through Store.add_many | {a['seconds']:.1f} s | {b['seconds']:.1f} s "
+          f"(VACUUM ANALYZE {b['seconds'] - b['load_seconds']:.1f} s of it) | {b['seconds'] / a['seconds']:.2f} | — | — |")
+    print(f"| size | {a['mb']:,.0f} MB | {b['mb']:,.0f} MB | {b['mb'] / a['mb']:.2f} | — | — |")
+    if len(subjects) == 3:
+        three, two = subjects[1], subjects[2]
+        print(f"\n| at {rows:,} images, PostgreSQL | {two.label} | {three.label} | 3 / 2 |")
+        print("|---|---|---|---|")
+        for what, key, _ in compare_rows(cmp):
+            print(f"| {what} | {two.times[key]:.2f} ms | {three.times[key]:.2f} ms | {three.times[key] / two.times[key]:.2f} |")
+        for what, key in (("fill through Store.add_many (with VACUUM ANALYZE)", "seconds"),
+                          ("of it add_many alone", "load_seconds")):
+            x, y = two.filled[key], three.filled[key]
+            print(f"| {what} | {x:.1f} s | {y:.1f} s | {y / x:.2f} |")
+    if not cmp["same_pages"]:
+        print("\nWARNING: the backends answered pages of different sizes (see the counts above): not comparable")
+    if cmp["stops"]:
+        print(f"\nREGRESSION in SIGTERM handling: {'; '.join(cmp['stops'])}")
+
+
+def compare_main(args, model: str) -> int:
+    """--db: part 5 at --rows and at --big-rows images; nothing else (parts 1-3 do not depend on the database)."""
+    pg = PostgresDatabases(args.db)
+    started = time.perf_counter()
+    load = os.getloadavg()
+    results = []
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench-api-") as tmp:
+            for rows in (args.rows, args.big_rows):
+                if rows:
+                    results.append(part_compare(tmp, model, rows, args.queries, args.runs, pg, args.drivers))
+    finally:
+        pg.close()
+    for cmp in results:
+        print_compare(cmp)
+    facts = pg.facts
+    print(
+        f"\nPostgreSQL {facts['server_version']} at {store.redact(args.db)} (fsync {facts['fsync']}, server default "
+        f"synchronous_commit {facts['synchronous_commit']}, on in the bench's databases; shared_buffers "
+        f"{facts['shared_buffers']}); cores: {os.cpu_count()}; load average at the start {load[0]:.2f}, at the end "
+        f"{os.getloadavg()[0]:.2f}; {args.queries} requests per search median, {args.runs} per POST median, "
+        f"{time.perf_counter() - started:.0f} s in all"
+        + ("; WARNING: fsync is off on that server, so its commits cost less than they would on a real one"
+           if facts["fsync"] != "on" else "")
+    )
+    return 0
+
+
 def part_memory(tmp: str, model: str, uploads: int) -> dict:
     progress(f"part 3: {uploads} uploads of distinct 64x64 JPEGs")
     bodies = [post_body(d, True) for d in small_jpegs(uploads)]
@@ -405,11 +642,21 @@ def main() -> int:
     parser.add_argument("--uploads", type=int, default=1000, help="uploads for the memory check (default 1000)")
     parser.add_argument("--big-rows", type=int, default=1_000_000,
                         help="synthetic images for part 4, the searches at scale (default 1000000; 0 skips it)")
+    parser.add_argument("--db", metavar="URL",
+                        help="a PostgreSQL server (postgresql://user:pass@host:port/dbname): run part 5 only, SQLite and "
+                             "PostgreSQL side by side at --rows and --big-rows images, in databases the bench creates there "
+                             "and drops")
+    parser.add_argument("--drivers", action="store_true",
+                        help="with --db: PostgreSQL through psycopg2-binary and through psycopg 3, side by side")
     args = parser.parse_args()
+    if args.drivers and not args.db:
+        parser.error("--drivers goes with --db")
     # SIGTERM (make, CI) unwinds like Ctrl-C, so servers are stopped and temp dirs removed.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
     testdata, model = testdata_paths()
+    if args.db:
+        return compare_main(args, model)
     with open(os.path.join(testdata, "images", "cat_1080p.jpg"), "rb") as f:
         cat = f.read()
     detector = server_detector(model)  # laid out as the server lays its own out
