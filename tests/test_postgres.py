@@ -499,3 +499,47 @@ def test_min_free_disk_mb_is_for_sqlite_files_only(pg):
         assert s.backend.free_bytes() is None
         assert s.add(new_image(1)).id == 1
     s.shutdown()
+
+
+# -- the command lines on PostgreSQL -------------------------------------------------------------------------------
+
+
+def _with_password(url: str, password: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{parts.username}:{password}@{parts.hostname}:{parts.port}"))
+
+
+@pytest.mark.postgresql_only
+def test_import_and_redetect_on_postgresql_dry_runs_write_nothing(pg, images_dir, model_path, capsys, monkeypatch):
+    """`ingest.py import` and `redetect` take a PostgreSQL URL as the server does; their dry runs read in
+    READ ONLY transactions and create nothing (not even the tables); no line shows the password."""
+    import ingest
+
+    monkeypatch.setenv("MIN_FREE_DISK_MB", "0")
+    url = _with_password(pg, "Sup3rS3cretPw")
+    photos = [os.path.join(images_dir, n) for n in ("pets.jpg", "cat.bmp")]
+
+    def run(*argv):
+        code = ingest.main(list(argv))
+        out, err = capsys.readouterr()
+        assert "Sup3rS3cretPw" not in out + err
+        return code, out, err
+
+    code, out, _ = run("import", *photos, "--dry-run", "--db", url, "--model", model_path)
+    assert code == 0 and "2 to add" in out, out
+    with admin(pg) as conn:  # a dry run on an empty database made no tables
+        assert conn.execute("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'").fetchone()[0] == 0
+    code, out, _ = run("import", *photos, "--db", url, "--model", model_path)
+    assert code == 0 and "import: 2 added" in out, out
+    code, out, _ = run("import", *photos, "--dry-run", "--db", url, "--model", model_path)
+    assert code == 0 and "2 to skip" in out, out
+    code, out, _ = run("redetect", "--all", "--dry-run", "--db", url, "--model", model_path)
+    assert code == 0 and "2 image(s) in postgresql://postgres:***@" in out, out
+    code, out, _ = run("redetect", "--all", "--threshold", "0.6", "--db", url, "--model", model_path)
+    assert code == 0, out
+    s = store.Store(pg)
+    with s.connection():
+        records = s.list()[0]
+        assert len(records) == 2 and all(r.threshold == 0.6 for r in records)
+        assert sorted(s.objects()) == recount(s)
+    s.shutdown()
