@@ -7,7 +7,7 @@ database through `new_db` (`make_service` and `service` do) run twice, as `[sqli
 `sqlite_only` keeps one of them on SQLite (PRAGMAs, the file itself); `postgresql_only` runs a test on
 PostgreSQL alone (what SQLite does not have: row locks, a server that goes away). The PostgreSQL half runs on a
 throwaway cluster (tests/postgres.py), or on TEST_POSTGRES_URL's server; without PostgreSQL's binaries or
-a driver it is skipped, with the reason in the report's header and in each skip.
+a driver its runs are deselected, with one line saying why (in the report's header and at the end).
 """
 
 import contextlib

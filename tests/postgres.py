@@ -22,6 +22,7 @@ import glob
 import itertools
 import logging
 import os
+import queue
 import re
 import shutil
 import signal
@@ -147,71 +148,141 @@ def _user_exists(name: str) -> bool:
 
 
 class Server:
-    """A PostgreSQL server the tests may make databases on (ours from `start()`, or TEST_POSTGRES_URL's)."""
+    """A PostgreSQL server the tests may make databases on (ours from `start()`, or TEST_POSTGRES_URL's).
 
-    def __init__(self, admin_url: str, *, cluster: Cluster | None = None):
+    CREATE DATABASE and DROP DATABASE take 30 to 200 ms each; a worker thread does them off the tests' path:
+    it keeps `ahead` databases made in advance (renamed for the test that takes one) and drops what tests
+    are done with. `close()` drops what is left, stops the worker and, if it is ours, the cluster.
+    """
+
+    def __init__(self, admin_url: str, *, cluster: Cluster | None = None, ahead: int = 1):
         self.admin_url = admin_url
         self.cluster = cluster
-        self.driver, connect = driver()
-        self._conn = connect(admin_url)
-        self._lock = threading.Lock()
+        self.ahead = ahead
+        self.driver, self._connect = driver()
+        self._conn = self._connect(admin_url)  # the tests' thread: renames
         self._names = itertools.count(1)
-        self.version = self._query("SHOW server_version")
-        self._force = int(self._query("SHOW server_version_num")) >= 130000  # DROP DATABASE ... WITH (FORCE)
-        self.created = self.dropped = 0
-        self.create_seconds = self.drop_seconds = 0.0
+        self.version = self._query(self._conn, "SHOW server_version")
+        self._force = int(self._query(self._conn, "SHOW server_version_num")) >= 130000  # DROP ... WITH (FORCE)
+        self.created = self.dropped = self.handed = 0
+        self.create_seconds = self.drop_seconds = self.wait_seconds = 0.0
+        self._cv = threading.Condition()
+        self._ready: list[str] = []  # made, not handed out
+        self._queued = 0  # creations asked of the worker, not done
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._failure: BaseException | None = None
+        self._worker = threading.Thread(target=self._work, args=(self._connect(admin_url),), name="postgres-admin",
+                                        daemon=True)
+        self._worker.start()
 
-    def _query(self, sql: str) -> str:
-        with self._lock:
-            cur = self._conn.cursor()
-            cur.execute(sql)
-            return cur.fetchone()[0]
-
-    def _execute(self, sql: str) -> None:
-        with self._lock:
-            self._conn.cursor().execute(sql)
+    @staticmethod
+    def _query(conn, sql: str) -> str:
+        cur = conn.cursor()
+        cur.execute(sql)
+        return cur.fetchone()[0]
 
     def url(self, name: str) -> str:
         """The URL of database `name` on this server (user, password, host, port and query of the admin URL)."""
         parts = urllib.parse.urlsplit(self.admin_url)
         return urllib.parse.urlunsplit(parts._replace(path="/" + name))
 
+    def _name(self, hint: str = "") -> str:
+        slug = re.sub(r"[^a-z0-9]+", "_", hint.lower()).strip("_")
+        return f"t{os.getpid()}_{next(self._names)}_{slug}"[:63]  # PostgreSQL cuts names at 63 bytes
+
+    # -- the worker ---------------------------------------------------------------------------------------
+
+    def _work(self, conn) -> None:
+        try:
+            while (job := self._jobs.get()) is not None:
+                kind, name = job
+                began = time.perf_counter()
+                try:
+                    if kind == "create":
+                        conn.cursor().execute(f'CREATE DATABASE "{name}" TEMPLATE template0 ENCODING \'UTF8\'')
+                    elif self._force:
+                        conn.cursor().execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+                    else:
+                        conn.cursor().execute(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'")
+                        conn.cursor().execute(f'DROP DATABASE IF EXISTS "{name}"')
+                except Exception as e:
+                    if kind == "drop":
+                        log.warning("DROP DATABASE %s failed: %s", name, e)
+                        continue
+                    with self._cv:
+                        self._failure = e  # raised in the test that waits for it
+                        self._queued -= 1
+                        self._cv.notify_all()
+                    continue
+                took = time.perf_counter() - began
+                with self._cv:
+                    if kind == "create":
+                        self.created += 1
+                        self.create_seconds += took
+                        self._queued -= 1
+                        self._ready.append(name)
+                        self._cv.notify_all()
+                    else:
+                        self.dropped += 1
+                        self.drop_seconds += took
+        finally:
+            conn.close()
+
+    # -- what the tests call ------------------------------------------------------------------------------
+
     def create_database(self, hint: str = "") -> str:
         """A new, empty database (from template0) with a name no other test and no other run uses; its URL."""
-        slug = re.sub(r"[^a-z0-9]+", "_", hint.lower()).strip("_")
-        name = f"t{os.getpid()}_{next(self._names)}_{slug}"[:63]  # PostgreSQL cuts names at 63 bytes
         began = time.perf_counter()
-        self._execute(f'CREATE DATABASE "{name}" TEMPLATE template0 ENCODING \'UTF8\'')
-        self.create_seconds += time.perf_counter() - began
-        self.created += 1
+        with self._cv:
+            if not self._ready and not self._queued:
+                self._ask()
+            while not self._ready:
+                if self._failure is not None:
+                    failure, self._failure = self._failure, None
+                    raise RuntimeError(f"CREATE DATABASE failed: {failure}") from failure
+                if not self._cv.wait(timeout=120):
+                    raise TimeoutError("CREATE DATABASE took over 120 s")
+            made = self._ready.pop(0)
+            while len(self._ready) + self._queued < self.ahead:
+                self._ask()
+        name = self._name(hint)
+        self._conn.cursor().execute(f'ALTER DATABASE "{made}" RENAME TO "{name}"')  # made ahead for no test
+        self.handed += 1
+        self.wait_seconds += time.perf_counter() - began
         return self.url(name)
 
+    def _ask(self) -> None:
+        self._queued += 1
+        self._jobs.put(("create", self._name("ahead")))
+
     def drop_database(self, url: str) -> None:
-        """Drop the database of `url`, whatever connections a store under test still holds to it."""
-        name = urllib.parse.urlsplit(url).path.lstrip("/")
-        began = time.perf_counter()
-        if self._force:
-            self._execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        else:
-            self._execute(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'")
-            self._execute(f'DROP DATABASE IF EXISTS "{name}"')
-        self.drop_seconds += time.perf_counter() - began
-        self.dropped += 1
+        """Drop the database of `url` soon, whatever connections a store under test still holds to it."""
+        self._jobs.put(("drop", urllib.parse.urlsplit(url).path.lstrip("/")))
 
     def summary(self) -> str:
         where = f"cluster {self.cluster.summary()}" if self.cluster else f"{ENV_URL} server"
         made = ""
         if self.created:
-            made = f"; {self.created} database(s), created in {1000 * self.create_seconds / self.created:.0f} ms"
-            if self.dropped:
-                made += f" and dropped in {1000 * self.drop_seconds / self.dropped:.0f} ms on average"
+            made = (f"; {self.created} database(s), made in {1000 * self.create_seconds / self.created:.0f} ms "
+                    f"and dropped in {1000 * self.drop_seconds / max(1, self.dropped):.0f} ms on average "
+                    f"by a worker; a test waited {1000 * self.wait_seconds / max(1, self.handed):.0f} ms for one")
         return f"postgresql {self.version} ({self.driver}): {where}{made}"
 
     def close(self) -> None:
-        with self._lock:
+        """Drop the databases made ahead, wait for the drops asked for, stop the worker, then the cluster."""
+        try:
+            with self._cv:
+                while self._queued and self._worker.is_alive():
+                    self._cv.wait(timeout=30)
+                for name in self._ready:
+                    self._jobs.put(("drop", name))
+                self._ready.clear()
+            self._jobs.put(None)
+            self._worker.join(timeout=120)
             self._conn.close()
-        if self.cluster:
-            self.cluster.stop()
+        finally:
+            if self.cluster:
+                self.cluster.stop()
 
 
 def start() -> Server:
@@ -372,9 +443,9 @@ if __name__ == "__main__":
     print(check())
     server = start()
     try:
-        urls = [server.create_database("timing") for _ in range(10)]
-        for url in urls:
-            server.drop_database(url)
+        for _ in range(10):
+            server.drop_database(server.create_database("timing"))
+            time.sleep(0.3)  # a test's time: the next database is made meanwhile
     finally:
         server.close()
     print(server.summary())
