@@ -8,6 +8,7 @@ A real PostgreSQL server (tests/postgres.py: the session's throwaway cluster, or
 """
 
 import contextlib
+import dataclasses
 import hashlib
 import io
 import logging
@@ -543,3 +544,20 @@ def test_import_and_redetect_on_postgresql_dry_runs_write_nothing(pg, images_dir
         assert len(records) == 2 and all(r.threshold == 0.6 for r in records)
         assert sorted(s.objects()) == recount(s)
     s.shutdown()
+
+
+@pytest.mark.postgresql_only
+def test_a_value_the_driver_refuses_is_not_called_busy(pg):
+    """A NUL in text (SQLite takes it, PostgreSQL's driver refuses it before sending): an error saying so,
+    without a Retry-After, since trying again cannot help. (The API refuses control characters in labels,
+    file names and URLs before they reach the store; an old SQLite library may hold one.)"""
+    s = store.Store(pg)
+    try:
+        with s.connection(), pytest.raises(store.StoreUnavailable) as caught:
+            s.add(dataclasses.replace(new_image(1), label="a\x00b"))
+        assert caught.value.retry_after is None and "busy" not in str(caught.value)
+        assert "NUL" in str(caught.value)
+        with s.connection():
+            assert s.count() == (0, 0)
+    finally:
+        s.shutdown()
