@@ -338,7 +338,8 @@ def tiny_tablespace(pg_only, postgres_server):
 
 
 @pytest.mark.postgresql_only
-def test_a_full_disk_on_the_database_server_is_507_and_nothing_is_stored(tiny_tablespace, make_service):
+def test_a_full_disk_on_the_database_server_is_507_and_nothing_is_stored(make_service, tiny_tablespace):
+    # (tiny_tablespace after make_service: its teardown moves the table back while the database still exists)
     service = make_service(min_free_disk_mb=100_000)  # the floor is SQLite's only
     tiny_tablespace(service.settings.db)
     small = service.client.post("/images", upload_files=[("image", "a.jpg", jpeg(3))])
