@@ -442,6 +442,7 @@ def test_nothing_is_stored_by_default(service, photo):
     assert service.counts() == (0, 0)
 
 
+@pytest.mark.both_backends  # vision frames pruned under an advisory lock on PostgreSQL
 def test_vision_store_stores_as_post_images_would(make_service, photo, detector):
     service = make_service(vision_store=True)
     data = photo("coupleanddog.jpeg")
@@ -459,6 +460,7 @@ def test_vision_store_stores_as_post_images_would(make_service, photo, detector)
     assert again["detections"] == stored["detections"]
 
 
+@pytest.mark.both_backends  # vision frames pruned under an advisory lock on PostgreSQL
 def test_vision_store_max_keeps_the_newest_frames_across_restarts(make_service, photo):
     service = make_service(vision_store=True, vision_store_max=2)
     mine = service.client.post_json("/images", {"image": _b64(photo("bird.bmp"))}).json["id"]
@@ -564,6 +566,7 @@ def test_a_body_past_its_deadline_is_a_deepstack_408(real):
     assert "BODY_TIMEOUT" in body["error"]
 
 
+@pytest.mark.both_backends  # vision frames pruned under an advisory lock on PostgreSQL
 def test_a_pruned_frame_takes_its_thumbnails_with_its_bytes(make_service, photo):
     service = make_service(vision_store=True, vision_store_max=1)
     post(service, "/v1/vision/detection", photo("pets.jpg"))
