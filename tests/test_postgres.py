@@ -562,3 +562,17 @@ def test_a_value_the_driver_refuses_is_not_called_busy(pg):
             assert s.count() == (0, 0)
     finally:
         s.shutdown()
+
+
+@pytest.mark.postgresql_only
+def test_libpq_parameters_in_the_url_pass_through(pg):
+    """Query parameters of the URL reach libpq as they are (here `options`, and `sslmode=disable` of a
+    loopback server), and the URL's user is the one connected."""
+    s = store.Store(pg + "?sslmode=disable&options=-c%20work_mem%3D5MB&connect_timeout=5")
+    try:
+        with s.connection():
+            assert s._sql("SHOW work_mem").fetchone()[0] == "5MB"
+            assert s._sql("SELECT current_user").fetchone()[0] == urllib.parse.urlsplit(pg).username
+            assert s._sql("SHOW plan_cache_mode").fetchone()[0] == "force_custom_plan"  # and our own settings too
+    finally:
+        s.shutdown()
