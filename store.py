@@ -466,11 +466,34 @@ class SqliteBackend:
 
 
 class _PostgresDatabase(PooledPostgresqlDatabase):
-    """Peewee's pooled PostgreSQL database, each new connection given the session settings of the backend."""
+    """Peewee's pooled PostgreSQL database, each new connection given the session settings of the backend.
+
+    The pool pings a connection (SELECT 1) before handing it out, to find one the server has cut. Here only
+    a connection idle for PING_AFTER seconds is pinged: one handed back a moment ago is as alive as it was
+    then, and a round trip to another process was a tenth of the cheapest searches. (A server restarted
+    while requests flow fails the requests that meet its cut connections: 503 with Retry-After.)"""
+
+    PING_AFTER = 5.0
 
     def __init__(self, *args: Any, session: Sequence[str] = (), **kwargs: Any):
         self._session = tuple(session)
+        self._returned: dict[int, float] = {}
         super().__init__(*args, **kwargs)
+
+    def _is_closed(self, conn: Any) -> bool:
+        if conn.closed:
+            return True
+        if time.monotonic() - self._returned.get(id(conn), 0.0) < self.PING_AFTER:
+            return False
+        return super()._is_closed(conn)
+
+    def _close(self, conn: Any, close_conn: bool = False) -> None:
+        self._returned[id(conn)] = time.monotonic()
+        super()._close(conn, close_conn)
+
+    def _close_raw(self, conn: Any) -> None:
+        self._returned.pop(id(conn), None)
+        super()._close_raw(conn)
 
     def _connect(self) -> Any:
         conn = super()._connect()
@@ -1279,25 +1302,34 @@ class Store:
         """
         groups = _name_groups(objects)
         names = sorted(set().union(*groups)) if groups else []
+        if names:
+            with self._errors():
+                # The counts steer the walk (which names any image holds, which never meet), read before the
+                # snapshot: a search nothing can match ends here, without a transaction (on PostgreSQL, two
+                # round trips fewer). Counts a moment older than the walk's snapshot cost a search nothing an
+                # earlier arrival would not have.
+                walk = self._walk(groups, match_all, min_confidence, before, limit + 1)
+                if walk is None:
+                    return [], False
+                with self.backend.snapshot():
+                    ids = [row[0] for row in self._sql(*walk).fetchall()]
+                    more = len(ids) > limit
+                    ids = ids[:limit]
+                    records = self._records(f"WHERE id IN ({','.join('?' * len(ids))}) ORDER BY id DESC", ids) if ids else []
+                return records, more
         with self._errors(), self.backend.snapshot():
-            if names:
-                ids = self._ids_with(groups, match_all, min_confidence, before, limit + 1)
-                more = len(ids) > limit
-                ids = ids[:limit]
-                records = self._records(f"WHERE id IN ({','.join('?' * len(ids))}) ORDER BY id DESC", ids) if ids else []
-            elif before is None:
+            if before is None:
                 records = self._records("ORDER BY id DESC LIMIT ?", [limit + 1])
             else:
                 records = self._records("WHERE id < ? ORDER BY id DESC LIMIT ?", [before, limit + 1])
-            if not names:
-                more = len(records) > limit
-                records = records[:limit]
-            return records, more
+            more = len(records) > limit
+            return records[:limit], more
 
-    def _ids_with(
+    def _walk(
         self, groups: list[tuple[str, ...]], match_all: bool, min_confidence: float | None, before: int | None, limit: int
-    ) -> list[int]:
-        """Ids of images holding a name of any/every group, newest first.
+    ) -> tuple[str, list] | None:
+        """The query (SQL, parameters) of the ids of images holding a name of any/every group, newest first,
+        at most `limit`; None when the counts say no image can match.
 
         The cost depends on the page size, not on how many images hold a name. object_count says which
         names any image holds and which is rarest, object_pair which never occur together; each name left
@@ -1322,7 +1354,7 @@ class Store:
             # search at once. Then walk the rarest group; each candidate must hold a name of every other
             # group (an index lookup each).
             if not all(any(n in counts for n in g) for g in groups) or (len(groups) > 1 and self._apart(groups, counts)):
-                return []
+                return None
             groups = sorted(groups, key=lambda g: sum(counts.get(n, 0) for n in g))
             walked, others = [n for n in groups[0] if n in counts], groups[1:]
         else:
@@ -1356,10 +1388,10 @@ class Store:
             )
             params += cond_args + below_args + also_args + [limit]
         if not walks:
-            return []
+            return None
         sql = f"SELECT image_id FROM ({' UNION '.join(walks)}) AS u ORDER BY image_id DESC LIMIT ?"
         params.append(limit)
-        return [row[0] for row in self._sql(sql, params).fetchall()]
+        return sql, params
 
     def _held(self, names: Collection[str]) -> dict[str, int]:
         """How many images hold each of `names` (object_count); names no image holds are left out."""
@@ -1404,7 +1436,7 @@ class Store:
             return {}
         sql = (
             "SELECT image_id, label, confidence, x_min, y_min, x_max, y_max FROM detection "
-            f"WHERE image_id IN ({','.join('?' * len(ids))}) ORDER BY image_id, confidence DESC"
+            f"WHERE image_id IN ({','.join('?' * len(ids))}) ORDER BY image_id, confidence DESC, id"
         )
         for image_id, *rest in self._sql(sql, ids).fetchall():
             out.setdefault(image_id, []).append(Found(*rest))

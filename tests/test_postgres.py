@@ -268,6 +268,34 @@ def test_an_unreachable_database_is_503_with_retry_after_and_served_again_after(
 
 
 @pytest.mark.postgresql_only
+def test_connections_the_server_cut_are_replaced_or_refused_with_retry_after(pg_only, make_service, monkeypatch):
+    """PostgreSQL restarted, or an administrator ended our connections. A pooled connection idle for
+    PING_AFTER is pinged before use and replaced when dead: no request fails. One handed back a moment ago
+    is not pinged (a round trip per request): the request that meets it is 503 with Retry-After, and the
+    next one gets a new connection."""
+    service = make_service()
+    pg = service.settings.db
+    assert service.client.post("/images", upload_files=[("image", "a.jpg", jpeg(2))]).status_int == 200
+    name = urllib.parse.urlsplit(pg).path.lstrip("/")
+
+    def cut():
+        with admin(pg) as conn:
+            conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+                         [name])
+        time.sleep(0.2)  # the backends have gone
+
+    monkeypatch.setattr(store._PostgresDatabase, "PING_AFTER", 0.0)  # every connection counts as idle
+    cut()
+    assert service.client.get("/images/1").status_int == 200
+    monkeypatch.setattr(store._PostgresDatabase, "PING_AFTER", 3600.0)  # none does
+    cut()
+    res = service.client.get("/images/1", expect_errors=True)
+    assert_problem(res, 503)
+    assert res.headers["Retry-After"] == str(store.BUSY_RETRY_AFTER)
+    assert service.client.get("/images/1").status_int == 200
+
+
+@pytest.mark.postgresql_only
 def test_the_pool_exhausted_is_503_with_retry_after(pg):
     s = store.Store(pg, pool_size=1, busy_timeout_ms=500)
     held = threading.Event()
