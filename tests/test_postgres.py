@@ -601,6 +601,6 @@ def test_libpq_parameters_in_the_url_pass_through(pg):
         with s.connection():
             assert s._sql("SHOW work_mem").fetchone()[0] == "5MB"
             assert s._sql("SELECT current_user").fetchone()[0] == urllib.parse.urlsplit(pg).username
-            assert s._sql("SHOW plan_cache_mode").fetchone()[0] == "force_custom_plan"  # and our own settings too
+            assert s._sql("SHOW lock_timeout").fetchone()[0] == "10s"  # and our own settings too
     finally:
         s.shutdown()
