@@ -536,7 +536,7 @@ class PostgresBackend:
     lock_rows = " FOR UPDATE"
     share_rows = " FOR KEY SHARE"
     blob_upsert = "ON CONFLICT (sha256) DO UPDATE SET sha256 = excluded.sha256"  # locks the row it meets
-    DRIVERS = {"psycopg": "psycopg", "psycopg2": "psycopg2"}
+    DRIVERS = ("psycopg", "psycopg2")  # postgresql+<driver>:// picks one (the bench compares them)
 
     def __init__(self, url: str, *, busy_timeout_ms: int = 10_000, pool_size: int = 0, read_only: bool = False):
         self.description = redact(url)
@@ -546,7 +546,7 @@ class PostgresBackend:
         if driver is not None and driver not in self.DRIVERS:
             raise StoreUnavailable(f"{scheme}:// names an unknown driver {driver!r}; use postgresql://, postgresql+psycopg:// or postgresql+psycopg2://")
         prefer3 = driver != "psycopg2"
-        if not _driver_present(prefer3, driver):
+        if not _driver_present(driver):
             raise DriverMissing(
                 f"IMAGES_DB names a PostgreSQL database but its driver ({driver or 'psycopg'}) is not installed: "
                 "pip install -r requirements-postgres.txt"
@@ -639,10 +639,9 @@ def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
-def _driver_present(prefer3: bool, driver: str | None) -> bool:
-    """Whether peewee found the driver (it imports psycopg and psycopg2 when they are installed)."""
-    names = [driver] if driver else (["psycopg", "psycopg2"] if prefer3 else ["psycopg2"])
-    return any(getattr(pw, n, None) is not None for n in names)
+def _driver_present(driver: str | None) -> bool:
+    """Whether peewee found the driver named (None: either), as it imports psycopg and psycopg2 when installed."""
+    return any(getattr(pw, n, None) is not None for n in ([driver] if driver else ["psycopg", "psycopg2"]))
 
 
 def is_url(target: str) -> bool:
@@ -882,7 +881,6 @@ class Store:
             if opened:
                 self._db.close()
 
-    @_retried
     def _migrate(self) -> None:
         version = self._version()
         if version is not None and version > SCHEMA_VERSION:
