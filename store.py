@@ -367,7 +367,10 @@ class SqliteBackend:
         if any(self._FULL.search(t) for t in texts):
             return StoreFull("the disk holding the database is full; free some space and try again")
         if "locked" in text or "busy" in text or isinstance(e, MaxConnectionsExceeded):
-            return StoreUnavailable("the database is busy; try again in a moment", retry_after=BUSY_RETRY_AFTER)
+            return StoreUnavailable(
+                "the database is busy (another writer held it past DB_BUSY_TIMEOUT); try again in a moment",
+                retry_after=BUSY_RETRY_AFTER,
+            )
         return StoreUnavailable(f"the database cannot be used: {text}")
 
     def reserve_ids(self, n: int) -> list[int]:
@@ -604,7 +607,8 @@ class PostgresBackend:
         lost = code is None and isinstance(e, (pw.OperationalError, pw.InterfaceError))
         if lost or (code is not None and (code in _PG_BUSY or code.startswith(_PG_BUSY_CLASSES))):
             return StoreUnavailable(
-                f"the database {self.description} is busy or unreachable ({text}); try again in a moment",
+                f"the database {self.description} is busy or unreachable ({text}; DB_BUSY_TIMEOUT is the wait); "
+                "try again in a moment",
                 retry_after=BUSY_RETRY_AFTER,
             )
         return StoreUnavailable(f"the database cannot be used: {text}")
