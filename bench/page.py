@@ -175,8 +175,9 @@ def settle(window_s: float = 0.1, share: float = 0.2, limit_s: float = 3.0) -> f
 
     After Playwright returns a new context and page, the page's renderer spends about 0.9 s of CPU on
     about:blank (Playwright setting itself up in it), and the browser process 0.2 s more: both cores of
-    this machine stay busy for 0.7-0.9 s (/proc/stat in tenths of a second). A person's browser does none
-    of that as they go to the page. A load started at once measured the harness with the page: on the
+    this machine stay busy for 0.7-0.9 s (/proc/stat in tenths of a second). A tab opened in the same
+    Chromium without Playwright (DevTools' /json/new) cost its renderer 20-40 ms; and a person's tab is
+    open before they go to the page. A load started at once measured the harness with the page: on the
     same code, a median of 1,100 ms against 700 ms after a pause (8 loads each, twice; the table's
     "method before" row measures it again in each run)."""
     started = time.perf_counter()
