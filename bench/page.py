@@ -11,9 +11,10 @@
    the network throttled through the DevTools protocol (Network.emulateNetworkConditions: 20 Mbit/s down
    and up, 20 ms latency, cache disabled). No thumbnail exists yet (checked in the database; any kept
    one is purged first). Each load has a new context and page, and starts once the machine has settled
-   after making them (`settle`: a tenth of a second with its cores at most 20% busy, at most 3 s), as
-   a person's browser is open before they go to the page; each is followed by one started at once (the
-   method before), for comparison. From navigation start: the time until every gallery <img> on the
+   after making them (`settle`: a fifth of a second with no core more than 20% busy, at most 3 s), as
+   a person's tab has its renderer running before they go to the page; as many loads are started at
+   once (the method before), interleaved, for comparison. Before each, the server is let finish what
+   the last load's listing had it make ahead, and then every kept thumbnail is purged. From navigation start: the time until every gallery <img> on the
    first screen is complete and decoded, and the bytes transferred by then (Resource Timing's
    transferSize, headers included: the page, its scripts, the API's JSON and every picture, below the
    fold too). Against that,
@@ -158,71 +159,88 @@ def cpu_ms(pid: int) -> float:
         return 0.0
 
 
-def busy_ticks() -> int | None:
-    """CPU time the machine has spent busy (every core, not idle or waiting on disk), in clock ticks;
-    None off Linux."""
+def busy_ticks() -> list[int] | None:
+    """CPU time each core has spent busy so far (user, nice, system, irq, softirq, steal: /proc/stat's
+    guest time is inside user already), in clock ticks; None off Linux."""
     try:
         with open("/proc/stat", encoding="ascii") as f:
-            ticks = [int(v) for v in f.readline().split()[1:]]
-    except (OSError, ValueError):
+            lines = [line.split() for line in f if line.startswith("cpu") and not line.startswith("cpu ")]
+        return [sum(int(line[i]) for i in (1, 2, 3, 6, 7, 8)) for line in lines]
+    except (OSError, ValueError, IndexError):
         return None
-    return sum(ticks) - ticks[3] - ticks[4]
 
 
-def settle(window_s: float = 0.1, share: float = 0.2, limit_s: float = 3.0) -> float:
-    """Wait until the machine is mostly idle: a `window_s` in which its cores were busy at most `share`
-    of the time (at most `limit_s`; 0.5 s where /proc/stat cannot say). The seconds waited.
+def settle(window_s: float = 0.2, share: float = 0.2, limit_s: float = 3.0) -> tuple[float, bool]:
+    """Wait until the machine is mostly idle: a `window_s` in which no core was busy more than `share`
+    of the time, for at most `limit_s`. (The seconds waited, whether it settled); where /proc/stat cannot
+    say, a 1 s pause and False.
 
-    After Playwright returns a new context and page, the page's renderer spends about 0.9 s of CPU on
-    about:blank (Playwright setting itself up in it), and the browser process 0.2 s more: both cores of
-    this machine stay busy for 0.7-0.9 s (/proc/stat in tenths of a second). A tab opened in the same
-    Chromium without Playwright (DevTools' /json/new) cost its renderer 20-40 ms; and a person's tab is
-    open before they go to the page. A load started at once measured the harness with the page: on the
-    same code, a median of 1,100 ms against 700 ms after a pause (8 loads each, twice; the table's
-    "method before" row measures it again in each run)."""
+    A new browser context's first page starts a renderer process of its own, which spends about 1 s of CPU
+    starting up, and the browser process spends 0.2-0.4 s more. That was measured without Playwright too,
+    over a raw DevTools pipe (Target.createBrowserContext, then Target.createTarget): renderer 1.06 s and
+    browser 0.44 s. A new tab in the default context cost its renderer 60 ms, because Chromium hands a
+    new tab a spare renderer it started beforehand. Both cores of this machine stay busy for 0.7-0.9 s
+    after Playwright returns the page (/proc/stat, sampled every tenth of a second), and a load started at
+    once shares them with that start-up. A person's tab has its renderer running before they go to the
+    page. Each run measures both ways, interleaved: the table's rows "(the method before)"."""
     started = time.perf_counter()
     last = busy_ticks()
-    if last is None:
-        time.sleep(0.5)
-        return 0.5
-    most = share * window_s * os.sysconf("SC_CLK_TCK") * (os.cpu_count() or 1)  # /proc/stat counts every core
+    if not last:
+        time.sleep(1.0)
+        return 1.0, False
+    most = share * window_s * os.sysconf("SC_CLK_TCK")
     while time.perf_counter() - started < limit_s:
         time.sleep(window_s)
         now = busy_ticks()
-        if now - last <= most:
+        if not now or len(now) != len(last):
             break
+        if max(b - a for a, b in zip(last, now, strict=True)) <= most:
+            return time.perf_counter() - started, True
         last = now
-    return time.perf_counter() - started
+    return time.perf_counter() - started, False
+
+
+def server_idle(pid: int, window_s: float = 0.1, limit_s: float = 5.0) -> None:
+    """Wait until the server's process used no CPU for `window_s` (at most `limit_s`): the thumbnails the
+    last load's listing had it make ahead are all made (and kept) before the next purge."""
+    started, last = time.perf_counter(), cpu_ms(pid)
+    while time.perf_counter() - started < limit_s:
+        time.sleep(window_s)
+        now = cpu_ms(pid)
+        if now == last:
+            return
+        last = now
 
 
 STALL_S = 20  # a load that has not shown its first screen by then is one of Chromium's throttling stalls
 STALL_TRIES = 3
 
 
-def first_screen(browser, base: str, server_pid: int, wait_to_settle: bool = True) -> dict:
-    """One load of the page (`load_once`); a load that stalls is tried again, up to STALL_TRIES in all.
+def first_screen(browser, base: str, srv: ServerProcess, db: str | None, settled: bool = True) -> dict:
+    """One load of the page (`load_once`); a load that stalls is done again, up to STALL_TRIES in all.
 
     About one load in 20-60 here stops for one to three minutes: Chromium stops reading its sockets
     (seen with `ss`: the server had sent every byte and was idle; Chromium's side held them unread),
     which is DevTools' network throttling, not the page or the service. Such a load is counted
-    (`stalls`) rather than timed."""
-    stalls = 0
-    while True:
-        result = load_once(browser, base, server_pid, wait_to_settle)
-        if result is not None or stalls + 1 >= STALL_TRIES:
-            if result is None:
-                raise RuntimeError(f"{STALL_TRIES} loads in a row stalled past {STALL_S} s")
+    (`stalls`) rather than timed; each try starts on fresh thumbnails again."""
+    for stalls in range(STALL_TRIES):
+        result = load_once(browser, base, srv, db, settled)
+        if not result.get("stalled"):
             result["stalls"] = stalls
             return result
-        stalls += 1
-        progress(f"a load stalled past {STALL_S} s (Chromium's throttling); trying again")
+        progress(f"a load stalled past {STALL_S} s (Chromium's throttling); doing it again")
+    raise RuntimeError(f"{STALL_TRIES} loads in a row stalled past {STALL_S} s in Chromium's network throttling")
 
 
-def load_once(browser, base: str, server_pid: int, wait_to_settle: bool = True) -> dict | None:
-    """One load of the page, once the new context has settled (unless not `wait_to_settle`: the method
-    before, for comparison); with what the server's process spent on CPU meanwhile, and the load average
-    (the machine is shared: a first screen that waits for CPU is slower than the server's work needs).
-    None when it stalled."""
+def load_once(browser, base: str, srv: ServerProcess, db: str | None, settled: bool = True) -> dict:
+    """One load of the page on fresh thumbnails (every kept one purged first, once the server is idle;
+    `db` None: the ones kept stay, a second visit), with what the server's process spent on CPU meanwhile
+    and the load average (the machine is shared: a first screen that waits for CPU is slower than the
+    server's work needs). `settled`: the load starts once the new page has settled (`settle`); else
+    as soon as Playwright returns it, the method before, for comparison. {"stalled": True} when the
+    first screen had not come after STALL_S."""
+    server_idle(srv.proc.pid)
+    purged = no_thumbnails(db) if db is not None and not settled else None
     context = browser.new_context(viewport=VIEWPORT, device_scale_factor=1, base_url=base)
     try:
         page = context.new_page()
@@ -231,15 +249,21 @@ def load_once(browser, base: str, server_pid: int, wait_to_settle: bool = True) 
         cdp.send("Network.setCacheDisabled", {"cacheDisabled": True})
         cdp.send("Network.emulateNetworkConditions", THROTTLE)
         page.add_init_script(FIRST_SCREEN)
-        settled = settle() if wait_to_settle else 0.0
-        before = cpu_ms(server_pid)
+        waited, calm = settle() if settled else (0.0, False)
+        if db is not None and settled:
+            purged = no_thumbnails(db)  # after the settle, which may have let the server finish making some
+        before = cpu_ms(srv.proc.pid)
         page.goto("/", wait_until="commit")
-        result = page.evaluate(f"() => Promise.race([window.__firstScreen, new Promise((r) => setTimeout(() => r(null), {STALL_S * 1000}))])")
-        if result is None:
-            return None
-        result["serverCpu"] = cpu_ms(server_pid) - before
-        result["load"] = os.getloadavg()[0]
-        result["settled"] = settled
+        result = page.evaluate(
+            "(stallMs) => { if (!window.__firstScreen) throw new Error('the first-screen script did not run');"
+            " return Promise.race([window.__firstScreen,"
+            " new Promise((resolve) => setTimeout(() => resolve({ stalled: true }), stallMs))]); }",
+            STALL_S * 1000,
+        )
+        if result.get("stalled"):
+            return result
+        result.update(serverCpu=cpu_ms(srv.proc.pid) - before, load=os.getloadavg()[0], waited=waited,
+                      calm=calm, purged=purged)
         return result
     finally:
         context.close()
@@ -256,21 +280,18 @@ def _pin(pid: int, cores: set[int]) -> None:
             os.sched_setaffinity(int(tid), cores)
 
 
-def cold_series(
-    p, srv: ServerProcess, db: str, n: int, two_devices: bool = False, unsettled: list[dict] | None = None
-) -> tuple[list[dict], list[int], dict]:
-    """`n` first-screen loads, each on fresh thumbnails, then one with them kept: (runs, thumbnails purged
-    before each, the warm run). `two_devices`: the browser (and this process) on the first core, the
-    server on the others, as a phone and a Pi are two machines; otherwise they share every core. With
-    `unsettled` (a list), each load is followed by one that does not wait for the new page to settle, as
-    loads were made before `settle`, on fresh thumbnails too, into that list: the two methods
-    interleaved, so that their medians compare."""
+def cold_series(p, srv: ServerProcess, db: str, n: int, two_devices: bool = False) -> tuple[list[dict], list[dict], dict]:
+    """`n` first-screen loads each way, on fresh thumbnails: started once the new page has settled, and
+    as soon as Playwright returns it (the method before), interleaved (ABBA, so that neither always goes
+    first); then one settled load with the thumbnails kept. (settled runs, unsettled runs, the warm run).
+    `two_devices`: the browser (and this process) on the first core, the server on the others, as a
+    phone and a Pi are two machines; otherwise they share every core."""
     every = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
     if two_devices:
         first = min(every)
         os.sched_setaffinity(0, {first})  # Chromium and Playwright's driver, started below, inherit it
         _pin(srv.proc.pid, every - {first})
-    runs, purged = [], []
+    runs: dict[bool, list[dict]] = {True: [], False: []}
     try:
         browser = p.chromium.launch(
             executable_path=CHROMIUM if os.path.exists(CHROMIUM) else None,
@@ -279,25 +300,22 @@ def cold_series(
         )
         try:
             for i in range(n):
-                purged.append(no_thumbnails(db))
-                progress(f"first screen{' (two devices)' if two_devices else ''}, run {i + 1} of {n}")
-                runs.append(first_screen(browser, srv.url, srv.proc.pid))
-                if unsettled is not None:
-                    purged.append(no_thumbnails(db))
-                    unsettled.append(first_screen(browser, srv.url, srv.proc.pid, wait_to_settle=False))
+                progress(f"first screen{' (two devices)' if two_devices else ''}, run {i + 1} of {n}, both ways")
+                for settled in (True, False) if i % 2 == 0 else (False, True):
+                    runs[settled].append(first_screen(browser, srv.url, srv, db, settled))
             progress("first screen again, its thumbnails kept")
-            warm = first_screen(browser, srv.url, srv.proc.pid)
+            warm = first_screen(browser, srv.url, srv, None)
         finally:
             browser.close()
     finally:
         if two_devices:
             os.sched_setaffinity(0, every)
             _pin(srv.proc.pid, every)
-    return runs, purged, warm
+    return runs[True], runs[False], warm
 
 
 def no_thumbnails(db: str) -> int:
-    """Purge every kept thumbnail (none is expected: they are made on first request); how many there were."""
+    """Purge every kept thumbnail (the last load had some made, and the read-ahead more); how many there were."""
     images = store.Store(db)
     try:
         with images.connection():
@@ -307,6 +325,15 @@ def no_thumbnails(db: str) -> int:
             return n
     finally:
         images.shutdown()
+
+
+def times_of(runs: list[dict]) -> str:
+    return ", ".join(f"{r['done']:.0f}" for r in runs)
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The median load by time (`--runs` is odd by default; of an even number, the later of the middle two)."""
+    return sorted(runs, key=lambda r: r["done"])[len(runs) // 2]
 
 
 def made_row(size: str, answers: list[tuple[float, int, int, str | None]]) -> tuple[str, str, str, None]:
@@ -343,8 +370,7 @@ def main() -> int:
             big_ids = [r["id"] for r in records if r["width"] * r["height"] >= BIG[0] * BIG[1]]
 
             with playwright_api.sync_playwright() as p:
-                unsettled: list[dict] = []
-                runs, purged, warm = cold_series(p, srv, db, args.runs, unsettled=unsettled)
+                shared = cold_series(p, srv, db, args.runs)
                 apart = cold_series(p, srv, db, args.runs, two_devices=True) if two_devices_possible() else None
 
             no_thumbnails(db)
@@ -360,7 +386,8 @@ def main() -> int:
                             for _ in range(20)]
             stop = srv.stop_problem
 
-    run = sorted(runs, key=lambda r: r["done"])[len(runs) // 2]  # the median run by time
+    runs, unsettled, warm = shared
+    run = median_run(runs)
     if args.waterfall:
         for title, r in (("cold (median run)", run), ("thumbnails kept", warm)):
             progress(f"waterfall, {title}: ms from navigation start: start, request sent, first byte, last byte; bytes")
@@ -369,25 +396,28 @@ def main() -> int:
     originals = sum(by_id[i]["size"] for i in run["cards"])
     share = run["bytes"] / originals
     big_on_screen = sum(1 for i in run["cards"] if i in big_ids)
+
+    def first_screen_row(what: str, series: list[dict]) -> tuple[str, str, str, bool]:
+        mid = median_run(series)
+        stalled = sum(r["stalls"] for r in series)
+        return (f"{what} (loads that stalled in Chromium and were done again: {stalled})",
+                f"{mid['done']:.0f} ms (complete at {mid['complete']:.0f} ms; runs {times_of(series)})",
+                "<= 1000 ms", mid["done"] <= 1000)
+
     rows = [
         (f"first screen: bytes from navigation start ({len(run['cards'])} cards, {big_on_screen} of them 4000x3000)",
          f"{run['bytes'] / 1024:,.0f} KB ({run['pictureBytes'] / 1024:,.0f} KB of pictures, {run['requests']} requests)", "", None),
         ("the same cards' originals", f"{originals / 2**20:,.1f} MB", "", None),
         ("first screen bytes / originals", f"{share:.1%}", "<= 5%", share <= 0.05),
-        ("first screen complete and decoded, from navigation start", f"{run['done']:.0f} ms (complete at {run['complete']:.0f} ms)",
-         "<= 1000 ms", run["done"] <= 1000),
+        first_screen_row("first screen complete and decoded, from navigation start, each load started once the new "
+                         "page had settled", runs),
+        first_screen_row("the same, each load started as soon as Playwright returned the page (the method before), "
+                         "interleaved", unsettled),
     ]
-    if unsettled:
-        hasty = statistics.median(r["done"] for r in unsettled)
-        hasty_times = ", ".join(f"{r['done']:.0f}" for r in unsettled)
-        rows.append(("the same, each load started as soon as Playwright gave the page (the method before `settle`), "
-                     "interleaved", f"{hasty:.0f} ms (runs {hasty_times})", "", None))
     if apart is not None:
-        far = sorted(apart[0], key=lambda r: r["done"])[len(apart[0]) // 2]
-        apart_times = ", ".join(f"{r['done']:.0f}" for r in apart[0])
-        rows.append((f"the same, browser on 1 core and server on {len(os.sched_getaffinity(0)) - 1} (two devices)",
-                     f"{far['done']:.0f} ms (complete at {far['complete']:.0f} ms; runs {apart_times})",
-                     "<= 1000 ms", far["done"] <= 1000))
+        where = f"browser on 1 core and server on {len(os.sched_getaffinity(0)) - 1} (two devices)"
+        rows += [first_screen_row(f"the same, {where}, settled", apart[0]),
+                 first_screen_row(f"the same, {where}, the method before, interleaved", apart[1])]
     rows += [
         ("the same, its thumbnails already made (a second visit, browser cache off)",
          f"{warm['done']:.0f} ms, {warm['bytes'] / 1024:,.0f} KB", "", None),
@@ -401,17 +431,17 @@ def main() -> int:
     print("|---|---|---|---|")
     for what, got, want, ok in rows:
         print(f"| {what} | {got} | {want or '—'} | {'—' if ok is None else 'ok' if ok else 'MISSED'} |")
-    times = ", ".join(f"{r['done']:.0f}" for r in runs)
     cpu = ", ".join(f"{r['serverCpu']:.0f}" for r in runs)
     load = ", ".join(f"{r['load']:.1f}" for r in runs)
-    settled = ", ".join(f"{r['settled']:.1f}" for r in runs)
-    stalls = sum(r["stalls"] for r in runs + [warm] + (apart[0] + [apart[2]] if apart else []))
+    waited = ", ".join(f"{r['waited']:.1f}{'' if r['calm'] else ' (not calm)'}" for r in runs)
+    purged = ", ".join(str(r["purged"]) for r in runs)
     shares = ", ".join(f"{r['bytes'] / sum(by_id[i]['size'] for i in r['cards']):.1%}" for r in runs)
     print(
         f"\n{len(records)} photos ({len(big_ids)} of 4000x3000, {sum(by_id[i]['size'] for i in big_ids) / 2**20:.1f} MB "
-        f"together), Chromium {VIEWPORT['width']}x{VIEWPORT['height']} at DPR 1, 20 Mbit/s and 20 ms; runs {args.runs}: "
-        f"first screen {times} ms, bytes/originals {shares}; the server's CPU time by then {cpu} ms "
-        f"(kept thumbnails: {warm['serverCpu']:.0f} ms), load average {load}; s waited for the machine to settle before each {settled}; loads that stalled in Chromium and were done again {stalls}; thumbnails kept before each run: {purged}; "
+        f"together), Chromium {VIEWPORT['width']}x{VIEWPORT['height']} at DPR 1, 20 Mbit/s and 20 ms; runs {args.runs} "
+        f"each way; settled loads on shared cores: first screen {times_of(runs)} ms, bytes/originals {shares}; the "
+        f"server's CPU time by then {cpu} ms (kept thumbnails: {warm['serverCpu']:.0f} ms), load average {load}; "
+        f"s waited for the machine to settle {waited}; thumbnails purged before each {purged}; "
         f"pictures on screen asked as {sorted({s.rsplit('?', 1)[-1] for s in run['srcs']})}; cores: {os.cpu_count()}; "
         f"{time.perf_counter() - started:.0f} s in all" + (f"; REGRESSION: {stop()}" if stop() else "")
     )
