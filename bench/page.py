@@ -219,7 +219,7 @@ STALL_TRIES = 3
 def first_screen(browser, base: str, srv: ServerProcess, db: str | None, settled: bool = True) -> dict:
     """One load of the page (`load_once`); a load that stalls is done again, up to STALL_TRIES in all.
 
-    About one load in 20-60 here stops for one to three minutes: Chromium stops reading its sockets
+    About one load in 20-60 here stops for two to three minutes: Chromium stops reading its sockets
     (seen with `ss`: the server had sent every byte and was idle; Chromium's side held them unread),
     which is DevTools' network throttling, not the page or the service. Such a load is counted
     (`stalls`) rather than timed; each try starts on fresh thumbnails again."""
@@ -239,6 +239,8 @@ def load_once(browser, base: str, srv: ServerProcess, db: str | None, settled: b
     server's work needs). `settled`: the load starts once the new page has settled (`settle`); else
     as soon as Playwright returns it, the method before, for comparison. {"stalled": True} when the
     first screen had not come after STALL_S."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
     server_idle(srv.proc.pid)
     purged = no_thumbnails(db) if db is not None and not settled else None
     context = browser.new_context(viewport=VIEWPORT, device_scale_factor=1, base_url=base)
@@ -253,7 +255,10 @@ def load_once(browser, base: str, srv: ServerProcess, db: str | None, settled: b
         if db is not None and settled:
             purged = no_thumbnails(db)  # after the settle, which may have let the server finish making some
         before = cpu_ms(srv.proc.pid)
-        page.goto("/", wait_until="commit")
+        try:
+            page.goto("/", wait_until="commit", timeout=STALL_S * 1000)
+        except PlaywrightTimeout:
+            return {"stalled": True}  # stalled before the page even arrived
         result = page.evaluate(
             "(stallMs) => { if (!window.__firstScreen) throw new Error('the first-screen script did not run');"
             " return Promise.race([window.__firstScreen,"
@@ -420,7 +425,7 @@ def main() -> int:
                  first_screen_row(f"the same, {where}, the method before, interleaved", apart[1])]
     rows += [
         ("the same, its thumbnails already made (a second visit, browser cache off)",
-         f"{warm['done']:.0f} ms, {warm['bytes'] / 1024:,.0f} KB", "", None),
+         f"{warm['done']:.0f} ms, {warm['bytes'] / 1024:,.0f} KB (stalled and done again: {warm['stalls']})", "", None),
         made_row("4000x3000", make_big),
         made_row("1920x1080", make_1080),
         ("a kept thumbnail, median of 50", f"{statistics.median(kept):.1f} ms (p90 {sorted(kept)[44]:.1f} ms)", "", None),
