@@ -14,10 +14,10 @@
    after making them (`settle`: a fifth of a second with no core more than 20% busy, at most 3 s), as
    a person's tab has its renderer running before they go to the page; as many loads are started at
    once (the method before), interleaved, for comparison. Before each, the server is let finish what
-   the last load's listing had it make ahead, and then every kept thumbnail is purged. From navigation start: the time until every gallery <img> on the
-   first screen is complete and decoded, and the bytes transferred by then (Resource Timing's
-   transferSize, headers included: the page, its scripts, the API's JSON and every picture, below the
-   fold too). Against that,
+   the last load's listing had it make ahead, and then every kept thumbnail is purged. From navigation
+   start: the time until every gallery <img> on the first screen is complete and decoded, and the bytes
+   transferred by then (Resource Timing's transferSize, headers included: the page, its scripts, the
+   API's JSON and every picture, below the fold too). Against that,
    what the same cards' originals weigh (their stored sizes), from the same run. Repeated `--runs` times
    on fresh thumbnails; the median is reported. Once more with the thumbnails kept, which separates the
    page's own time from the making. Beside each run: the CPU time the server's process used by then and
@@ -183,33 +183,36 @@ def settle(window_s: float = 0.2, share: float = 0.2, limit_s: float = 3.0) -> t
     after Playwright returns the page (/proc/stat, sampled every tenth of a second), and a load started at
     once shares them with that start-up. A person's tab has its renderer running before they go to the
     page. Each run measures both ways, interleaved: the table's rows "(the method before)"."""
-    started = time.perf_counter()
-    last = busy_ticks()
-    if not last:
+    per_core = share * window_s * os.sysconf("SC_CLK_TCK")
+    if not busy_ticks():
         time.sleep(1.0)
         return 1.0, False
-    most = share * window_s * os.sysconf("SC_CLK_TCK")
-    while time.perf_counter() - started < limit_s:
-        time.sleep(window_s)
-        now = busy_ticks()
-        if not now or len(now) != len(last):
-            break
-        if max(b - a for a, b in zip(last, now, strict=True)) <= most:
-            return time.perf_counter() - started, True
-        last = now
-    return time.perf_counter() - started, False
+
+    def calm(before: list[int], after: list[int]) -> bool:
+        return len(before) == len(after) and max(b - a for a, b in zip(before, after, strict=True)) <= per_core
+
+    return until_still(busy_ticks, calm, window_s, limit_s)
 
 
 def server_idle(pid: int, window_s: float = 0.1, limit_s: float = 5.0) -> None:
     """Wait until the server's process used no CPU for `window_s` (at most `limit_s`): the thumbnails the
     last load's listing had it make ahead are all made (and kept) before the next purge."""
-    started, last = time.perf_counter(), cpu_ms(pid)
+    until_still(lambda: cpu_ms(pid), lambda a, b: a == b, window_s, limit_s)
+
+
+def until_still(read, still, window_s: float, limit_s: float) -> tuple[float, bool]:
+    """Read `read()` every `window_s` until `still(before, after)` holds for one window (or a reading
+    fails: None), at most `limit_s`: (the seconds waited, whether it held)."""
+    started, last = time.perf_counter(), read()
     while time.perf_counter() - started < limit_s:
         time.sleep(window_s)
-        now = cpu_ms(pid)
-        if now == last:
-            return
+        now = read()
+        if now is None:
+            break
+        if still(last, now):
+            return time.perf_counter() - started, True
         last = now
+    return time.perf_counter() - started, False
 
 
 STALL_S = 20  # a load that has not shown its first screen by then is one of Chromium's throttling stalls
